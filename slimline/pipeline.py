@@ -1,0 +1,190 @@
+"""The stage registry, the runner, and the artifact folder with its manifest.
+
+This module and ``cli.py`` are the only places that know every stage. A run builds its output in a
+hidden sibling folder and renames it into place at the very end, so an error or Ctrl-C never leaves a
+half-written run where a user (or a CI job) would mistake it for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from slimline.artifact import OnnxModel, TorchModel
+from slimline.env import host_info, package_versions
+from slimline.errors import OutputError
+from slimline.recipe import Recipe
+from slimline.stage import Context, Reporter, Stage
+
+# kind -> "module:Class"; imported lazily so that validating a recipe imports no torch.
+STAGES: dict[str, str] = {
+    "compile.export": "slimline.compile.export:Export",
+    "compile.fuse": "slimline.compile.fuse:Fuse",
+    "quantize.dynamic_int8": "slimline.quantize.dynamic:DynamicInt8",
+}
+
+
+def stage_class(kind: str) -> type[Stage]:
+    module, _, name = STAGES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- the artifact folder ---------------------------------------------------------------------------
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse to overwrite a run (before any compute), unless forced."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is a file, not a folder. Choose another --out.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "a slimline run" if (out / "manifest.json").exists() else "files"
+        raise OutputError(f"--out {out}: the folder already holds {what}. Pass --force to replace it, or choose another --out.")
+    parent = out.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"--out {out}: can't write in {parent}. Choose a writable folder.")
+
+
+def publish(staging: Path, out: Path) -> None:
+    """Move the finished run into place; an existing run is replaced only once the new one is whole."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(artifact: Any, folder: Path) -> list[str]:
+    """Write the final model and its tokenizer into the artifact folder; returns the files written."""
+    if isinstance(artifact, OnnxModel):
+        import onnx
+
+        model = onnx.load(str(artifact.path))
+        large = model.ByteSize() > 1_800_000_000  # protobuf's 2 GB limit, with headroom
+        onnx.save_model(
+            model,
+            str(folder / "model.onnx"),
+            save_as_external_data=large,
+            all_tensors_to_one_file=True,
+            location="model.onnx.data",
+        )
+        artifact.config.save_pretrained(folder)
+    elif isinstance(artifact, TorchModel):
+        artifact.model.save_pretrained(folder / "model")
+    artifact.tokenizer.save_pretrained(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: Path,
+    *,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    recipe_path: str | None = None,
+    evaluate: bool = True,
+) -> dict[str, Any]:
+    """Run every stage, save the artifact, evaluate it, and publish the folder. Returns the report."""
+    from slimline.evaluate.data import load_data
+    from slimline.evaluate.runner import evaluate_run
+    from slimline.models import load_model
+
+    reporter = reporter or Reporter()
+    out = Path(out)
+    check_output(out, force)
+    started = datetime.now(timezone.utc)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    scratch = Path(tempfile.mkdtemp(prefix="slimline-"))
+    try:
+        threads = recipe.evaluate.threads
+        _set_torch_threads(threads)
+        data_spec = recipe.evaluate.data
+        ctx = Context(workdir=scratch, reporter=reporter, threads=threads, load_data=lambda: load_data(data_spec))
+        spec = recipe.model
+        reporter.info(f"loading model {spec.source}")
+        t0 = time.perf_counter()
+        artifact = load_model(spec.source, spec.task, spec.pooling, spec.revision, spec.trust_remote_code)
+        ctx.reference = artifact
+        stages_log: list[dict[str, Any]] = [
+            {
+                "kind": "model.load",
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "report": {"source": spec.source, "path": str(artifact.info.path), "pooling": artifact.info.pooling},
+            }
+        ]
+
+        for i, stage in enumerate(recipe.stages):
+            ctx._stage_warnings = []
+            with reporter.task(f"[{i}] {stage.kind}"):
+                t0 = time.perf_counter()
+                result = stage.run(artifact, ctx)
+                wall = time.perf_counter() - t0
+            stages_log.append(
+                {
+                    "kind": stage.kind,
+                    "options": stage.model_dump(mode="json"),
+                    "wall_s": round(wall, 2),
+                    "report": result.report,
+                    "warnings": list(ctx._stage_warnings),
+                }
+            )
+            reporter.info(f"{stage.kind} done in {wall:.1f}s")
+            artifact = result.artifact
+
+        files = save_final(artifact, staging)
+        report = None
+        if evaluate:
+            t0 = time.perf_counter()
+            report = evaluate_run(recipe, ctx, artifact, staging, reporter, name=out.name)
+            stages_log.append(
+                {"kind": "evaluate", "wall_s": round(time.perf_counter() - t0, 2), "report": {"passed": report["passed"]}}
+            )
+        manifest = {
+            "slimline_manifest": 1,
+            "recipe": recipe.model_dump(mode="json"),
+            "recipe_path": recipe_path,
+            "command": " ".join(sys.argv),
+            "started": started.isoformat(timespec="seconds"),
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": package_versions(),
+            "host": host_info(threads),
+            "inputs": {"model": spec.source, "files": artifact.info.file_hashes},
+            "outputs": {f: sha256(staging / f) for f in files + (["report.json", "report.md"] if report else [])},
+            "stages": stages_log,
+            "warnings": list(reporter.warnings),
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        publish(staging, out)
+        return report or {}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads or os.cpu_count() or 1)

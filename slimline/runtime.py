@@ -1,0 +1,51 @@
+"""ONNX Runtime sessions with slimline's settings, shared by every layer (fusion, quantization, evaluation)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+Feeds = dict[str, np.ndarray]
+
+
+def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: ORT picks (all physical cores)
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def ort_runner(path: Path, threads: int = 0) -> tuple[Callable[[Feeds], dict[str, np.ndarray]], list[str]]:
+    """A function running the ONNX model at ``path`` on ORT's CPU EP, and its input names."""
+    session = ort_session(path, threads)
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(feeds: Feeds) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, session.run(outputs, {k: feeds[k] for k in inputs}), strict=True))
+
+    return run, inputs
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Silence library warnings and INFO/WARNING logs inside a call whose chatter we replace with a report."""
+    names = ["", "optimum", "transformers", "torch.onnx", "onnxruntime"]
+    levels = {n: logging.getLogger(n).level for n in names}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
