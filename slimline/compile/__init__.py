@@ -1,0 +1,1 @@
+"""ONNX export, fusion into ONNX Runtime's fused contrib ops, and parity checks."""

@@ -1,0 +1,91 @@
+"""``compile.export``: a transformers model to ONNX, with dynamic batch and sequence axes.
+
+The export itself is optimum-onnx's (it knows each architecture's inputs and dynamic axes). What we
+add: a parity check of ONNX Runtime against torch on padded random and real inputs, which fails the
+stage above ``atol`` instead of shipping a graph that is silently wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Literal
+
+from pydantic import Field
+
+from slimline.artifact import OnnxModel, TorchModel
+from slimline.compile.parity import compare, sample_feeds
+from slimline.errors import StageError
+from slimline.runtime import ort_runner, quiet
+from slimline.stage import Context, Stage, StageResult
+
+OPTIMUM_TASK = {"feature-extraction": "feature-extraction", "text-classification": "text-classification"}
+
+
+class Export(Stage):
+    """Export to ONNX with optimum-onnx and check ONNX Runtime against torch."""
+
+    kind = "compile.export"
+    consumes = (TorchModel,)
+    produces = OnnxModel
+
+    opset: int = Field(18, ge=14, le=21, description="ONNX opset (>= 17 keeps LayerNormalization one op)")
+    exporter: Literal["optimum"] = "optimum"
+    atol: float = Field(1e-4, gt=0, description="max abs error of ORT vs torch before the stage fails")
+
+    def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
+        import onnx
+        import torch
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        out_dir = ctx.stage_dir("export")
+        start = time.perf_counter()
+        try:
+            # The model object decides the library (transformers), so sentence-transformers being
+            # installed can't swap in its own graph here, as it does with optimum-cli.
+            with quiet():  # tracer and opset chatter that is not the user's concern
+                onnx_export_from_model(
+                    artifact.model,
+                    out_dir,
+                    task=OPTIMUM_TASK[artifact.info.task],
+                    opset=self.opset,
+                    do_validation=False,
+                )
+        except (ValueError, KeyError, NotImplementedError) as err:
+            raise StageError(
+                f"compile.export: optimum-onnx can't export model_type `{artifact.config.model_type}` for "
+                f"task {artifact.info.task}: {str(err).splitlines()[0][:300]}"
+            ) from None
+        path = out_dir / "model.onnx"
+        export_s = time.perf_counter() - start
+
+        graph = onnx.load(str(path), load_external_data=False)
+        run_onnx, input_names = ort_runner(path, ctx.threads)
+        model = artifact.model
+        output_names = [o.name for o in graph.graph.output]
+
+        def run_torch(feeds):
+            with torch.no_grad():
+                out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+            return {name: out[i].numpy() for i, name in enumerate(output_names) if i < len(out)}
+
+        texts = ctx.data.calibration[:8] if ctx.load_data else []
+        parity = compare(run_torch, run_onnx, sample_feeds(artifact.tokenizer, input_names, texts))
+        report = {
+            "opset": self.opset,
+            "export_s": round(export_s, 2),
+            "nodes": len(graph.graph.node),
+            "inputs": ", ".join(input_names),
+            "outputs": ", ".join(output_names),
+            "size_mb": round(path.stat().st_size / 1e6, 2) if path.exists() else 0.0,
+            **parity.report(),
+        }
+        report.update({f"ops.{op}": n for op, n in Counter(n.op_type for n in graph.graph.node).most_common(5)})
+        if not parity.max_abs_error <= self.atol:
+            raise StageError(
+                f"compile.export: ONNX Runtime differs from torch by {parity.max_abs_error:.3g} on output "
+                f"`{parity.worst_output}` ({parity.worst_case}), above atol={self.atol}. The exported graph "
+                "is wrong for these inputs; try another opset, or raise `atol` if the drift is expected."
+            )
+        onnx_model = OnnxModel(path=path, tokenizer=artifact.tokenizer, info=artifact.info, config=artifact.config)
+        return StageResult(onnx_model, report)

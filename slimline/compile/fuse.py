@@ -1,0 +1,112 @@
+"""``compile.fuse``: rewrite the exported graph into ONNX Runtime's fused contrib ops.
+
+For BERT-family encoders this is ONNX Runtime's transformers optimizer, which turns each layer's
+~40 nodes into Attention, SkipLayerNormalization and BiasGelu (and the embeddings into
+EmbedLayerNormalization). These com.microsoft kernels run on the CPU and CUDA execution providers.
+
+What we add around it: op counts in the report, a contract (``expect``) that fails the stage when a
+fusion silently stops matching, and a parity check of the fused graph against the unfused one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+from pydantic import Field
+
+from slimline.artifact import OnnxModel
+from slimline.compile.parity import compare, sample_feeds
+from slimline.errors import StageError
+from slimline.runtime import ort_runner
+from slimline.stage import Context, Stage, StageResult
+
+# transformers model_type -> ONNX Runtime optimizer model_type (the encoders it has fusions for)
+ORT_MODEL_TYPES = {
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "camembert": "bert",
+    "distilbert": "bert",
+    "electra": "bert",
+    "mpnet": "bert",
+}
+FUSED_OPS = (
+    "EmbedLayerNormalization",
+    "Attention",
+    "MultiHeadAttention",
+    "SkipLayerNormalization",
+    "BiasGelu",
+    "FastGelu",
+    "Gelu",
+    "LayerNormalization",
+)
+
+
+class Fuse(Stage):
+    """Fuse into ONNX Runtime contrib ops; check the counts against ``expect`` and the outputs."""
+
+    kind = "compile.fuse"
+    consumes = (OnnxModel,)
+
+    engine: Literal["ort"] = Field("ort", description="ort: ONNX Runtime's transformers optimizer")
+    expect: dict[str, int] = Field(default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}")
+    allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
+    atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
+
+    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        import onnx
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        config = artifact.config
+        model_type = ORT_MODEL_TYPES.get(config.model_type)
+        if model_type is None:
+            raise StageError(
+                f"compile.fuse: no fusion rules for model_type `{config.model_type}` yet (known: "
+                f"{', '.join(sorted(ORT_MODEL_TYPES))}). Remove compile.fuse from the recipe to ship the unfused graph."
+            )
+        before = onnx.load(str(artifact.path), load_external_data=False)
+        optimized = optimize_model(
+            str(artifact.path),
+            model_type=model_type,
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+            opt_level=0,  # graph-level fusions only; ORT's runtime optimizer still runs at load time
+            use_gpu=False,
+        )
+        out = ctx.stage_dir("fuse") / "model.onnx"
+        optimized.save_model_to_file(str(out))
+        after = onnx.load(str(out), load_external_data=False)
+        counts = Counter(n.op_type for n in after.graph.node)
+        fused = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+
+        report: dict = {f"fused.{op}": n for op, n in fused.items()}
+        report["nodes_before"] = len(before.graph.node)
+        report["nodes_after"] = len(after.graph.node)
+        report["unfused.MatMul"] = counts.get("MatMul", 0)
+
+        shortfall = {op: (n, fused.get(op, 0)) for op, n in self.expect.items() if fused.get(op, 0) < n}
+        report["contract"] = "met" if not shortfall else "partial" if self.allow_partial else "failed"
+        if shortfall:
+            detail = ", ".join(f"{op}: expected {want}, got {got}" for op, (want, got) in shortfall.items())
+            message = (
+                f"compile.fuse: the fusion contract is not met ({detail}). The graph changed shape or a pattern "
+                "stopped matching; those layers run unfused and slower. Fix the export, lower `expect`, or "
+                "set `allow_partial: true` to accept it with a warning."
+            )
+            if not self.allow_partial:
+                raise StageError(message)
+            ctx.warn(message)
+
+        run_a, inputs = ort_runner(artifact.path, ctx.threads)
+        run_b, _ = ort_runner(out, ctx.threads)
+        texts = ctx.data.calibration[:8] if ctx.load_data else []
+        parity = compare(run_a, run_b, sample_feeds(artifact.tokenizer, inputs, texts))
+        report.update(parity.report())
+        if not parity.max_abs_error <= self.atol:
+            raise StageError(
+                f"compile.fuse: the fused graph differs from the unfused one by {parity.max_abs_error:.3g} on "
+                f"`{parity.worst_output}` ({parity.worst_case}), above atol={self.atol}. A fusion is wrong for "
+                "these inputs; drop compile.fuse or report it with the model's config."
+            )
+        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, config), report)
