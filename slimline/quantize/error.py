@@ -1,0 +1,88 @@
+"""How much a quantizer changed a model: per-layer weight SQNR and end-to-end output cosine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (higher is better; int8 weights are typically 35-45)."""
+    noise = float(np.sum((ref.astype(np.float64) - approx) ** 2))
+    signal = float(np.sum(ref.astype(np.float64) ** 2))
+    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
+
+
+def _broadcast(param: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """Reshape a per-channel scale/zero point so it broadcasts along the axis of matching length."""
+    if param.size == 1:
+        return param.reshape(())
+    for axis in range(like.ndim - 1, -1, -1):
+        if like.shape[axis] == param.size:
+            shape = [1] * like.ndim
+            shape[axis] = param.size
+            return param.reshape(shape)
+    raise ValueError(f"scale of size {param.size} does not match weight shape {like.shape}")
+
+
+def weight_sqnr(original: Any, quantized: Any) -> dict[str, float]:
+    """SQNR per quantized weight: ORT names them ``<w>_quantized`` beside ``<w>_scale``/``<w>_zero_point``."""
+    from onnx import numpy_helper
+
+    floats = {t.name: t for t in original.graph.initializer}
+    q_inits = {t.name: t for t in quantized.graph.initializer}
+    out = {}
+    for name, tensor in q_inits.items():
+        if not name.endswith("_quantized"):
+            continue
+        base = name[: -len("_quantized")]
+        if base not in floats or f"{base}_scale" not in q_inits:
+            continue
+        q = numpy_helper.to_array(tensor).astype(np.float64)
+        scale = numpy_helper.to_array(q_inits[f"{base}_scale"]).astype(np.float64)
+        zp_t = q_inits.get(f"{base}_zero_point")
+        zp = numpy_helper.to_array(zp_t).astype(np.float64) if zp_t is not None else np.zeros_like(scale)
+        ref = numpy_helper.to_array(floats[base])
+        if ref.shape != q.shape:
+            continue
+        try:
+            deq = (q - _broadcast(zp, q)) * _broadcast(scale, q)
+        except ValueError:
+            continue
+        out[base] = sqnr_db(ref, deq)
+    return out
+
+
+def consumers(model: Any) -> dict[str, str]:
+    """initializer name -> name of the node that reads it (for naming layers in reports)."""
+    names = {}
+    for node in model.graph.node:
+        for inp in node.input:
+            names.setdefault(inp, node.name or node.op_type)
+    return names
+
+
+def output_fidelity(
+    ref_path: Path, new_path: Path, tokenizer: Any, texts: list[str], task: str, pooling: str, threads: int = 0
+) -> dict[str, float]:
+    """Mean/min cosine of the new graph's task vectors against the reference graph's on ``texts``."""
+    from slimline.models.heads import cosine, task_vectors
+    from slimline.runtime import ort_runner
+
+    run_ref, inputs = ort_runner(ref_path, threads)
+    run_new, _ = ort_runner(new_path, threads)
+    cos = []
+    for i in range(0, len(texts), 16):
+        enc = tokenizer(texts[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="np")
+        feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in inputs}
+        a = next(iter(run_ref(feeds).values()))
+        b = next(iter(run_new(feeds).values()))
+        cos.append(
+            cosine(
+                task_vectors(a, feeds["attention_mask"], task, pooling), task_vectors(b, feeds["attention_mask"], task, pooling)
+            )
+        )
+    c = np.concatenate(cos) if cos else np.ones(1)
+    return {"calibration.mean_cosine": round(float(c.mean()), 5), "calibration.min_cosine": round(float(c.min()), 5)}
