@@ -1,0 +1,122 @@
+"""Peak memory of a fresh process that loads a model and runs one batch.
+
+Measured in a child process (``python -m slimline.evaluate.memory``), because the evaluating process
+already holds torch, both models and the data: its own RSS says nothing about what serving costs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM is per address space, so it starts afresh at exec; ru_maxrss would carry over the
+    # parent's peak (Linux keeps it across execve).
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(
+    kind: str,
+    path: Path,
+    *,
+    task: str = "feature-extraction",
+    batch: int = 1,
+    seq_len: int = 128,
+    threads: int = 0,
+    timeout: float = 300,
+) -> dict:
+    """Peak RSS (MB) of ``python -m slimline.evaluate.memory`` loading ``path`` and running one batch."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "slimline.evaluate.memory",
+        kind,
+        str(path),
+        "--task",
+        task,
+        "--batch",
+        str(batch),
+        "--seq-len",
+        str(seq_len),
+        "--threads",
+        str(threads),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"memory probe failed: {tail[0][:300]}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _inputs(path: Path, batch: int, seq_len: int) -> dict:
+    """A real sentence padded to ``seq_len``, tokenized with the light ``tokenizers`` library (as a
+    server would), so that the probe's own imports don't inflate the figure."""
+    import numpy as np
+
+    folder = path if path.is_dir() else path.parent
+    candidates = [folder / "tokenizer.json", folder.parent / "tokenizer.json"]
+    tok_file = next((c for c in candidates if c.is_file()), None)
+    if tok_file is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tok_file))
+        tok.enable_truncation(seq_len)
+        tok.enable_padding(length=seq_len)
+        enc = tok.encode_batch(["Now is the winter of our discontent made glorious summer by this sun of York"] * batch)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+    else:  # no tokenizer: small ids exist in every vocabulary
+        ids = np.ones((batch, seq_len), dtype=np.int64)
+        mask = np.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: int) -> dict:
+
+    feeds = _inputs(Path(path), batch, seq_len)
+    if kind == "onnx":
+        from slimline.runtime import ort_session
+
+        session = ort_session(Path(path), threads)
+        names = [i.name for i in session.get_inputs()]
+        session.run(None, {k: feeds[k] for k in names})
+    else:
+        import torch
+        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        if threads:
+            torch.set_num_threads(threads)
+        auto = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
+        model = auto.from_pretrained(path).eval()
+        accepted = set(model.forward.__code__.co_varnames)
+        with torch.inference_mode():
+            model(**{k: torch.from_numpy(v) for k, v in feeds.items() if k in accepted})
+    return {"peak_rss_mb": round(_peak_rss_mb(), 1), "batch": batch, "seq_len": seq_len}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m slimline.evaluate.memory")
+    p.add_argument("kind", choices=["onnx", "torch"])
+    p.add_argument("path")
+    p.add_argument("--task", default="feature-extraction")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args(argv)
+    print(json.dumps(_probe(a.kind, a.path, a.task, a.batch, a.seq_len, a.threads)))
+
+
+if __name__ == "__main__":
+    main()
