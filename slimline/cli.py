@@ -1,0 +1,149 @@
+"""The ``slimline`` command: parse, call the library, print. Exit codes: 0 ok, 1 budgets failed,
+2 a user error (printed as one paragraph, no traceback), 130 interrupted."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from slimline import __version__
+from slimline.errors import SlimlineError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(err: SlimlineError) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+    sys.exit(err.exit_code)
+
+
+def _load_recipe(recipe: str, overrides: tuple[str, ...]):
+    from slimline import recipe as recipe_mod
+    from slimline.builtin import find_recipe
+
+    path = find_recipe(recipe)
+    return path, recipe_mod.load(path, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="slimline")
+def main() -> None:
+    """slimline: compress a fine-tuned model, compile it to fused ONNX, and measure what it cost."""
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="run folder (default: runs/<recipe name>)")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="override a recipe value, e.g. stages.2.quantize.dynamic_int8.per_channel=false",
+)
+@click.option("--force", is_flag=True, help="replace an existing run folder")
+@click.option("--no-eval", is_flag=True, help="build the artifact only; skip evaluation")
+def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, no_eval: bool) -> None:
+    """Run RECIPE (a YAML file or a built-in recipe name) and write the run folder."""
+    from slimline.pipeline import check_output, run_recipe
+    from slimline.progress import RichReporter
+
+    # SIGTERM (a CI job cancelled) cleans up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        path, parsed = _load_recipe(recipe, overrides)
+        out = out or Path("runs") / parsed.name
+        check_output(out, force)
+        with RichReporter(err_console) as reporter:
+            report = run_recipe(parsed, out, force=force, reporter=reporter, recipe_path=str(path), evaluate=not no_eval)
+    except SlimlineError as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/red]: no output folder was written.")
+        sys.exit(130)
+    console.print(f"run folder: [bold]{out}[/bold]")
+    if not report:
+        return
+    click.echo((out / "report.md").read_text())
+    if not report["passed"]:
+        failed = [b for b in report["budgets"] if not b["passed"]]
+        for b in failed:
+            err_console.print(
+                f"[red]budget failed[/red]: {b['name']} [{b['target']}]: value {b['value']} vs limit {b['limit']} {b.get('note', '')}"
+            )
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+    """Check RECIPE without running it (keys, types, stage order)."""
+    from slimline.recipe import dump
+
+    try:
+        path, parsed = _load_recipe(recipe, overrides)
+    except SlimlineError as err:
+        _fail(err)
+    console.print(f"{path}: valid ({len(parsed.stages)} stages)")
+    click.echo(dump(parsed))
+
+
+@main.command("recipes")
+def list_recipes() -> None:
+    """List the built-in recipes."""
+    from slimline.builtin import builtin_recipes
+    from slimline.recipe import load
+
+    table = Table("name", "model", "stages", "description")
+    for name, path in builtin_recipes().items():
+        try:
+            r = load(path)
+            table.add_row(name, r.model.source, " -> ".join(s.kind for s in r.stages), r.description)
+        except SlimlineError as err:
+            table.add_row(name, "?", f"[red]invalid: {err}[/red]", "")
+    console.print(table)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
+def inspect(path: Path, as_json: bool) -> None:
+    """Op counts, size, inputs/outputs and the manifest summary of an ONNX file or run folder."""
+    from slimline.inspection import inspect_path
+
+    try:
+        info = inspect_path(path)
+    except SlimlineError as err:
+        _fail(err)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    console.print(f"[bold]{info['path']}[/bold]  {info['size_mb']} MB, {info['nodes']} nodes, opsets {info['opsets']}")
+    io = Table("", "name", "type", "shape")
+    for kind in ("inputs", "outputs"):
+        for v in info[kind]:
+            io.add_row(kind[:-1], v["name"], v["type"], str(v["shape"]))
+    console.print(io)
+    ops = Table("op", "count")
+    for op, n in info["ops"].items():
+        ops.add_row(op, str(n))
+    console.print(ops)
+    if "manifest" in info:
+        m = info["manifest"]
+        console.print(f"recipe [bold]{m['recipe']}[/bold] on {m['model']}, finished {m['finished']}")
+        console.print("stages: " + ", ".join(f"{s['kind']} ({s['wall_s']}s)" for s in m["stages"]))
+        console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    if "report" in info:
+        console.print(f"report: {'PASSED' if info['report']['passed'] else 'FAILED'} {info['report']['summary']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""``slimline inspect``: what is in an ONNX file or a run folder."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from slimline.errors import ModelError
+
+
+def inspect_path(path: Path) -> dict[str, Any]:
+    import onnx
+
+    folder = None
+    if path.is_dir():
+        folder, path = path, path / "model.onnx"
+    if not path.exists():
+        raise ModelError(f"{path}: not found. Give an ONNX file or a slimline run folder (with model.onnx).")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # onnx raises DecodeError, ValueError, ... for a corrupt file
+        raise ModelError(f"{path}: not a readable ONNX model ({type(err).__name__}). Is the file complete?") from None
+    if not model.graph.node and not model.graph.input:
+        raise ModelError(f"{path}: holds no graph (an empty or truncated file). Re-export the model.")
+    data_files = [p for p in path.parent.glob(path.name + ".data")]
+
+    def io(values):
+        return [
+            {
+                "name": v.name,
+                "type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type),
+                "shape": [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim],
+            }
+            for v in values
+        ]
+
+    info: dict[str, Any] = {
+        "path": str(path),
+        "size_mb": round((path.stat().st_size + sum(p.stat().st_size for p in data_files)) / 1e6, 2),
+        "opsets": {imp.domain or "ai.onnx": imp.version for imp in model.opset_import},
+        "nodes": len(model.graph.node),
+        "ops": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+        "inputs": io(model.graph.input),
+        "outputs": io(model.graph.output),
+    }
+    if folder is not None and (folder / "manifest.json").exists():
+        manifest = json.loads((folder / "manifest.json").read_text())
+        info["manifest"] = {
+            "recipe": manifest["recipe"]["name"],
+            "model": manifest["inputs"]["model"],
+            "finished": manifest.get("finished"),
+            "stages": [{"kind": s["kind"], "wall_s": s["wall_s"]} for s in manifest["stages"]],
+            "versions": {k: manifest["versions"].get(k) for k in ("torch", "transformers", "onnxruntime")},
+        }
+    if folder is not None and (folder / "report.json").exists():
+        report = json.loads((folder / "report.json").read_text())
+        info["report"] = {"passed": report["passed"], "summary": report.get("summary", {})}
+    return info
