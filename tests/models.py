@@ -1,0 +1,60 @@
+"""Tiny models built in the test: a 2-layer BERT with a real WordPiece tokenizer, saved as a HF folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+WORDS = (
+    "the a of and to in is that it for was on with as his be at by this had not are but from or have an they "
+    "which one you were her all she there would their we him been has when who will more no if out so said what "
+    "up its about into than them can only other new some could time these two may then do first any my now such "
+    "like our over man me even most made after also did many before must through back years where much your way "
+    "well down should because each just those people lord king love good sweet night death heart eyes life fair"
+).split()
+
+
+def tiny_bert(
+    folder: Path, task: str = "feature-extraction", layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0
+) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
+    vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    vocab = list(dict.fromkeys(vocab))  # a duplicate would leave a hole in the ids
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=hidden * 4,
+        max_position_embeddings=128,
+        num_labels=3,
+    )
+    torch.manual_seed(seed)
+    model = BertModel(config) if task == "feature-extraction" else BertForSequenceClassification(config)
+    model.save_pretrained(folder)
+    return folder
+
+
+def tiny_recipe(model_dir: Path, **evaluate) -> dict:
+    """A recipe dict for the tiny model: export, fuse, int8, a fast evaluation."""
+    ev = {
+        "data": {"source": "builtin:shakespeare", "calibration_size": 16, "evaluation_size": 40},
+        "speed": {"batch_sizes": [1, 4], "seq_len": 16, "warmup": 1, "repeats": 2},
+        "memory": False,
+    }
+    ev.update(evaluate)
+    return {
+        "name": "tiny",
+        "model": {"source": str(model_dir), "task": "feature-extraction"},
+        "stages": [
+            {"compile.export": {}},
+            {"compile.fuse": {"expect": {"Attention": 2, "SkipLayerNormalization": 4}}},
+            {"quantize.dynamic_int8": {}},
+        ],
+        "evaluate": ev,
+    }

@@ -1,0 +1,139 @@
+"""Metrics, budgets, reports and data loading, without running a model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimline.errors import DataError
+from slimline.evaluate import data as D
+from slimline.evaluate.budgets import check_budgets
+from slimline.evaluate.fidelity import fidelity, spearman, top_k_overlap
+from slimline.evaluate.report import to_markdown, validate_report
+from slimline.models.heads import pool
+
+
+def test_spearman_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ties get average ranks: x ranks (0, 1.5, 1.5, 3), y ranks (0, 1, 2, 3) -> r = 0.9487
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(12, 60), st.integers(2, 16))
+def test_top_k_overlap_identity_and_bounds(n, dim):
+    rng = np.random.default_rng(n * dim)
+    x = rng.normal(size=(n, dim))
+    assert top_k_overlap(x, x) == 1.0
+    assert 0.0 <= top_k_overlap(x, rng.normal(size=(n, dim))) <= 1.0
+
+
+def test_fidelity_metrics():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(50, 8))
+    m = fidelity(ref, ref + 1e-3 * rng.normal(size=ref.shape), "feature-extraction")
+    assert m["mean_cosine"] > 0.999 and m["top10_overlap"] > 0.9
+    c = fidelity(ref, -ref, "text-classification")
+    assert c["mean_cosine"] == pytest.approx(-1) and "label_agreement" in c
+
+
+def test_pool_mean_ignores_padding_and_normalizes():
+    hidden = np.array([[[1.0, 0.0], [3.0, 0.0], [100.0, 100.0]]])
+    out = pool(hidden, np.array([[1, 1, 0]]), "mean")
+    assert np.allclose(out, [[1.0, 0.0]])
+    assert np.allclose(pool(hidden, np.array([[1, 1, 1]]), "cls"), [[1.0, 0.0]])
+
+
+SUMMARY = {"ort-cpu": {"fidelity_drop": 0.008, "top10_overlap": 0.85, "speedup": 1.8, "size_mb": 24.0, "peak_rss_mb": None}}
+
+
+def test_budgets_pass_fail_and_missing():
+    rows = check_budgets({"max_fidelity_drop": 0.01, "min_speedup": 2.0, "max_peak_rss_mb": 100, "max_size_mb": None}, SUMMARY)
+    by = {r["name"]: r for r in rows}
+    assert by["max_fidelity_drop"]["passed"] is True
+    assert by["min_speedup"]["passed"] is False and by["min_speedup"]["value"] == 1.8
+    assert by["max_peak_rss_mb"]["passed"] is False and "not measured" in by["max_peak_rss_mb"]["note"]
+    assert "max_size_mb" not in by  # unset budgets are not checked
+
+
+def report_with(passed: bool) -> dict:
+    row = {
+        "variant": "compressed",
+        "target": "ort-cpu",
+        "batch_size": 32,
+        "seq_len": 128,
+        "latency_ms_p50": 10.0,
+        "latency_ms_p95": 12.0,
+        "throughput_per_s": 3200.0,
+        "speedup": 2.0,
+        "peak_rss_mb": 90.0,
+        "size_mb": 24.0,
+        "accuracy": {"mean_cosine": 0.99},
+    }
+    budgets = check_budgets({"min_speedup": 1.5 if passed else 3.0}, {"ort-cpu": {"speedup": 2.0}})
+    return {
+        "schema_version": 1,
+        "recipe": "r",
+        "artifact": "a",
+        "model": "m",
+        "task": "feature-extraction",
+        "data": {},
+        "targets": {},
+        "measurement": {"threads": 2},
+        "results": [row],
+        "budgets": budgets,
+        "passed": all(b["passed"] for b in budgets),
+    }
+
+
+def test_report_schema_and_markdown_never_say_passed_when_failed():
+    ok, bad = report_with(True), report_with(False)
+    assert validate_report(ok) == [] and validate_report({"results": [{}]}) != []
+    assert "**PASSED**" in to_markdown(ok)
+    md = to_markdown(bad)
+    assert "**FAILED**" in md and "PASSED" not in md and "**FAIL**" in md
+
+
+def test_shakespeare_split_is_deterministic_and_disjoint():
+    a = D.load_shakespeare(100, 300, seed=0)
+    b = D.load_shakespeare(100, 300, seed=0)
+    assert a.calibration == b.calibration and a.evaluation == b.evaluation
+    assert len(a.calibration) == 100 and len(a.evaluation) == 300
+    assert not set(a.calibration) & set(a.evaluation)
+    assert all(len(t.split()) >= 4 and "**" not in t for t in a.evaluation)
+
+
+def test_play_lines_strip_markup(tmp_path):
+    play = tmp_path / "p.md"
+    play.write_text("# Title\n\n## ACT I\n\n_Enter HAMLET_\n\n**HAMLET**  \nTo be, or not to be, that is the question:  \n")
+    assert D.play_lines(play) == ["To be, or not to be, that is the question:"]
+
+
+def test_csv_pairs_and_jsonl(tmp_path):
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("a,b,score\n" + "".join(f"line {i} text,other {i},{i % 5}\n" for i in range(40)))
+    d = D.load_file(csv, text_column="a", pair_column="b", score_column="score")
+    assert len(d.pairs) == 40 and d.pair_scores[3] == 3.0 and d.calibration and d.evaluation
+    jl = tmp_path / "x.jsonl"
+    jl.write_text('{"text": "one two three four"}\n{"text": "five six seven eight"}\n')
+    assert len(D.load_file(jl).evaluation) >= 1
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        D.load_file(tmp_path / "none.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="no rows"):
+        D.load_file(empty)
+    csv = tmp_path / "c.csv"
+    csv.write_text("sentence\nhello there friend\n")
+    with pytest.raises(DataError, match="no column 'text'"):
+        D.load_file(csv)
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match="b.jsonl:2"):
+        D.load_file(bad)

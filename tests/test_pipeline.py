@@ -1,0 +1,147 @@
+"""The runner end to end on the tiny BERT: the run folder, its manifest and report, and what a
+failed or interrupted run leaves behind (nothing)."""
+
+from __future__ import annotations
+
+import json
+
+import onnxruntime as ort
+import pytest
+
+from slimline import recipe as R
+from slimline.compile.fuse import Fuse
+from slimline.errors import ModelError, OutputError, StageError
+from slimline.evaluate.report import validate_report
+from slimline.pipeline import run_recipe
+from tests.models import tiny_recipe
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_bert_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    recipe = R.from_dict(tiny_recipe(tiny_bert_dir, memory=True, budgets={"max_fidelity_drop": 0.05}))
+    report = run_recipe(recipe, out)
+    return out, report
+
+
+def test_run_folder_contents(tiny_run):
+    out, _ = tiny_run
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "manifest.json", "report.json", "report.md", "config.json", "tokenizer.json"} <= names
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])  # plain ORT loads it
+    assert {i.name for i in session.get_inputs()} >= {"input_ids", "attention_mask"}
+    assert not leftovers(out.parent)
+
+
+def test_manifest_records_recipe_versions_hashes_and_stages(tiny_run, tiny_bert_dir):
+    out, _ = tiny_run
+    m = json.loads((out / "manifest.json").read_text())
+    assert R.from_dict(m["recipe"]) == R.from_dict(tiny_recipe(tiny_bert_dir, memory=True, budgets={"max_fidelity_drop": 0.05}))
+    assert {"torch", "onnxruntime", "transformers", "onnx"} <= set(m["versions"])
+    assert "model.safetensors" in m["inputs"]["files"]
+    assert len(m["outputs"]["model.onnx"]) == 64
+    kinds = [s["kind"] for s in m["stages"]]
+    assert kinds == ["model.load", "compile.export", "compile.fuse", "quantize.dynamic_int8", "evaluate"]
+    assert m["stages"][2]["report"]["fused.Attention"] == 2
+    assert all(s["wall_s"] >= 0 for s in m["stages"])
+
+
+def test_report_schema_and_figures(tiny_run):
+    out, report = tiny_run
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report and validate_report(report) == []
+    rows = report["results"]
+    assert {(r["variant"], r["target"], r["batch_size"]) for r in rows} == {
+        ("baseline", "torch-cpu", 1),
+        ("baseline", "torch-cpu", 4),
+        ("compressed", "ort-cpu", 1),
+        ("compressed", "ort-cpu", 4),
+    }
+    comp = [r for r in rows if r["variant"] == "compressed"]
+    assert all(r["latency_ms_p50"] > 0 and r["throughput_per_s"] > 0 and r["peak_rss_mb"] > 10 for r in comp)
+    assert comp[0]["accuracy"]["mean_cosine"] > 0.95
+    assert report["budgets"][0]["name"] == "max_fidelity_drop" and report["passed"] is True
+    md = (out / "report.md").read_text()
+    assert "| compressed | ort-cpu | 4 |" in md and "PASSED" in md
+
+
+def test_existing_output_is_refused_without_force(tiny_run, tiny_bert_dir):
+    out, _ = tiny_run
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(OutputError, match="--force"):
+        run_recipe(R.from_dict(tiny_recipe(tiny_bert_dir)), out)
+    assert (out / "manifest.json").read_text() == before
+
+
+def test_force_replaces_a_run(tiny_bert_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    run_recipe(R.from_dict(tiny_recipe(tiny_bert_dir, speed={"enabled": False})), out, force=True)
+    assert not (out / "stale.txt").exists() and (out / "model.onnx").exists()
+    assert not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, StageError])
+def test_failed_or_interrupted_run_leaves_nothing(tiny_bert_dir, tmp_path, monkeypatch, error):
+    def boom(self, artifact, ctx):
+        raise error("stop")
+
+    monkeypatch.setattr(Fuse, "run", boom)
+    out = tmp_path / "run"
+    with pytest.raises(error):
+        run_recipe(R.from_dict(tiny_recipe(tiny_bert_dir)), out)
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def test_missing_model_fails_cleanly(tmp_path):
+    data = tiny_recipe(tmp_path / "no-such-model")
+    with pytest.raises(ModelError, match="no such file or folder"):
+        run_recipe(R.from_dict(data), tmp_path / "run")
+    assert not (tmp_path / "run").exists() and not leftovers(tmp_path)
+
+
+def test_folder_that_is_not_a_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelError, match="no config.json"):
+        run_recipe(R.from_dict(tiny_recipe(tmp_path / "m")), tmp_path / "run")
+
+
+def test_corrupt_model(tiny_bert_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_bert_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ModelError, match="model.source"):
+        run_recipe(R.from_dict(tiny_recipe(bad)), tmp_path / "run")
+    assert not leftovers(tmp_path)
+
+
+def test_budget_without_measurement_fails(tiny_bert_dir, tmp_path):
+    data = tiny_recipe(tiny_bert_dir, speed={"enabled": False}, budgets={"min_speedup": 1.0})
+    report = run_recipe(R.from_dict(data), tmp_path / "run")
+    assert report["passed"] is False
+    assert "not measured" in report["budgets"][0]["note"]
+
+
+def test_text_classification_model(tiny_classifier_dir, tmp_path):
+    data = tiny_recipe(tiny_classifier_dir, speed={"enabled": False})
+    data["model"]["task"] = "text-classification"
+    data["stages"] = [{"compile.export": {}}, {"quantize.dynamic_int8": {}}]
+    report = run_recipe(R.from_dict(data), tmp_path / "run")
+    acc = report["results"][-1]["accuracy"]
+    assert acc["label_agreement"] > 0.9 and "max_abs_error" in acc
+
+
+def test_torch_only_recipe_saves_hf_folder(tiny_bert_dir, tmp_path):
+    data = tiny_recipe(tiny_bert_dir, targets=["torch-cpu"], speed={"enabled": False})
+    data["stages"] = []
+    report = run_recipe(R.from_dict(data), tmp_path / "run")
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    assert report["summary"]["torch-cpu"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
