@@ -32,16 +32,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.runs):
             report = run_recipe(recipe, Path(tmp) / f"run{i}")
-            rows = {(r["variant"], r["batch_size"]): r for r in report["results"]}
+            rows = {(r["variant"], r["mode"], r["batch_size"]): r for r in report["results"]}
             s = report["summary"]["ort-cpu"]
             line = {
-                "speedup_b1": rows[("compressed", 1)]["speedup"],
-                "speedup_b32": rows[("compressed", 32)]["speedup"],
-                "torch_b32_seq_s": rows[("baseline", 32)]["throughput_per_s"],
-                "int8_b32_seq_s": rows[("compressed", 32)]["throughput_per_s"],
+                "speedup_b1": rows[("compressed", "fixed", 1)]["speedup"],
+                "speedup_b32": rows[("compressed", "fixed", 32)]["speedup"],
+                "speedup_traffic": s["traffic_speedup"],
+                "torch_b32_seq_s": rows[("baseline", "fixed", 32)]["throughput_per_s"],
+                "int8_b32_seq_s": rows[("compressed", "fixed", 32)]["throughput_per_s"],
                 "mean_cosine": s["mean_cosine"],
                 "top10": s["top10_overlap"],
-                "rss_torch_mb": rows[("baseline", 1)]["peak_rss_mb"],
+                "rss_torch_mb": rows[("baseline", "fixed", 1)]["peak_rss_mb"],
                 "rss_int8_mb": s["peak_rss_mb"],
                 "size_mb": s["size_mb"],
                 "cpu_busy": report["measurement"]["cpu_busy_by_others_before"],

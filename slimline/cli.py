@@ -145,5 +145,53 @@ def inspect(path: Path, as_json: bool) -> None:
         console.print(f"report: {'PASSED' if info['report']['passed'] else 'FAILED'} {info['report']['summary']}")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--budget",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="add or tighten a budget, e.g. min_speedup=2, max_accuracy_drop.spearman=2%, targets.ort-cuda.min_speedup=3",
+)
+@click.option("--require", multiple=True, metavar="TARGET", help="fail if this target was skipped (e.g. ort-cuda)")
+@click.option("--junit", type=click.Path(path_type=Path), help="write JUnit XML, one test case per budget")
+def check(run_dir: Path, overrides: tuple[str, ...], require: tuple[str, ...], junit: Path | None) -> None:
+    """Check RUN_DIR's budgets: exit 0 if all hold, 1 if any fails, 2 for bad input."""
+    from slimline.evaluate.gate import junit_xml, run_check
+    from slimline.evaluate.report import budget_line
+
+    try:
+        report, rows = run_check(run_dir, list(overrides), list(require))
+    except SlimlineError as err:
+        _fail(err)
+    for row in rows:
+        console.print(budget_line(row), style="green" if row["passed"] else "red", markup=False, highlight=False)
+    for s in report.get("skipped_targets", []):
+        if not any(r["name"] == "target_available" and r["target"] == s["target"] for r in rows):
+            console.print(f"SKIP target {s['target']}: {s['reason']}", style="yellow", markup=False, highlight=False)
+    failed = sum(not r["passed"] for r in rows)
+    if junit:
+        junit.parent.mkdir(parents=True, exist_ok=True)
+        junit.write_text(junit_xml(report, rows))
+    console.print(f"{len(rows) - failed} passed, {failed} failed" + (f" (JUnit: {junit})" if junit else ""))
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for compare.{md,json,png,html}")
+def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
+    """Put several runs side by side, with the Pareto frontier (speedup x mean cosine) marked."""
+    from slimline.evaluate.compare import write_comparison
+
+    try:
+        write_comparison(list(run_dirs), out)
+    except SlimlineError as err:
+        _fail(err)
+    click.echo((out / "compare.md").read_text())
+    console.print(f"written: {out}/compare.md, compare.json, compare.png, compare.html")
+
+
 if __name__ == "__main__":
     main()

@@ -171,7 +171,7 @@ def run_recipe(
             "versions": package_versions(),
             "host": host_info(threads),
             "inputs": {"model": spec.source, "files": artifact.info.file_hashes},
-            "outputs": {f: sha256(staging / f) for f in files + (["report.json", "report.md"] if report else [])},
+            "outputs": {f: sha256(staging / f) for f in files + sorted(p.name for p in staging.glob("report.*"))},
             "stages": stages_log,
             "warnings": list(reporter.warnings),
         }

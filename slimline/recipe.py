@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
@@ -27,7 +27,7 @@ from slimline.errors import RecipeError
 from slimline.stage import Stage
 
 Task = Literal["feature-extraction", "text-classification"]
-TargetName = Literal["ort-cpu", "torch-cpu"]
+TargetName = Literal["ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda"]
 
 
 class _Strict(BaseModel):
@@ -62,6 +62,9 @@ class SpeedSpec(_Strict):
     warmup: int = Field(2, ge=0)
     repeats: int = Field(10, ge=1, description="timed runs per variant and batch size, interleaved")
     enabled: bool = True
+    traffic: bool = Field(True, description="also time the evaluation texts in dynamically padded batches")
+    traffic_batch_size: int = Field(32, ge=1)
+    traffic_texts: int = Field(512, ge=1, description="texts per traffic pass")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -71,17 +74,67 @@ class SpeedSpec(_Strict):
         return v
 
 
-class Budgets(_Strict):
+AccuracyLimit = Annotated[float | str, Field(description="absolute drop, or relative as a string like '2%'")]
+
+
+class Limits(_Strict):
+    """Budgets for one target. A budget whose figure the run did not measure fails."""
+
     max_fidelity_drop: float | None = Field(None, ge=0, description="1 - mean cosine to the fp32 model")
     min_top10_overlap: float | None = Field(None, ge=0, le=1)
+    max_accuracy_drop: dict[str, AccuracyLimit] = Field(
+        default_factory=dict, description="per metric: baseline minus compressed, e.g. {spearman: '2%', accuracy: 0.01}"
+    )
     min_speedup: float | None = Field(None, gt=0, description="throughput vs torch fp32 at the largest batch")
+    min_traffic_speedup: float | None = Field(None, gt=0, description="throughput vs torch fp32 on real traffic")
+    max_latency_ms_p95: float | dict[int, float] | None = Field(
+        None, description="p95 latency: one number for the smallest batch size, or {batch_size: ms}"
+    )
     max_size_mb: float | None = Field(None, gt=0)
     max_peak_rss_mb: float | None = Field(None, gt=0)
+    max_gpu_memory_mb: float | None = Field(None, gt=0)
+
+    @field_validator("max_accuracy_drop")
+    @classmethod
+    def _limits(cls, v: dict[str, float | str]) -> dict[str, float | str]:
+        for metric, limit in v.items():
+            parse_accuracy_limit(limit, f"max_accuracy_drop.{metric}")
+        return v
+
+
+class Budgets(Limits):
+    targets: dict[TargetName, Limits] = Field(default_factory=dict, description="per-target budgets over the ones above")
+
+    def for_target(self, target: str) -> Limits:
+        """The budgets that apply to ``target``: the global ones, overridden field by field."""
+        base = self.model_dump(exclude={"targets"})
+        override = self.targets.get(target)
+        if override is not None:
+            base.update(override.model_dump(exclude_unset=True))
+        return Limits.model_validate(base)
+
+
+def parse_accuracy_limit(limit: float | str, where: str = "limit") -> tuple[float, bool]:
+    """``0.01`` -> (0.01, absolute); ``"2%"`` -> (0.02, relative)."""
+    if isinstance(limit, (int, float)):
+        if limit < 0:
+            raise ValueError(f"{where}: a drop limit can't be negative ({limit})")
+        return float(limit), False
+    text = str(limit).strip()
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100, True
+        return float(text), False
+    except ValueError:
+        raise ValueError(f"{where}: `{limit}` is neither a number (absolute drop) nor a percentage like '2%'") from None
 
 
 class EvaluateSpec(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     targets: list[TargetName] = Field(default_factory=lambda: ["ort-cpu"], min_length=1)
+    required_targets: list[TargetName] = Field(
+        default_factory=list, description="targets that must run: if one is unavailable here, `check` fails"
+    )
     threads: int = Field(0, ge=0, description="threads for torch and ONNX Runtime; 0 = all cores")
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     memory: bool = Field(True, description="measure peak RSS of a fresh process per variant")
@@ -91,6 +144,13 @@ class EvaluateSpec(_Strict):
     @classmethod
     def _data_shorthand(cls, v: Any) -> Any:
         return {"source": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _required_are_targets(self) -> EvaluateSpec:
+        missing = [t for t in self.required_targets if t not in self.targets]
+        if missing:
+            raise ValueError(f"evaluate.required_targets: {missing} are not in evaluate.targets {self.targets}; add them there.")
+        return self
 
 
 class Recipe(_Strict):
@@ -125,12 +185,12 @@ class Recipe(_Strict):
                     f"{fix}: the order is models -> prune -> quantize (torch) -> compile.export -> fuse/quantize (ONNX)."
                 )
             current = stage.output_type(current)
-        needs = {"ort-cpu": OnnxModel, "torch-cpu": TorchModel}
+        needs = {"ort-cpu": OnnxModel, "ort-cuda": OnnxModel, "torch-cpu": TorchModel, "torch-cuda": TorchModel}
         for target in self.evaluate.targets:
             if needs[target] is not current:
                 raise ValueError(
                     f"evaluate.targets: `{target}` runs {needs[target].label}, but the stages produce {current.label}. "
-                    f"Use target {'`ort-cpu`' if current is OnnxModel else '`torch-cpu`'}"
+                    f"Use target {'`ort-cpu`/`ort-cuda`' if current is OnnxModel else '`torch-cpu`/`torch-cuda`'}"
                     f"{'' if current is OnnxModel else ' or add `compile.export`'}."
                 )
         return self
@@ -162,7 +222,7 @@ def _parse_stage(index: int, item: Any) -> Stage:
     try:
         return cls.model_validate(options)
     except ValidationError as err:
-        raise ValueError(" ".join(_explain(e, cls, f"{where}.{kind}") for e in err.errors())) from None
+        raise ValueError(" ".join(explain_error(e, cls, f"{where}.{kind}") for e in err.errors())) from None
 
 
 # -- error formatting ---------------------------------------------------------------------------
@@ -195,7 +255,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _explain(error: Any, root: type[BaseModel], prefix: str = "") -> str:
+def explain_error(error: Any, root: type[BaseModel], prefix: str = "") -> str:
     loc = tuple(error["loc"])
     path = ".".join(p for p in (prefix, _format_loc(loc)) if p)
     kind = error["type"]
@@ -214,7 +274,7 @@ def _explain(error: Any, root: type[BaseModel], prefix: str = "") -> str:
 
 
 def validation_message(err: ValidationError, where: str) -> str:
-    lines = [_explain(e, Recipe) for e in err.errors()]
+    lines = [explain_error(e, Recipe) for e in err.errors()]
     return f"{where}: invalid recipe. " + " ".join(lines)
 
 

@@ -44,7 +44,7 @@ def tiny_recipe(model_dir: Path, **evaluate) -> dict:
     """A recipe dict for the tiny model: export, fuse, int8, a fast evaluation."""
     ev = {
         "data": {"source": "builtin:shakespeare", "calibration_size": 16, "evaluation_size": 40},
-        "speed": {"batch_sizes": [1, 4], "seq_len": 16, "warmup": 1, "repeats": 2},
+        "speed": {"batch_sizes": [1, 4], "seq_len": 16, "warmup": 1, "repeats": 2, "traffic_batch_size": 8, "traffic_texts": 24},
         "memory": False,
     }
     ev.update(evaluate)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from slimline.errors import DataError
 from slimline.evaluate import data as D
@@ -13,6 +14,7 @@ from slimline.evaluate.budgets import check_budgets
 from slimline.evaluate.fidelity import fidelity, spearman, top_k_overlap
 from slimline.evaluate.report import to_markdown, validate_report
 from slimline.models.heads import pool
+from slimline.recipe import Budgets
 
 
 def test_spearman_known_values():
@@ -47,16 +49,65 @@ def test_pool_mean_ignores_padding_and_normalizes():
     assert np.allclose(pool(hidden, np.array([[1, 1, 1]]), "cls"), [[1.0, 0.0]])
 
 
-SUMMARY = {"ort-cpu": {"fidelity_drop": 0.008, "top10_overlap": 0.85, "speedup": 1.8, "size_mb": 24.0, "peak_rss_mb": None}}
+SUMMARY = {
+    "ort-cpu": {
+        "fidelity_drop": 0.008,
+        "top10_overlap": 0.85,
+        "speedup": 1.8,
+        "size_mb": 24.0,
+        "peak_rss_mb": None,
+        "latency_ms_p95": {"1": 9.0, "32": 170.0},
+        "accuracy": {"mean_cosine": 0.992, "spearman": 0.80, "max_abs_error": 0.3},
+        "baseline_accuracy": {"mean_cosine": 1.0, "spearman": 0.82, "max_abs_error": 0.0},
+    }
+}
+
+
+def budgets(**kw) -> Budgets:
+    return Budgets.model_validate(kw)
+
+
+def by_name(rows):
+    return {r["name"]: r for r in rows}
 
 
 def test_budgets_pass_fail_and_missing():
-    rows = check_budgets({"max_fidelity_drop": 0.01, "min_speedup": 2.0, "max_peak_rss_mb": 100, "max_size_mb": None}, SUMMARY)
-    by = {r["name"]: r for r in rows}
-    assert by["max_fidelity_drop"]["passed"] is True
-    assert by["min_speedup"]["passed"] is False and by["min_speedup"]["value"] == 1.8
-    assert by["max_peak_rss_mb"]["passed"] is False and "not measured" in by["max_peak_rss_mb"]["note"]
-    assert "max_size_mb" not in by  # unset budgets are not checked
+    rows = by_name(check_budgets(budgets(max_fidelity_drop=0.01, min_speedup=2.0, max_peak_rss_mb=100), SUMMARY))
+    assert rows["max_fidelity_drop"]["passed"] is True
+    assert rows["min_speedup"]["passed"] is False and rows["min_speedup"]["value"] == 1.8
+    assert rows["max_peak_rss_mb"]["passed"] is False and "not measured" in rows["max_peak_rss_mb"]["note"]
+    assert "max_size_mb" not in rows  # unset budgets are not checked
+
+
+def test_accuracy_drop_absolute_relative_and_missing_metric():
+    rows = by_name(check_budgets(budgets(max_accuracy_drop={"spearman": "2%", "mean_cosine": 0.005, "f1_macro": 0.01}), SUMMARY))
+    sp = rows["max_accuracy_drop.spearman"]  # (0.82 - 0.80) / 0.82 = 2.44% > 2%
+    assert sp["passed"] is False and sp["value"] == pytest.approx(0.02439, abs=1e-5)
+    assert rows["max_accuracy_drop.mean_cosine"]["passed"] is False  # 0.008 > 0.005
+    assert rows["max_accuracy_drop.f1_macro"]["passed"] is False and "not measured" in rows["max_accuracy_drop.f1_macro"]["note"]
+    ok = by_name(check_budgets(budgets(max_accuracy_drop={"spearman": "3%", "max_abs_error": 0.5}), SUMMARY))
+    assert ok["max_accuracy_drop.spearman"]["passed"] and ok["max_accuracy_drop.max_abs_error"]["value"] == pytest.approx(0.3)
+
+
+def test_bad_accuracy_limit_is_a_recipe_error():
+    with pytest.raises(ValidationError, match="percentage"):
+        budgets(max_accuracy_drop={"spearman": "two percent"})
+
+
+def test_latency_budget_number_and_per_batch():
+    rows = by_name(check_budgets(budgets(max_latency_ms_p95=10), SUMMARY))
+    assert rows["max_latency_ms_p95.b1"]["passed"] is True  # a number checks the smallest batch
+    rows = by_name(check_budgets(budgets(max_latency_ms_p95={32: 150, 8: 50}), SUMMARY))
+    assert rows["max_latency_ms_p95.b32"]["passed"] is False and rows["max_latency_ms_p95.b8"]["note"]
+
+
+def test_per_target_override_and_required_targets():
+    b = budgets(min_speedup=1.5, targets={"ort-cpu": {"min_speedup": 2.5}})
+    assert by_name(check_budgets(b, SUMMARY))["min_speedup"]["limit"] == 2.5
+    skipped = [{"target": "ort-cuda", "reason": "no GPU"}]
+    assert check_budgets(b, SUMMARY, skipped, required=[]) == check_budgets(b, SUMMARY)
+    rows = by_name(check_budgets(b, SUMMARY, skipped, required=["ort-cuda"]))
+    assert rows["target_available"]["passed"] is False and rows["target_available"]["note"] == "no GPU"
 
 
 def report_with(passed: bool) -> dict:
@@ -73,7 +124,7 @@ def report_with(passed: bool) -> dict:
         "size_mb": 24.0,
         "accuracy": {"mean_cosine": 0.99},
     }
-    budgets = check_budgets({"min_speedup": 1.5 if passed else 3.0}, {"ort-cpu": {"speedup": 2.0}})
+    budgets = check_budgets(Budgets(min_speedup=1.5 if passed else 3.0), {"ort-cpu": {"speedup": 2.0}})
     return {
         "schema_version": 1,
         "recipe": "r",

@@ -55,18 +55,24 @@ def test_report_schema_and_figures(tiny_run):
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == report and validate_report(report) == []
     rows = report["results"]
-    assert {(r["variant"], r["target"], r["batch_size"]) for r in rows} == {
-        ("baseline", "torch-cpu", 1),
-        ("baseline", "torch-cpu", 4),
-        ("compressed", "ort-cpu", 1),
-        ("compressed", "ort-cpu", 4),
+    assert {(r["variant"], r["target"], r["mode"], r["batch_size"]) for r in rows} == {
+        ("baseline", "torch-cpu", "fixed", 1),
+        ("baseline", "torch-cpu", "fixed", 4),
+        ("baseline", "torch-cpu", "traffic", 8),
+        ("compressed", "ort-cpu", "fixed", 1),
+        ("compressed", "ort-cpu", "fixed", 4),
+        ("compressed", "ort-cpu", "traffic", 8),
     }
+    assert all(r["latency_ms_p99"] >= r["latency_ms_p95"] >= r["latency_ms_p50"] for r in rows)
+    summary = report["summary"]["ort-cpu"]
+    assert summary["traffic_speedup"] > 0 and set(summary["latency_ms_p95"]) == {"1", "4"}
     comp = [r for r in rows if r["variant"] == "compressed"]
     assert all(r["latency_ms_p50"] > 0 and r["throughput_per_s"] > 0 and r["peak_rss_mb"] > 10 for r in comp)
     assert comp[0]["accuracy"]["mean_cosine"] > 0.95
     assert report["budgets"][0]["name"] == "max_fidelity_drop" and report["passed"] is True
     md = (out / "report.md").read_text()
-    assert "| compressed | ort-cpu | 4 |" in md and "PASSED" in md
+    assert "| compressed | ort-cpu | fixed | 4 |" in md and "PASSED" in md
+    assert (out / "report.png").stat().st_size > 5000 and "data:image/png;base64," in (out / "report.html").read_text()
 
 
 def test_existing_output_is_refused_without_force(tiny_run, tiny_bert_dir):

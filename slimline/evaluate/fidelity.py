@@ -78,9 +78,20 @@ def fidelity(ref: np.ndarray, new: np.ndarray, task: str) -> dict[str, float]:
         metrics[f"top{TOP_K}_overlap"] = top_k_overlap(ref, new)
     else:
         metrics["label_agreement"] = float(np.mean(ref.argmax(-1) == new.argmax(-1)))
-        metrics["max_abs_error"] = float(np.abs(ref - new).max())
+    metrics["max_abs_error"] = float(np.abs(ref - new).max())
     return metrics
 
 
 def pair_spearman(vec_a: np.ndarray, vec_b: np.ndarray, gold: list[float]) -> float:
     return spearman(cosine(vec_a, vec_b), np.asarray(gold))
+
+
+def classification(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro F1 against gold labels."""
+    f1s = []
+    for label in np.unique(np.concatenate([pred, gold])):
+        tp = float(np.sum((pred == label) & (gold == label)))
+        fp = float(np.sum((pred == label) & (gold != label)))
+        fn = float(np.sum((pred != label) & (gold == label)))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    return {"accuracy": float(np.mean(pred == gold)), "f1_macro": float(np.mean(f1s))}

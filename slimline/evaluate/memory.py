@@ -81,13 +81,34 @@ def _inputs(path: Path, batch: int, seq_len: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
-def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: int) -> dict:
+def _gpu_process_mb() -> float | None:
+    """Device memory held by this process, as the driver sees it (context + allocator + arenas)."""
+    import os
+    import shutil
 
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    for line in out.stdout.splitlines():
+        pid, _, used = line.partition(",")
+        if pid.strip() == str(os.getpid()):
+            return float(used.strip())
+    return None
+
+
+def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: int) -> dict:
     feeds = _inputs(Path(path), batch, seq_len)
-    if kind == "onnx":
+    result: dict = {}
+    if kind in ("onnx", "onnx-cuda"):
         from slimline.runtime import ort_session
 
-        session = ort_session(Path(path), threads)
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if kind == "onnx-cuda" else None
+        session = ort_session(Path(path), threads, providers)
         names = [i.name for i in session.get_inputs()]
         session.run(None, {k: feeds[k] for k in names})
     else:
@@ -96,19 +117,26 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
 
         if threads:
             torch.set_num_threads(threads)
+        device = "cuda" if kind == "torch-cuda" else "cpu"
         auto = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
-        model = auto.from_pretrained(path).eval()
+        model = auto.from_pretrained(path).eval().to(device)
         accepted = set(model.forward.__code__.co_varnames)
         with torch.inference_mode():
-            model(**{k: torch.from_numpy(v) for k, v in feeds.items() if k in accepted})
-    return {"peak_rss_mb": round(_peak_rss_mb(), 1), "batch": batch, "seq_len": seq_len}
+            model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items() if k in accepted})
+        if device == "cuda":
+            torch.cuda.synchronize()
+            result["gpu_allocator_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if kind.endswith("cuda"):
+        result["gpu_device_mb"] = _gpu_process_mb()
+    result.update({"peak_rss_mb": round(_peak_rss_mb(), 1), "batch": batch, "seq_len": seq_len})
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m slimline.evaluate.memory")
-    p.add_argument("kind", choices=["onnx", "torch"])
+    p.add_argument("kind", choices=["onnx", "onnx-cuda", "torch", "torch-cuda"])
     p.add_argument("path")
     p.add_argument("--task", default="feature-extraction")
     p.add_argument("--batch", type=int, default=1)

@@ -1,7 +1,10 @@
-"""report.json (a stable, versioned schema) and report.md (the same table for people)."""
+"""report.json (a stable, versioned schema), report.md, report.png (Pareto plot) and report.html
+(self-contained: styles inline, plot embedded, opens offline)."""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,20 @@ REQUIRED_ROW_KEYS = (
     "size_mb",
     "accuracy",
 )
+HEAD = [
+    "variant",
+    "target",
+    "mode",
+    "batch",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "seq/s",
+    "speedup",
+    "peak RSS MB",
+    "GPU MB",
+    "size MB",
+]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -29,49 +46,156 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    lines = [f"# slimline report: {report['recipe']}", "", f"**{verdict}**: model `{report['model']}` ({report['task']})", ""]
-    metric_names: list[str] = []
+def metric_names(report: dict[str, Any]) -> list[str]:
+    names: list[str] = []
     for row in report["results"]:
-        metric_names += [m for m in row["accuracy"] if m not in metric_names]
-    head = ["variant", "target", "batch", "p50 ms", "p95 ms", "seq/s", "speedup", "peak RSS MB", "size MB", *metric_names]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        names += [m for m in row["accuracy"] if m not in names]
+    return names
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    metrics = metric_names(report)
+    out = []
     for r in report["results"]:
         cells = [
             r["variant"],
             r["target"],
+            r.get("mode", "fixed"),
             _fmt(r["batch_size"]),
             _fmt(r["latency_ms_p50"]),
             _fmt(r["latency_ms_p95"]),
+            _fmt(r.get("latency_ms_p99")),
             _fmt(r["throughput_per_s"], 1),
             _fmt(r.get("speedup")),
             _fmt(r["peak_rss_mb"], 0),
+            _fmt(r.get("peak_gpu_mb"), 0),
             _fmt(r["size_mb"], 1),
         ]
-        cells += [_fmt(r["accuracy"].get(m), 4) for m in metric_names]
-        lines.append("| " + " | ".join(cells) + " |")
+        out.append(cells + [_fmt(r["accuracy"].get(m), 4) for m in metrics])
+    return out
+
+
+def budget_line(b: dict[str, Any]) -> str:
+    verdict = "PASS" if b["passed"] else "FAIL"
+    note = f" ({b['note']})" if b.get("note") else ""
+    return f"{verdict} {b['name']} ({b['target']}): value {_fmt(b['value'], 4)}, limit {_fmt(b['limit'], 4)}{note}"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    if not report["budgets"]:
+        return "NO BUDGETS"  # never "passed": nothing was checked
+    return "PASSED" if report["passed"] else "FAILED"
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# slimline report: {report['recipe']}",
+        "",
+        f"**{verdict(report)}**: model `{report['model']}` ({report['task']})",
+        "",
+    ]
+    head = HEAD + metric_names(report)
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(report)]
     if report["budgets"]:
         lines += ["", "## Budgets", "", "| budget | target | limit | value | result |", "|---|---|---|---|---|"]
         for b in report["budgets"]:
             result = "pass" if b["passed"] else f"**FAIL** {b.get('note', '')}".strip()
             lines.append(f"| {b['name']} | {b['target']} | {_fmt(b['limit'], 4)} | {_fmt(b['value'], 4)} | {result} |")
     else:
-        lines += ["", "No budgets set: this report passes by definition. Add `evaluate.budgets` to gate on it."]
+        lines += ["", "No budgets were set, so nothing was checked. Add `evaluate.budgets` to gate on this report."]
     for s in report.get("skipped_targets", []):
         lines.append(f"\nSkipped target {s['target']}: {s['reason']}")
-    m = report["measurement"]
     lines += ["", "## How this was measured", ""]
-    lines += [f"- {k}: {v}" for k, v in m.items()]
+    lines += [f"- {k}: {v}" for k, v in report["measurement"].items()]
     lines += [f"- data: {report['data']}"]
+    if "host" in report:
+        lines.append("- host: " + ", ".join(f"{k} {v}" for k, v in report["host"].items()))
     for target, details in report["targets"].items():
         lines.append(f"- {target}: " + ", ".join(f"{k} {v}" for k, v in details.items()))
     return "\n".join(lines) + "\n"
 
 
+def pareto_points(report: dict[str, Any], label_prefix: str = "") -> list:
+    """One point per variant/target: throughput at the largest fixed batch (else traffic) vs mean cosine."""
+    from slimline.evaluate.plots import Point
+
+    points = []
+    for r in report["results"]:
+        fixed = [
+            x
+            for x in report["results"]
+            if x["target"] == r["target"]
+            and x["variant"] == r["variant"]
+            and x.get("mode", "fixed") == "fixed"
+            and x["throughput_per_s"]
+        ]
+        best = max(fixed, key=lambda x: x["batch_size"] or 0) if fixed else None
+        if best is not r or r["accuracy"].get("mean_cosine") is None:
+            continue
+        label = f"{label_prefix}{r['variant']} {r['target']}" if not label_prefix else f"{label_prefix}{r['target']}"
+        points.append(Point(label, r["throughput_per_s"], r["accuracy"]["mean_cosine"], r.get("peak_rss_mb")))
+    return points
+
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+.scroll{overflow-x:auto}table{border-collapse:collapse;margin:1em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
+th{background:#f3f3f3}td:nth-child(-n+3){text-align:left}.pass{color:#17692a}.fail{color:#b00020;font-weight:bold}
+.verdict{font-size:20px;padding:6px 12px;display:inline-block;border-radius:4px}
+.verdict.pass{background:#e3f5e6}.verdict.fail{background:#fde7ea}code{background:#f5f5f5;padding:1px 3px}"""
+
+
+def to_html(report: dict[str, Any], plot_png: Path | None) -> str:
+    e = html.escape
+    v = verdict(report)
+    head = HEAD + metric_names(report)
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>slimline: {e(report['recipe'])}</title><style>{CSS}</style></head><body>",
+        f"<h1>slimline report: {e(report['recipe'])}</h1>",
+        f"<p><span class='verdict {'pass' if v == 'PASSED' else 'fail'}' id='verdict'>{v}</span> model <code>{e(report['model'])}</code> ({e(report['task'])})</p>",
+        "<div class='scroll'><table id='results'><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>",
+    ]
+    parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>" for cells in table_rows(report)]
+    parts.append("</table></div>")
+    if report["budgets"]:
+        parts.append(
+            "<h2>Budgets</h2><table id='budgets'><tr><th>budget</th><th>target</th><th>limit</th><th>value</th><th>result</th></tr>"
+        )
+        for b in report["budgets"]:
+            cls, res = ("pass", "pass") if b["passed"] else ("fail", f"FAIL {b.get('note', '')}")
+            parts.append(
+                f"<tr><td>{e(b['name'])}</td><td>{e(b['target'])}</td><td>{e(_fmt(b['limit'], 4))}</td>"
+                f"<td>{e(_fmt(b['value'], 4))}</td><td class='{cls}'>{e(res)}</td></tr>"
+            )
+        parts.append("</table>")
+    else:
+        parts.append("<p>No budgets were set, so nothing was checked.</p>")
+    if plot_png is not None and plot_png.exists():
+        data = base64.b64encode(plot_png.read_bytes()).decode()
+        # onload marks the image as decoded, so a headless browser check can tell it rendered
+        parts.append(
+            f"<h2>Accuracy vs throughput</h2><img id='pareto' alt='Pareto plot' src='data:image/png;base64,{data}' "
+            "onload=\"this.setAttribute('data-rendered', this.naturalWidth)\">"
+        )
+    for s in report.get("skipped_targets", []):
+        parts.append(f"<p>Skipped target <code>{e(s['target'])}</code>: {e(s['reason'])}</p>")
+    parts.append("<h2>How this was measured</h2><ul>")
+    parts += [f"<li><b>{e(str(k))}</b>: {e(str(val))}</li>" for k, val in report["measurement"].items()]
+    for target, details in report["targets"].items():
+        parts.append(f"<li><b>{e(target)}</b>: " + e(", ".join(f"{k} {val}" for k, val in details.items())) + "</li>")
+    parts.append("</ul></body></html>")
+    return "\n".join(parts)
+
+
 def write_reports(report: dict[str, Any], folder: Path) -> None:
+    from slimline.evaluate.plots import plot_pareto
+
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     (folder / "report.md").write_text(to_markdown(report))
+    points = pareto_points(report)
+    png = plot_pareto(points, folder / "report.png", f"{report['recipe']}: {report['model']}") if points else None
+    (folder / "report.html").write_text(to_html(report, png))
 
 
 def validate_report(report: dict[str, Any]) -> list[str]:
@@ -79,8 +203,12 @@ def validate_report(report: dict[str, Any]) -> list[str]:
     problems = [
         f"missing `{k}`" for k in ("schema_version", "recipe", "artifact", "results", "budgets", "passed") if k not in report
     ]
+    if report.get("schema_version") not in (None, REPORT_SCHEMA):
+        problems.append(f"schema_version {report.get('schema_version')} is not {REPORT_SCHEMA}")
     for i, row in enumerate(report.get("results", [])):
         problems += [f"results[{i}] missing `{k}`" for k in REQUIRED_ROW_KEYS if k not in row]
     for i, b in enumerate(report.get("budgets", [])):
         problems += [f"budgets[{i}] missing `{k}`" for k in ("name", "limit", "value", "passed") if k not in b]
+    if report.get("passed") and any(not b.get("passed") for b in report.get("budgets", [])):
+        problems.append("`passed` is true while a budget failed")
     return problems

@@ -1,4 +1,9 @@
-"""Evaluate a run: fidelity, speed and memory of the artifact against the torch fp32 original."""
+"""Evaluate a run: accuracy, speed and memory of the artifact against the torch fp32 original.
+
+Speed is compared per device: CPU targets against torch fp32 on the CPU, CUDA targets against torch
+fp32 on the GPU, each group timed interleaved in this process. Accuracy is always against the fp32
+model on the CPU, the reference the user fine-tuned.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from slimline.artifact import TorchModel
 from slimline.env import host_info
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory, speed
@@ -18,6 +22,7 @@ from slimline.evaluate.targets import Runner, available, ort_runner, torch_runne
 from slimline.stage import Context, Reporter
 
 WEIGHT_FILES = (".safetensors", ".bin", ".onnx", ".data", ".pt")
+PROBE_KIND = {"torch-cpu": "torch", "torch-cuda": "torch-cuda", "ort-cpu": "onnx", "ort-cuda": "onnx-cuda"}
 
 
 def folder_size_mb(paths: list[Path]) -> float:
@@ -25,67 +30,79 @@ def folder_size_mb(paths: list[Path]) -> float:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.suffix in WEIGHT_FILES or p.name.endswith(".onnx.data")]
+    return [p for p in folder.rglob("*") if p.suffix in WEIGHT_FILES]
 
 
 def _compressed_runner(target: str, artifact: Any, folder: Path, threads: int) -> Runner:
-    if target == "ort-cpu":
-        return ort_runner(folder / "model.onnx", f"compressed@{target}", threads)
-    return torch_runner(artifact.model, f"compressed@{target}", threads)
+    name = f"compressed@{target}"
+    if target.startswith("ort"):
+        return ort_runner(folder / "model.onnx", name, threads, target)
+    return torch_runner(artifact.model, name, threads, target)
+
+
+def _accuracy(
+    runner: Runner, ref: np.ndarray | None, ctx_data: Any, info: Any, max_length: int, reporter: Reporter
+) -> tuple[dict, np.ndarray]:
+    texts = ctx_data.evaluation
+    with reporter.task(f"accuracy ({runner.name})", total=len(texts)) as step:
+        vecs = fid.encode(runner, info.tokenizer, texts, info.task, info.pooling, max_length, step)
+    acc = fid.fidelity(ref if ref is not None else vecs, vecs, info.task)
+    if ctx_data.pairs:
+        a, b = ([p[j] for p in ctx_data.pairs] for j in (0, 1))
+        va = fid.encode(runner, info.tokenizer, a, info.task, info.pooling, max_length)
+        vb = fid.encode(runner, info.tokenizer, b, info.task, info.pooling, max_length)
+        acc["spearman"] = fid.pair_spearman(va, vb, ctx_data.pair_scores)
+    if ctx_data.labels and info.task == "text-classification":
+        acc.update(fid.classification(vecs.argmax(-1), np.asarray(ctx_data.labels)))
+    return {k: round(float(v), 6) for k, v in acc.items()}, vecs
+
+
+class _Info:
+    def __init__(self, reference: Any) -> None:
+        self.tokenizer, self.task, self.pooling = reference.tokenizer, reference.info.task, reference.info.pooling
 
 
 def evaluate_run(
     recipe: Any, ctx: Context, artifact: Any, folder: Path, reporter: Reporter, name: str | None = None
 ) -> dict[str, Any]:
-    """Measure, check budgets, write report.json and report.md into ``folder``; return the report."""
+    """Measure, check budgets, write the reports into ``folder``; return the report."""
     spec = recipe.evaluate
-    reference: TorchModel = ctx.reference
-    info, tok = reference.info, reference.tokenizer
+    reference = ctx.reference
+    info = _Info(reference)
     data = ctx.data
     threads = spec.threads or os.cpu_count() or 1
+    max_length = spec.data.max_length
 
-    baseline = torch_runner(reference.model, "baseline", threads)
     runners, skipped = [], []
     for target in spec.targets:
         ok, why = available(target)
         if ok:
-            runners.append(_compressed_runner(target, artifact, folder, threads))
-        else:
+            try:
+                runners.append(_compressed_runner(target, artifact, folder, threads))
+            except RuntimeError as err:
+                ok, why = False, str(err)
+        if not ok:
             skipped.append({"target": target, "reason": why})
             reporter.warn(f"evaluate: target {target} skipped: {why}")
+    devices = sorted({r.device for r in runners}) or ["cpu"]
+    baselines = {d: torch_runner(reference.model, f"baseline@torch-{d}", threads, f"torch-{d}") for d in devices}
 
-    # -- accuracy -------------------------------------------------------------------------------
-    texts = data.evaluation
-    accuracy: dict[str, dict[str, float]] = {}
-    with reporter.task("fidelity (fp32 reference)", total=len(texts)) as step:
-        ref = fid.encode(baseline, tok, texts, info.task, info.pooling, spec.data.max_length, step)
-    base_acc: dict[str, float] = {"mean_cosine": 1.0, "min_cosine": 1.0}
-    if info.task == "feature-extraction":
-        base_acc[f"top{fid.TOP_K}_overlap"] = 1.0
-    pairs_ref = None
-    if data.pairs:
-        pairs_ref = [
-            fid.encode(baseline, tok, [p[j] for p in data.pairs], info.task, info.pooling, spec.data.max_length) for j in (0, 1)
-        ]
-        base_acc["spearman"] = fid.pair_spearman(*pairs_ref, data.pair_scores)
-    if data.labels and info.task == "text-classification":
-        base_acc["accuracy"] = float(np.mean(ref.argmax(-1) == np.asarray(data.labels)))
-    accuracy["baseline"] = base_acc
+    # -- accuracy (against the fp32 model on the CPU) ---------------------------------------------
+    base_acc, ref = _accuracy(
+        baselines.get("cpu") or torch_runner(reference.model, "baseline@torch-cpu", threads),
+        None,
+        data,
+        info,
+        max_length,
+        reporter,
+    )
+    accuracy = {b.name: base_acc for b in baselines.values()}
     for runner in runners:
-        with reporter.task(f"fidelity ({runner.target})", total=len(texts)) as step:
-            vecs = fid.encode(runner, tok, texts, info.task, info.pooling, spec.data.max_length, step)
-        acc = fid.fidelity(ref, vecs, info.task)
-        if pairs_ref is not None:
-            pair_vecs = [
-                fid.encode(runner, tok, [p[j] for p in data.pairs], info.task, info.pooling, spec.data.max_length) for j in (0, 1)
-            ]
-            acc["spearman"] = fid.pair_spearman(*pair_vecs, data.pair_scores)
-        if data.labels and info.task == "text-classification":
-            acc["accuracy"] = float(np.mean(vecs.argmax(-1) == np.asarray(data.labels)))
-        accuracy[runner.name] = {k: round(v, 5) for k, v in acc.items()}
+        accuracy[runner.name], _ = _accuracy(runner, ref, data, info, max_length, reporter)
 
-    # -- speed ------------------------------------------------------------------------------------
-    timings: dict[int, dict[str, dict[str, float]]] = {}
+    # -- speed, per device, interleaved -----------------------------------------------------------
+    fixed: dict[tuple[str, int], dict[str, float]] = {}
+    traffic: dict[str, dict[str, float]] = {}
     busy_before = busy_after = None
     if spec.speed.enabled and runners:
         busy_before = speed.cpu_busy()
@@ -94,99 +111,146 @@ def evaluate_run(
                 f"evaluate: other processes keep {busy_before:.0%} of the CPUs busy; speed figures will be noisy "
                 "(ratios still compare like with like, since variants are interleaved)."
             )
-        everyone = [baseline, *runners]
-        for batch in spec.speed.batch_sizes:
-            feeds = speed.fixed_batch(tok, texts, batch, spec.speed.seq_len)
-            with reporter.task(f"speed b{batch} s{spec.speed.seq_len}", total=spec.speed.repeats * len(everyone)) as step:
-                secs = speed.time_interleaved(everyone, feeds, spec.speed.warmup, spec.speed.repeats, step)
-            timings[batch] = {name: speed.summarize(s, batch) for name, s in secs.items()}
+        for device in devices:
+            group = [baselines[device], *[r for r in runners if r.device == device]]
+            for batch in spec.speed.batch_sizes:
+                feeds = speed.fixed_batch(info.tokenizer, data.evaluation, batch, spec.speed.seq_len)
+                with reporter.task(
+                    f"speed {device} b{batch} s{spec.speed.seq_len}", total=spec.speed.repeats * len(group)
+                ) as step:
+                    secs = speed.time_interleaved(group, feeds, spec.speed.warmup, spec.speed.repeats, step)
+                for runner_name, s in secs.items():
+                    fixed[(runner_name, batch)] = speed.summarize(s, batch)
+            if spec.speed.traffic:
+                texts = data.evaluation[: spec.speed.traffic_texts]
+                batches = speed.traffic_batches(info.tokenizer, texts, spec.speed.traffic_batch_size, max_length)
+                passes = max(1, min(3, spec.speed.repeats))
+                with reporter.task(
+                    f"real traffic {device} ({len(texts)} texts)", total=passes * len(batches) * len(group)
+                ) as step:
+                    timed = speed.time_traffic(group, batches, passes, step)
+                for runner_name, t in timed.items():
+                    row = speed.summarize(t["batch_s"], spec.speed.traffic_batch_size)
+                    row["throughput_per_s"] = round(len(texts) / float(np.median(t["pass_s"])), 2)
+                    traffic[runner_name] = row
         busy_after = speed.cpu_busy()
 
-    # -- memory and size --------------------------------------------------------------------------
-    base_size = folder_size_mb([p for p in weight_files(info.path) if p.suffix != ".onnx"])
+    # -- memory and size ------------------------------------------------------------------------
+    base_size = folder_size_mb([p for p in weight_files(reference.info.path) if p.suffix != ".onnx"])
     art_size = folder_size_mb(weight_files(folder))
-    rss: dict[str, Any] = {}
+    probes: dict[str, dict[str, Any]] = {}
     if spec.memory:
-        with reporter.task("peak RSS (fresh processes)", total=1 + len(runners)) as step:
-            rss["baseline"] = memory.measure("torch", info.path, task=info.task, threads=threads)
-            step.advance()
-            for runner in runners:
-                kind, path = ("onnx", folder / "model.onnx") if runner.target.startswith("ort") else ("torch", folder / "model")
-                rss[runner.name] = memory.measure(kind, path, task=info.task, threads=threads)
+        everyone = [*baselines.values(), *runners]
+        with reporter.task("peak memory (fresh processes)", total=len(everyone)) as step:
+            for runner in everyone:
+                if runner.name.startswith("baseline"):
+                    path = reference.info.path
+                else:
+                    path = folder / "model.onnx" if runner.target.startswith("ort") else folder / "model"
+                probes[runner.name] = memory.measure(PROBE_KIND[runner.target], path, task=info.task, threads=threads)
+                if "error" in probes[runner.name]:
+                    reporter.warn(f"evaluate: {runner.name}: {probes[runner.name]['error']}")
                 step.advance()
-        for name, value in rss.items():
-            if "error" in value:
-                reporter.warn(f"evaluate: {name}: {value['error']}")
 
-    # -- rows, summary, budgets -------------------------------------------------------------------
+    # -- rows, summary, budgets -----------------------------------------------------------------
     rows = []
-    for runner in [baseline, *runners]:
-        variant = "baseline" if runner is baseline else "compressed"
-        for batch in spec.speed.batch_sizes if timings else [None]:
+    for runner in [*baselines.values(), *runners]:
+        is_base = runner.name.startswith("baseline")
+        base_name = baselines[runner.device].name
+        common = {
+            "variant": "baseline" if is_base else "compressed",
+            "target": runner.target,
+            "device": runner.details.get("device"),
+            "peak_rss_mb": probes.get(runner.name, {}).get("peak_rss_mb"),
+            "peak_gpu_mb": probes.get(runner.name, {}).get("gpu_device_mb"),
+            "size_mb": base_size if is_base else art_size,
+            "accuracy": accuracy[runner.name],
+        }
+        measured = [
+            ("fixed", b, spec.speed.seq_len, fixed.get((runner.name, b)), fixed.get((base_name, b)))
+            for b in spec.speed.batch_sizes
+        ]
+        measured.append(("traffic", spec.speed.traffic_batch_size, None, traffic.get(runner.name), traffic.get(base_name)))
+        for mode, batch, seq_len, figures, base in measured:
+            if figures is None and (mode == "traffic" or fixed):
+                continue
             row = {
-                "variant": variant,
-                "target": runner.target,
-                "batch_size": batch,
-                "seq_len": spec.speed.seq_len if timings else None,
+                "mode": mode,
+                "batch_size": batch if figures else None,
+                "seq_len": seq_len if figures else None,
                 "latency_ms_p50": None,
                 "latency_ms_p95": None,
+                "latency_ms_p99": None,
                 "throughput_per_s": None,
                 "speedup": None,
-                "peak_rss_mb": rss.get(runner.name, {}).get("peak_rss_mb"),
-                "size_mb": base_size if runner is baseline else art_size,
-                "accuracy": accuracy[runner.name],
+                **common,
             }
-            if batch is not None:
-                row.update(timings[batch][runner.name])
-                base_tp = timings[batch]["baseline"]["throughput_per_s"]
-                row["speedup"] = round(row["throughput_per_s"] / base_tp, 3) if base_tp else None
+            if figures:
+                row.update(figures)
+                row["speedup"] = (
+                    round(figures["throughput_per_s"] / base["throughput_per_s"], 3)
+                    if base and base["throughput_per_s"]
+                    else None
+                )
             rows.append(row)
 
     largest = max(spec.speed.batch_sizes)
     summary = {}
     for runner in runners:
+        mine = [r for r in rows if r["target"] == runner.target and r["variant"] == "compressed"]
         acc = accuracy[runner.name]
         summary[runner.target] = {
-            "fidelity_drop": round(1 - acc["mean_cosine"], 5),
-            "mean_cosine": acc["mean_cosine"],
+            "accuracy": acc,
+            "baseline_accuracy": base_acc,
+            "mean_cosine": acc.get("mean_cosine"),
+            "fidelity_drop": round(1 - acc["mean_cosine"], 6) if "mean_cosine" in acc else None,
             "top10_overlap": acc.get("top10_overlap"),
-            "speedup": next(
-                (
-                    r["speedup"]
-                    for r in rows
-                    if r["target"] == runner.target and r["batch_size"] == largest and r["variant"] == "compressed"
-                ),
-                None,
-            ),
-            "speedup_batch_size": largest if timings else None,
+            "speedup": next((r["speedup"] for r in mine if r["mode"] == "fixed" and r["batch_size"] == largest), None),
+            "speedup_batch_size": largest if fixed else None,
+            "traffic_speedup": next((r["speedup"] for r in mine if r["mode"] == "traffic"), None),
+            "latency_ms_p95": {
+                str(r["batch_size"]): r["latency_ms_p95"]
+                for r in mine
+                if r["mode"] == "fixed" and r["latency_ms_p95"] is not None
+            },
             "size_mb": art_size,
-            "peak_rss_mb": rss.get(runner.name, {}).get("peak_rss_mb"),
+            "peak_rss_mb": probes.get(runner.name, {}).get("peak_rss_mb"),
+            "peak_gpu_mb": probes.get(runner.name, {}).get("gpu_device_mb"),
         }
-    budgets = check_budgets(spec.budgets.model_dump(), summary)
+    budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
         "schema_version": REPORT_SCHEMA,
         "recipe": recipe.name,
         "artifact": name or folder.name,
-        "model": info.source,
+        "model": reference.info.source,
         "task": info.task,
         "data": data.describe(),
         "host": host_info(threads),
-        "targets": {r.target: r.details for r in [baseline, *runners]},
+        "targets": {r.name: r.details for r in [*baselines.values(), *runners]},
         "skipped_targets": skipped,
         "measurement": {
-            "speed": "same process, variants interleaved in ABBA order; median (p50) and p95 of repeats",
+            "speed": "same process; baseline and compressed interleaved run by run in ABBA order, per device",
             "warmup": spec.speed.warmup,
             "repeats": spec.speed.repeats,
             "threads": threads,
-            "inputs": f"real texts padded to {spec.speed.seq_len} tokens",
+            "fixed_inputs": f"real texts padded to {spec.speed.seq_len} tokens, batch sizes {spec.speed.batch_sizes}",
+            "traffic": (
+                f"first {spec.speed.traffic_texts} evaluation texts in arrival order, batches of {spec.speed.traffic_batch_size} "
+                "padded to their longest text; throughput = texts / median pass time; host-device copies included"
+            )
+            if spec.speed.traffic
+            else "off",
+            "percentiles": "p50/p95/p99 over the timed runs (with few repeats, p99 is close to the maximum)",
             "cpu_busy_by_others_before": busy_before,
             "cpu_busy_by_others_after": busy_after,
-            "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-            "memory": "peak RSS (VmHWM) of a fresh process that loads the model and runs batch 1",
-            "fidelity": f"{len(texts)} evaluation texts, dynamic padding, max_length {spec.data.max_length}",
+            "memory": "peak RSS (VmHWM) of a fresh process that loads the model and runs batch 1; on CUDA also the "
+            "process's device memory from nvidia-smi",
+            "accuracy": f"{len(data.evaluation)} evaluation texts against torch fp32 on the CPU, dynamic padding, max_length {max_length}",
         },
         "results": rows,
         "summary": summary,
+        "budget_spec": spec.budgets.model_dump(mode="json", exclude_defaults=True),
+        "required_targets": list(spec.required_targets),
         "budgets": budgets,
         "passed": all(b["passed"] for b in budgets),
     }

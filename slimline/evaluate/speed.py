@@ -46,20 +46,52 @@ def fixed_batch(tokenizer: Any, texts: list[str], batch: int, seq_len: int) -> F
 
 def time_interleaved(runners: list[Any], feeds: Feeds, warmup: int, repeats: int, step=None) -> dict[str, list[float]]:
     """Seconds per run for each runner, ``repeats`` times, interleaved in ABBA order."""
+    timers = {r.name: r.make_timer({k: feeds[k] for k in r.input_names if k in feeds}) for r in runners}
     for runner in runners:
         for _ in range(warmup):
-            runner.run({k: feeds[k] for k in runner.input_names if k in feeds})
+            timers[runner.name]()
     times: dict[str, list[float]] = {r.name: [] for r in runners}
     for rep in range(repeats):
-        order = runners if rep % 2 == 0 else runners[::-1]
-        for runner in order:
-            f = {k: feeds[k] for k in runner.input_names if k in feeds}
-            t0 = time.perf_counter()
-            runner.run(f)
-            times[runner.name].append(time.perf_counter() - t0)
+        for runner in runners if rep % 2 == 0 else runners[::-1]:
+            times[runner.name].append(timers[runner.name]())
             if step is not None:
                 step.advance()
     return times
+
+
+def traffic_batches(tokenizer: Any, texts: list[str], batch: int, max_length: int) -> list[Feeds]:
+    """The texts in arrival order, in batches padded only to their longest member (as a server batches)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        out.append({k: v.astype(np.int64) for k, v in enc.items()})
+    return out
+
+
+def time_traffic(runners: list[Any], batches: list[Feeds], passes: int, step=None) -> dict[str, dict[str, Any]]:
+    """Per runner: seconds of each batch and of each whole pass; batches interleaved ABBA across runners.
+
+    Uses ``runner.run`` (numpy in, numpy out), so host-device copies count, as they would in serving.
+    """
+    per_batch: dict[str, list[float]] = {r.name: [] for r in runners}
+    per_pass: dict[str, list[float]] = {r.name: [] for r in runners}
+    for runner in runners:  # warm-up on the largest batch shape
+        runner.run({k: batches[-1][k] for k in runner.input_names if k in batches[-1]})
+    for p in range(passes):
+        totals = {r.name: 0.0 for r in runners}
+        for i, feeds in enumerate(batches):
+            for runner in runners if (i + p) % 2 == 0 else runners[::-1]:
+                f = {k: feeds[k] for k in runner.input_names if k in feeds}
+                t0 = time.perf_counter()
+                runner.run(f)
+                dt = time.perf_counter() - t0
+                per_batch[runner.name].append(dt)
+                totals[runner.name] += dt
+                if step is not None:
+                    step.advance()
+        for name, total in totals.items():
+            per_pass[name].append(total)
+    return {r.name: {"batch_s": per_batch[r.name], "pass_s": per_pass[r.name]} for r in runners}
 
 
 def summarize(seconds: list[float], batch: int) -> dict[str, float]:
@@ -68,5 +100,6 @@ def summarize(seconds: list[float], batch: int) -> dict[str, float]:
     return {
         "latency_ms_p50": round(p50, 3),
         "latency_ms_p95": round(float(np.percentile(ms, 95)), 3),
+        "latency_ms_p99": round(float(np.percentile(ms, 99)), 3),
         "throughput_per_s": round(batch / (p50 / 1000), 2) if p50 > 0 else 0.0,
     }

