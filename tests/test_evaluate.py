@@ -188,3 +188,16 @@ def test_file_errors(tmp_path):
     bad.write_text('{"text": "ok"}\n{not json\n')
     with pytest.raises(DataError, match="b.jsonl:2"):
         D.load_file(bad)
+
+
+def test_hf_dataset_source_needs_datasets_or_a_folder(tmp_path):
+    from slimline.recipe import DataSpec
+
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(DataError, match="needs the `datasets` package"):
+            D.load_data(DataSpec(source=f"hf:{tmp_path}"))
+    else:
+        with pytest.raises(DataError, match="does not exist"):
+            D.load_data(DataSpec(source=f"hf:{tmp_path / 'none'}"))

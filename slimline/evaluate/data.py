@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +176,8 @@ def load_data(spec) -> TextData:
     """The recipe's ``evaluate.data`` (a ``DataSpec``) as calibration and evaluation texts."""
     if spec.source == BUILTIN_SHAKESPEARE:
         return load_shakespeare(spec.calibration_size, spec.evaluation_size, spec.seed)
+    if spec.source.startswith("hf:"):
+        return load_hf_dataset(spec)
     if spec.source.startswith("builtin:"):
         raise DataError(f"evaluate.data: unknown built-in data set `{spec.source}`; the built-in one is `{BUILTIN_SHAKESPEARE}`.")
     return load_file(
@@ -186,4 +189,32 @@ def load_data(spec) -> TextData:
         n_calibration=spec.calibration_size,
         n_evaluation=spec.evaluation_size,
         seed=spec.seed,
+    )
+
+
+def load_hf_dataset(spec) -> TextData:
+    """``hf:<folder>[#split]``: a Hugging Face ``datasets`` dataset saved locally with ``save_to_disk``."""
+    target, _, split = spec.source[3:].partition("#")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"evaluate.data `{spec.source}`: reading a Hugging Face dataset needs the `datasets` package "
+            "(`pip install datasets`), or export it to CSV/JSONL and name that file."
+        ) from None
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise DataError(f"evaluate.data `{spec.source}`: {path} does not exist. Save the dataset with `save_to_disk` there first.")
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded)
+        split = split or next((n for n in ("test", "validation", "train") if n in names), names[0])
+        if split not in loaded:
+            raise DataError(f"evaluate.data `{spec.source}`: no split `{split}`; the dataset has {names}.")
+        loaded = loaded[split]
+    out = Path(tempfile.mkdtemp(prefix="slimline-hf-")) / "rows.jsonl"
+    loaded.to_json(str(out))
+    return load_file(
+        out, text_column=spec.text_column, pair_column=spec.pair_column, score_column=spec.score_column,
+        label_column=spec.label_column, n_calibration=spec.calibration_size, n_evaluation=spec.evaluation_size, seed=spec.seed,
     )
