@@ -27,6 +27,11 @@ from slimline.stage import Context, Reporter, Stage
 
 # kind -> "module:Class"; imported lazily so that validating a recipe imports no torch.
 STAGES: dict[str, str] = {
+    "prune.magnitude": "slimline.prune.unstructured:Magnitude",
+    "prune.nm": "slimline.prune.unstructured:NM",
+    "prune.wanda": "slimline.prune.unstructured:Wanda",
+    "prune.structured": "slimline.prune.structured:Structured",
+    "prune.recover": "slimline.prune.recover:Recover",
     "compile.export": "slimline.compile.export:Export",
     "compile.fuse": "slimline.compile.fuse:Fuse",
     "quantize.dynamic_int8": "slimline.quantize.dynamic:DynamicInt8",

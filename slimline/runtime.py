@@ -38,7 +38,7 @@ def ort_runner(path: Path, threads: int = 0) -> tuple[Callable[[Feeds], dict[str
 @contextmanager
 def quiet() -> Iterator[None]:
     """Silence library warnings and INFO/WARNING logs inside a call whose chatter we replace with a report."""
-    names = ["", "optimum", "transformers", "torch.onnx", "onnxruntime"]
+    names = ["", "optimum", "transformers", "torch.onnx", "onnxruntime", "fusion_attention", "onnx_model", "fusion_utils"]
     levels = {n: logging.getLogger(n).level for n in names}
     try:
         for n in names:

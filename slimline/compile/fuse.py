@@ -18,7 +18,7 @@ from pydantic import Field
 from slimline.artifact import OnnxModel
 from slimline.compile.parity import compare, sample_feeds
 from slimline.errors import StageError
-from slimline.runtime import ort_runner
+from slimline.runtime import ort_runner, quiet
 from slimline.stage import Context, Stage, StageResult
 
 # transformers model_type -> ONNX Runtime optimizer model_type (the encoders it has fusions for)
@@ -66,14 +66,16 @@ class Fuse(Stage):
                 f"{', '.join(sorted(ORT_MODEL_TYPES))}). Remove compile.fuse from the recipe to ship the unfused graph."
             )
         before = onnx.load(str(artifact.path), load_external_data=False)
-        optimized = optimize_model(
-            str(artifact.path),
-            model_type=model_type,
-            num_heads=config.num_attention_heads,
-            hidden_size=config.hidden_size,
-            opt_level=0,  # graph-level fusions only; ORT's runtime optimizer still runs at load time
-            use_gpu=False,
-        )
+        with quiet():  # its fusion logs are replaced by our counts, contract and parity check
+            optimized = optimize_model(
+                str(artifact.path),
+                model_type=model_type,
+                # pruned heads leave fewer heads than the config's count: 0 makes ORT read them off the graph
+                num_heads=0 if getattr(config, "pruned_heads", None) else config.num_attention_heads,
+                hidden_size=0 if getattr(config, "pruned_heads", None) else config.hidden_size,
+                opt_level=0,  # graph-level fusions only; ORT's runtime optimizer still runs at load time
+                use_gpu=False,
+            )
         out = ctx.stage_dir("fuse") / "model.onnx"
         optimized.save_model_to_file(str(out))
         after = onnx.load(str(out), load_external_data=False)

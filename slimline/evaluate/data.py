@@ -204,7 +204,9 @@ def load_hf_dataset(spec) -> TextData:
         ) from None
     path = Path(target).expanduser()
     if not path.exists():
-        raise DataError(f"evaluate.data `{spec.source}`: {path} does not exist. Save the dataset with `save_to_disk` there first.")
+        raise DataError(
+            f"evaluate.data `{spec.source}`: {path} does not exist. Save the dataset with `save_to_disk` there first."
+        )
     loaded = datasets.load_from_disk(str(path))
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
@@ -215,6 +217,12 @@ def load_hf_dataset(spec) -> TextData:
     out = Path(tempfile.mkdtemp(prefix="slimline-hf-")) / "rows.jsonl"
     loaded.to_json(str(out))
     return load_file(
-        out, text_column=spec.text_column, pair_column=spec.pair_column, score_column=spec.score_column,
-        label_column=spec.label_column, n_calibration=spec.calibration_size, n_evaluation=spec.evaluation_size, seed=spec.seed,
+        out,
+        text_column=spec.text_column,
+        pair_column=spec.pair_column,
+        score_column=spec.score_column,
+        label_column=spec.label_column,
+        n_calibration=spec.calibration_size,
+        n_evaluation=spec.evaluation_size,
+        seed=spec.seed,
     )

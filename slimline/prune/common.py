@@ -1,0 +1,112 @@
+"""What every pruner shares: finding the Linear layers a recipe names, running calibration text
+through the model with hooks, and measuring each layer's output error on that text."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from slimline.artifact import TorchModel
+from slimline.errors import StageError
+
+# Layers no weight pruner touches by default: the pooler and classifier heads are tiny and sensitive.
+DEFAULT_EXCLUDE = ("pooler.*", "classifier*", "lm_head*")
+
+
+def clone(artifact: TorchModel) -> TorchModel:
+    """A deep copy: stages never mutate their input (it may be the evaluation's fp32 reference)."""
+    return TorchModel(model=copy.deepcopy(artifact.model), tokenizer=artifact.tokenizer, info=artifact.info)
+
+
+def linear_layers(model: Any, include: list[str], exclude: list[str], kind: str, ctx: Any) -> dict[str, Any]:
+    """name -> nn.Linear, filtered by glob patterns; warns for a pattern that matches nothing."""
+    import torch
+
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for pattern in [*include, *exclude]:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in linears):
+            ctx.warn(f"{kind}: pattern `{pattern}` matches no Linear layer (e.g. {next(iter(linears), 'none')}).")
+    chosen = {
+        n: m
+        for n, m in linears.items()
+        if (not include or any(fnmatch.fnmatchcase(n, p) for p in include))
+        and not any(fnmatch.fnmatchcase(n, p) for p in [*exclude, *DEFAULT_EXCLUDE])
+    }
+    if not chosen:
+        raise StageError(f"{kind}: no Linear layer left to prune after include={include} exclude={exclude}. Widen `include`.")
+    return chosen
+
+
+def calibration_batches(artifact: TorchModel, texts: list[str], batch: int = 16, max_length: int = 128) -> list[dict]:
+    if not texts:
+        raise StageError("This pruner needs calibration text, and the recipe's evaluate.data gave none.")
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = artifact.tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out.append(dict(enc))
+    return out
+
+
+def forward(model: Any, batch: dict) -> Any:
+    accepted = set(model.forward.__code__.co_varnames)
+    return model(**{k: v for k, v in batch.items() if k in accepted})
+
+
+@contextmanager
+def hooks(modules: dict[str, Any], fn: Callable[[str, Any, Any, Any], None]) -> Iterator[None]:
+    """Forward hooks calling ``fn(name, module, inputs, output)``; removed on exit."""
+    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: fn(n, mod, inp, out)) for n, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def input_norms(model: Any, modules: dict[str, Any], batches: list[dict]) -> dict[str, Any]:
+    """Per layer, the L2 norm of each input feature over all (unpadded) calibration tokens: ||X_j||."""
+    import torch
+
+    sq: dict[str, Any] = {}
+    mask_holder: dict[str, Any] = {}
+
+    def collect(name, module, inputs, output):
+        x = inputs[0].detach().float()  # (B, T, in)
+        m = mask_holder["mask"]
+        if x.dim() == 3 and m is not None and m.shape == x.shape[:2]:
+            x = x * m[..., None]
+        x = x.reshape(-1, x.shape[-1])
+        sq[name] = sq.get(name, 0) + (x * x).sum(0)
+
+    with torch.no_grad(), hooks(modules, collect):
+        for b in batches:
+            mask_holder["mask"] = b.get("attention_mask")
+            forward(model, b)
+    return {n: v.sqrt() for n, v in sq.items()}
+
+
+def output_error(reference: Any, pruned: Any, batches: list[dict]) -> dict[str, float]:
+    """Mean and min cosine of the model's first output (pooled over real tokens) on calibration text."""
+    import torch
+
+    cos = []
+    with torch.no_grad():
+        for b in batches:
+            a, p = forward(reference, b)[0], forward(pruned, b)[0]
+            if a.dim() == 3:
+                m = b["attention_mask"][..., None].float()
+                a, p = (a * m).sum(1) / m.sum(1), (p * m).sum(1) / m.sum(1)
+            cos.append(torch.nn.functional.cosine_similarity(a.float(), p.float(), dim=-1))
+    c = torch.cat(cos)
+    return {"calibration.mean_cosine": round(float(c.mean()), 5), "calibration.min_cosine": round(float(c.min()), 5)}
+
+
+def count_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def sparsity(model: Any, modules: dict[str, Any]) -> dict[str, float]:
+    return {n: float((m.weight == 0).float().mean()) for n, m in modules.items()}

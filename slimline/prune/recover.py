@@ -1,0 +1,97 @@
+"""``prune.recover``: a short distillation from the original model, on CPU, after pruning.
+
+The pruned model (student) learns to reproduce the original's (teacher's) outputs on the recipe's
+calibration text: loss = token_weight * MSE over real tokens (relative to the teacher's scale) +
+pooled_weight * (1 - cosine) of the pooled embeddings.
+No labels are needed, and the report says how much it helped on held-back calibration texts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import Field
+
+from slimline.artifact import TorchModel
+from slimline.errors import StageError
+from slimline.prune.common import calibration_batches, clone, forward, output_error
+from slimline.stage import Context, Stage, StageResult
+
+
+class Recover(Stage):
+    """Distil the original model into the pruned one for a few hundred steps."""
+
+    kind = "prune.recover"
+    consumes = (TorchModel,)
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    max_length: int = Field(64, ge=8)
+    held_out: int = Field(64, ge=1, description="calibration texts kept out of training to measure the effect")
+    pooled_weight: float = Field(10.0, ge=0, description="weight of (1 - cosine) of pooled embeddings in the loss")
+    token_weight: float = Field(1.0, ge=0, description="weight of the token-state MSE (normalized by the teacher's scale)")
+    seed: int = 0
+
+    def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
+        import torch
+
+        if ctx.reference is None:
+            raise StageError("prune.recover needs the original model as teacher, and this run has none.")
+        texts = ctx.data.calibration
+        if len(texts) <= self.held_out + self.batch_size:
+            raise StageError(
+                f"prune.recover: {len(texts)} calibration texts are too few for batch_size={self.batch_size} plus "
+                f"held_out={self.held_out}. Raise evaluate.data.calibration_size (e.g. 4000)."
+            )
+        teacher = ctx.reference.model
+        out = clone(artifact)
+        student = out.model
+        held = calibration_batches(out, texts[: self.held_out], max_length=self.max_length)
+        train_texts = texts[self.held_out :]
+        before = output_error(teacher, student, held)
+
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        optim = torch.optim.AdamW(student.parameters(), lr=self.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: min(1.0, (s + 1) / 20) * max(0.0, 1 - s / self.steps))
+        student.eval()  # no dropout: the student should match the teacher exactly, not a noisy version of it
+        start, losses = time.perf_counter(), []
+        with ctx.reporter.task("prune.recover (distillation)", total=self.steps) as step:
+            for _ in range(self.steps):
+                idx = torch.randint(len(train_texts), (self.batch_size,), generator=gen).tolist()
+                (batch,) = calibration_batches(
+                    out, [train_texts[i] for i in idx], batch=self.batch_size, max_length=self.max_length
+                )
+                mask = batch["attention_mask"][..., None].float()  # (B, T, 1)
+                with torch.no_grad():
+                    target = forward(teacher, batch)[0]
+                pred = forward(student, batch)[0]
+                scale = ((target**2) * mask).sum() / (mask.sum() * pred.shape[-1])  # teacher's mean square
+                mse = (((pred - target) ** 2) * mask).sum() / (mask.sum() * pred.shape[-1]) / scale
+                pooled_p, pooled_t = (pred * mask).sum(1) / mask.sum(1), (target * mask).sum(1) / mask.sum(1)
+                cos = torch.nn.functional.cosine_similarity(pooled_p, pooled_t, dim=-1).mean()
+                loss = self.token_weight * mse + self.pooled_weight * (1 - cos)
+                optim.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                optim.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                step.advance()
+        student.eval()
+        after = output_error(teacher, student, held)
+        report = {
+            "steps": self.steps,
+            "train_s": round(time.perf_counter() - start, 1),
+            "loss.first": round(sum(losses[:10]) / min(10, len(losses)), 5),
+            "loss.last": round(sum(losses[-10:]) / min(10, len(losses)), 5),
+            "held_out.mean_cosine.before": before["calibration.mean_cosine"],
+            "held_out.mean_cosine.after": after["calibration.mean_cosine"],
+        }
+        if after["calibration.mean_cosine"] < before["calibration.mean_cosine"]:
+            ctx.warn(
+                f"prune.recover: distillation lowered held-out cosine ({before['calibration.mean_cosine']} -> "
+                f"{after['calibration.mean_cosine']}); try a lower lr or fewer steps."
+            )
+        return StageResult(out, report)
