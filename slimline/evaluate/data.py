@@ -180,8 +180,13 @@ def load_data(spec) -> TextData:
         return load_hf_dataset(spec)
     if spec.source.startswith("builtin:"):
         raise DataError(f"evaluate.data: unknown built-in data set `{spec.source}`; the built-in one is `{BUILTIN_SHAKESPEARE}`.")
+    return _load_file_for(Path(spec.source).expanduser(), spec)
+
+
+def _load_file_for(path: Path, spec) -> TextData:
+    """``load_file`` with the columns, sizes and seed of a ``DataSpec``."""
     return load_file(
-        Path(spec.source).expanduser(),
+        path,
         text_column=spec.text_column,
         pair_column=spec.pair_column,
         score_column=spec.score_column,
@@ -216,13 +221,4 @@ def load_hf_dataset(spec) -> TextData:
         loaded = loaded[split]
     out = Path(tempfile.mkdtemp(prefix="slimline-hf-")) / "rows.jsonl"
     loaded.to_json(str(out))
-    return load_file(
-        out,
-        text_column=spec.text_column,
-        pair_column=spec.pair_column,
-        score_column=spec.score_column,
-        label_column=spec.label_column,
-        n_calibration=spec.calibration_size,
-        n_evaluation=spec.evaluation_size,
-        seed=spec.seed,
-    )
+    return _load_file_for(out, spec)
