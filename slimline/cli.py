@@ -142,7 +142,10 @@ def inspect(path: Path, as_json: bool) -> None:
         console.print("stages: " + ", ".join(f"{s['kind']} ({s['wall_s']}s)" for s in m["stages"]))
         console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     if "report" in info:
-        console.print(f"report: {'PASSED' if info['report']['passed'] else 'FAILED'} {info['report']['summary']}")
+        console.print(f"report: {'PASSED' if info['report']['passed'] else 'FAILED'}")
+        for target, s in info["report"]["summary"].items():
+            figures = {k: s.get(k) for k in ("mean_cosine", "top10_overlap", "speedup", "traffic_speedup", "peak_rss_mb", "size_mb")}
+            console.print(f"  {target}: " + ", ".join(f"{k} {v}" for k, v in figures.items() if v is not None), highlight=False)
 
 
 @main.command()
