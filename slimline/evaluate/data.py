@@ -78,12 +78,6 @@ def play_lines(path: Path) -> list[str]:
     return lines
 
 
-def play_passages(path: Path, max_words: int = 200) -> list[str]:
-    """Running text of one play, cut into passages of about ``max_words`` words (for LMs)."""
-    words = " ".join(play_lines(path)).split()
-    return [" ".join(words[i : i + max_words]) for i in range(0, len(words), max_words)]
-
-
 def _sample(texts: list[str], n: int | None, seed: int) -> list[str]:
     unique = list(dict.fromkeys(texts))  # dedupe, keep order
     if n is None or n >= len(unique):

@@ -66,28 +66,6 @@ def hooks(modules: dict[str, Any], fn: Callable[[str, Any, Any, Any], None]) -> 
             h.remove()
 
 
-def input_norms(model: Any, modules: dict[str, Any], batches: list[dict]) -> dict[str, Any]:
-    """Per layer, the L2 norm of each input feature over all (unpadded) calibration tokens: ||X_j||."""
-    import torch
-
-    sq: dict[str, Any] = {}
-    mask_holder: dict[str, Any] = {}
-
-    def collect(name, module, inputs, output):
-        x = inputs[0].detach().float()  # (B, T, in)
-        m = mask_holder["mask"]
-        if x.dim() == 3 and m is not None and m.shape == x.shape[:2]:
-            x = x * m[..., None]
-        x = x.reshape(-1, x.shape[-1])
-        sq[name] = sq.get(name, 0) + (x * x).sum(0)
-
-    with torch.no_grad(), hooks(modules, collect):
-        for b in batches:
-            mask_holder["mask"] = b.get("attention_mask")
-            forward(model, b)
-    return {n: v.sqrt() for n, v in sq.items()}
-
-
 def output_error(reference: Any, pruned: Any, batches: list[dict]) -> dict[str, float]:
     """Mean and min cosine of the model's first output (pooled over real tokens) on calibration text."""
     import torch
@@ -106,7 +84,3 @@ def output_error(reference: Any, pruned: Any, batches: list[dict]) -> dict[str, 
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def sparsity(model: Any, modules: dict[str, Any]) -> dict[str, float]:
-    return {n: float((m.weight == 0).float().mean()) for n, m in modules.items()}

@@ -45,15 +45,9 @@ def input_grams(model, modules, batches) -> dict:
 
 
 def relative_output_error(w, w_new, gram) -> float:
-    d = (w - w_new).double()
-    w = w.double()
-    num = torch_trace(d @ gram @ d.T)
-    den = torch_trace(w @ gram @ w.T)
+    d, w = (w - w_new).double(), w.double()
+    num, den = (d @ gram @ d.T).trace(), (w @ gram @ w.T).trace()
     return float((num / den).sqrt()) if den > 0 else 0.0
-
-
-def torch_trace(m):
-    return m.diagonal().sum()
 
 
 def magnitude_mask(scores, sparsity: float):
@@ -79,7 +73,7 @@ def nm_mask(scores, n: int, m: int):
     return keep.reshape(rows, cols)
 
 
-def reconstruct(w, mask, gram, damp: float = 0.01, chunk: int = 64):
+def reconstruct(w, mask, gram, damp: float = 0.01):
     """Per output row, the kept weights that best reproduce the dense row's output on the
     calibration inputs: w_K = (H_KK + lambda I)^-1 H_K: w (ridge least squares)."""
     import torch
@@ -103,7 +97,8 @@ class _WeightPruner(Stage):
     exclude: list[str] = Field(default_factory=list, description="glob patterns kept dense (pooler/classifier always are)")
     samples: int = Field(128, ge=1, description="calibration texts for scores and the per-layer error")
 
-    def masks(self, name, weight, gram, norm):  # pragma: no cover - abstract
+    def masks(self, weight, norm):  # pragma: no cover - abstract
+        """Keep-mask for one layer's weight; ``norm`` is ||X_j|| per input feature."""
         raise NotImplementedError
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
@@ -123,7 +118,7 @@ class _WeightPruner(Stage):
             for name, layer in layers.items():
                 w = layer.weight
                 gram = grams[name]
-                mask = masks[name] if masks else self.masks(name, w, gram, gram.diagonal().sqrt().to(w.dtype))
+                mask = masks[name] if masks else self.masks(w, gram.diagonal().sqrt().to(w.dtype))
                 new = w * mask
                 if getattr(self, "reconstruct", False):
                     new = reconstruct(w, mask, gram, self.damp) * mask
@@ -164,7 +159,7 @@ class Magnitude(_WeightPruner):
     sparsity: float = Field(ge=0, lt=1, description="fraction of weights zeroed")
     scope: Literal["layer", "global"] = Field("layer", description="layer: the same sparsity in every layer")
 
-    def masks(self, name, weight, gram, norm):
+    def masks(self, weight, norm):
         return magnitude_mask(weight.abs(), self.sparsity)
 
     def global_masks(self, layers, grams):
@@ -209,7 +204,7 @@ class NM(_WeightPruner, _NMOptions):
     def check_layers(self, layers) -> None:
         _check_divisible(self.kind, layers, self.m)
 
-    def masks(self, name, weight, gram, norm):
+    def masks(self, weight, norm):
         return nm_mask(weight.abs(), self.n, self.m)
 
 
@@ -231,7 +226,7 @@ class Wanda(_WeightPruner):
                 raise StageError(f"prune.wanda: n={self.n} must be below m={self.m}.")
             _check_divisible(self.kind, layers, self.m)
 
-    def masks(self, name, weight, gram, norm):
+    def masks(self, weight, norm):
         import torch
 
         score = weight.abs() * norm[None, :]  # (out, in)
