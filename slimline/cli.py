@@ -24,6 +24,10 @@ def _fail(err: SlimlineError) -> None:
     sys.exit(err.exit_code)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _load_recipe(recipe: str, overrides: tuple[str, ...]):
     from slimline import recipe as recipe_mod
     from slimline.builtin import find_recipe
@@ -55,8 +59,7 @@ def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, 
     from slimline.pipeline import check_output, run_recipe
     from slimline.progress import RichReporter
 
-    # SIGTERM (a CI job cancelled) cleans up like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # a cancelled CI job cleans up like Ctrl-C does
     try:
         path, parsed = _load_recipe(recipe, overrides)
         out = out or Path("runs") / parsed.name
@@ -144,7 +147,9 @@ def inspect(path: Path, as_json: bool) -> None:
     if "report" in info:
         console.print(f"report: {'PASSED' if info['report']['passed'] else 'FAILED'}")
         for target, s in info["report"]["summary"].items():
-            figures = {k: s.get(k) for k in ("mean_cosine", "top10_overlap", "speedup", "traffic_speedup", "peak_rss_mb", "size_mb")}
+            figures = {
+                k: s.get(k) for k in ("mean_cosine", "top10_overlap", "speedup", "traffic_speedup", "peak_rss_mb", "size_mb")
+            }
             console.print(f"  {target}: " + ", ".join(f"{k} {v}" for k, v in figures.items() if v is not None), highlight=False)
 
 

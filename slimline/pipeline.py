@@ -141,7 +141,7 @@ def run_recipe(
         ]
 
         for i, stage in enumerate(recipe.stages):
-            ctx._stage_warnings = []
+            warnings = ctx.begin_stage()
             with reporter.task(f"[{i}] {stage.kind}"):
                 t0 = time.perf_counter()
                 result = stage.run(artifact, ctx)
@@ -152,7 +152,7 @@ def run_recipe(
                     "options": stage.model_dump(mode="json"),
                     "wall_s": round(wall, 2),
                     "report": result.report,
-                    "warnings": list(ctx._stage_warnings),
+                    "warnings": list(warnings),
                 }
             )
             reporter.info(f"{stage.kind} done in {wall:.1f}s")

@@ -70,6 +70,11 @@ class Context:
         self._stage_warnings.append(message)
         self.reporter.warn(message)
 
+    def begin_stage(self) -> list[str]:
+        """Start collecting warnings for the next stage; the returned list fills as it warns."""
+        self._stage_warnings = []
+        return self._stage_warnings
+
     def stage_dir(self, name: str) -> Path:
         path = self.workdir / name
         path.mkdir(parents=True, exist_ok=True)
