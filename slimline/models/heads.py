@@ -26,3 +26,10 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of (N, C) arrays."""
     na = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return (a * b).sum(-1) / np.maximum(na, 1e-12)
+
+
+def cosine_summary(cos: np.ndarray, prefix: str = "calibration") -> dict[str, float]:
+    """The report's view of per-text cosines: their mean and minimum."""
+    if cos.size == 0:
+        return {}
+    return {f"{prefix}.mean_cosine": round(float(cos.mean()), 5), f"{prefix}.min_cosine": round(float(cos.min()), 5)}

@@ -66,20 +66,37 @@ def hooks(modules: dict[str, Any], fn: Callable[[str, Any, Any, Any], None]) -> 
             h.remove()
 
 
+def token_gram(x: Any, mask: Any, constant: bool = False) -> Any:
+    """Sum over real tokens of x x^T in float64; with ``constant``, of [x 1] [x 1]^T (to fit a bias).
+
+    ``x`` is a Linear's input, (B, T, in); padded positions carry nothing a server computes.
+    """
+    import torch
+
+    x = x.detach().double()
+    if x.dim() == 3:
+        x = x[mask.bool()]
+    if constant:
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    return x.T @ x
+
+
 def output_error(reference: Any, pruned: Any, batches: list[dict]) -> dict[str, float]:
     """Mean and min cosine of the model's first output (pooled over real tokens) on calibration text."""
+    import numpy as np
     import torch
+
+    from slimline.models.heads import cosine, cosine_summary, pool
 
     cos = []
     with torch.no_grad():
         for b in batches:
-            a, p = forward(reference, b)[0], forward(pruned, b)[0]
-            if a.dim() == 3:
-                m = b["attention_mask"][..., None].float()
-                a, p = (a * m).sum(1) / m.sum(1), (p * m).sum(1) / m.sum(1)
-            cos.append(torch.nn.functional.cosine_similarity(a.float(), p.float(), dim=-1))
-    c = torch.cat(cos)
-    return {"calibration.mean_cosine": round(float(c.mean()), 5), "calibration.min_cosine": round(float(c.min()), 5)}
+            a, p = forward(reference, b)[0].float().numpy(), forward(pruned, b)[0].float().numpy()
+            if a.ndim == 3:
+                mask = b["attention_mask"].numpy()
+                a, p = pool(a, mask), pool(p, mask)
+            cos.append(cosine(a, p))
+    return cosine_summary(np.concatenate(cos))
 
 
 def count_params(model: Any) -> int:

@@ -5,15 +5,13 @@ columns; the FFN's up projection loses rows, its down projection columns) and th
 (``pruned_heads``, ``intermediate_size``), so the export is a smaller graph that runs faster and the
 Attention / SkipLayerNormalization / BiasGelu fusions still match.
 
-Importance, from calibration text (no labels or gradients needed): the energy a unit sends into the
-layer's output, E[a_c^2] * ||W_down[:, c]||^2 for an FFN channel c, and the same summed over a head's
-dimensions through the attention output projection. The same fraction is removed from every layer,
-so that shapes stay uniform and the config can say so.
-
-Then the projection that reads the pruned units is refit (``refit: true``): W_down (and W_o for heads)
-is solved by ridge least squares so that the kept units, plus a bias, reproduce the full layer's
-output on the calibration tokens. Removing half the FFN channels of MiniLM costs mean cosine
-0.78 without the refit; see docs/prune.md for the measured effect with it.
+Which units go, from calibration text alone (no labels or gradients), layer by layer in order:
+``selection: obs`` (default) removes, one at a time, the head or channel whose loss after the best
+compensation of all the other weights is smallest (Optimal Brain Surgeon on the Gram matrix of the
+projection's inputs); ``energy`` ranks units once by E[a^2] * ||w||^2. Either way the projection that
+reads the pruned units (W_down, W_o) ends up refit by ridge least squares (``refit: true``), so the
+kept units plus a bias reproduce the full layer's output. The same fraction goes from every layer, so
+shapes stay uniform and the config can say so. docs/prune.md has the measured effect of each choice.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from pydantic import Field
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
-from slimline.prune.common import calibration_batches, clone, count_params, forward, output_error
+from slimline.prune.common import calibration_batches, clone, count_params, forward, output_error, token_gram
 from slimline.stage import Context, Stage, StageResult
 
 
@@ -134,14 +132,11 @@ class _Stop(Exception):
 
 def _input_gram(model, linear, batches):
     """Sum over real calibration tokens of [x 1]^T [x 1], x the input of ``linear`` (float64)."""
-    import torch
 
     state: dict = {"gram": 0}
 
     def hook(module, inputs, output):
-        x = inputs[0].detach().double()[state["mask"].bool()]  # (tokens, in): padding excluded
-        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        state["gram"] = state["gram"] + x.T @ x
+        state["gram"] = state["gram"] + token_gram(inputs[0], state["mask"], constant=True)
         raise _Stop
 
     handle = linear.register_forward_hook(hook)

@@ -20,7 +20,16 @@ from pydantic import Field, model_validator
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
-from slimline.prune.common import calibration_batches, clone, count_params, forward, hooks, linear_layers, output_error
+from slimline.prune.common import (
+    calibration_batches,
+    clone,
+    count_params,
+    forward,
+    hooks,
+    linear_layers,
+    output_error,
+    token_gram,
+)
 from slimline.stage import Context, Stage, StageResult
 
 
@@ -32,10 +41,7 @@ def input_grams(model, modules, batches) -> dict:
     state: dict = {}
 
     def collect(name, module, inputs, output):
-        x = inputs[0].detach().double()
-        if x.dim() == 3:
-            x = x[state["mask"].bool()]
-        grams[name] = grams.get(name, 0) + x.T @ x
+        grams[name] = grams.get(name, 0) + token_gram(inputs[0], state["mask"])
 
     with torch.no_grad(), hooks(modules, collect):
         for b in batches:

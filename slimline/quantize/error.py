@@ -68,7 +68,7 @@ def output_fidelity(
     ref_path: Path, new_path: Path, tokenizer: Any, texts: list[str], task: str, pooling: str, threads: int = 0
 ) -> dict[str, float]:
     """Mean/min cosine of the new graph's task vectors against the reference graph's on ``texts``."""
-    from slimline.models.heads import cosine, task_vectors
+    from slimline.models.heads import cosine, cosine_summary, task_vectors
     from slimline.runtime import ort_runner
 
     run_ref, inputs = ort_runner(ref_path, threads)
@@ -84,5 +84,4 @@ def output_fidelity(
                 task_vectors(a, feeds["attention_mask"], task, pooling), task_vectors(b, feeds["attention_mask"], task, pooling)
             )
         )
-    c = np.concatenate(cos) if cos else np.ones(1)
-    return {"calibration.mean_cosine": round(float(c.mean()), 5), "calibration.min_cosine": round(float(c.min()), 5)}
+    return cosine_summary(np.concatenate(cos) if cos else np.ones(1))
