@@ -23,7 +23,7 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
-def ort_runner(path: Path, threads: int = 0) -> tuple[Callable[[Feeds], dict[str, np.ndarray]], list[str]]:
+def ort_function(path: Path, threads: int = 0) -> tuple[Callable[[Feeds], dict[str, np.ndarray]], list[str]]:
     """A function running the ONNX model at ``path`` on ORT's CPU EP, and its input names."""
     session = ort_session(path, threads)
     inputs = [i.name for i in session.get_inputs()]

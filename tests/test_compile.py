@@ -12,7 +12,7 @@ from slimline.compile.parity import compare, sample_feeds
 from slimline.errors import StageError
 from slimline.evaluate.data import TextData
 from slimline.models import load_model
-from slimline.runtime import ort_runner
+from slimline.runtime import ort_function
 from slimline.stage import Context
 
 TEXTS = ["Now is the winter of our discontent", "Good night, sweet prince", "to be or not to be that is the question"]
@@ -56,8 +56,8 @@ def test_fuse_counts_and_parity(exported, tmp_path):
     assert r["contract"] == "met"
     assert r["nodes_after"] < r["nodes_before"] / 3
     # parity is checked inside the stage; check it again independently, on other inputs
-    run_a, names = ort_runner(exp.artifact.path)
-    run_b, _ = ort_runner(result.artifact.path)
+    run_a, names = ort_function(exp.artifact.path)
+    run_b, _ = ort_function(result.artifact.path)
     res = compare(run_a, run_b, sample_feeds(exp.artifact.tokenizer, names, ["a fair night of love"], seed=7))
     assert res.max_abs_error < 1e-4  # measured ~2e-6
 

@@ -16,7 +16,7 @@ from pydantic import Field
 from slimline.artifact import OnnxModel, TorchModel
 from slimline.compile.parity import compare, sample_feeds
 from slimline.errors import StageError
-from slimline.runtime import ort_runner, quiet
+from slimline.runtime import ort_function, quiet
 from slimline.stage import Context, Stage, StageResult
 
 OPTIMUM_TASK = {"feature-extraction": "feature-extraction", "text-classification": "text-classification"}
@@ -60,7 +60,7 @@ class Export(Stage):
         export_s = time.perf_counter() - start
 
         graph = onnx.load(str(path), load_external_data=False)
-        run_onnx, input_names = ort_runner(path, ctx.threads)
+        run_onnx, input_names = ort_function(path, ctx.threads)
         model = artifact.model
         output_names = [o.name for o in graph.graph.output]
 

@@ -18,7 +18,7 @@ from pydantic import Field
 from slimline.artifact import OnnxModel
 from slimline.compile.parity import compare, sample_feeds
 from slimline.errors import StageError
-from slimline.runtime import ort_runner, quiet
+from slimline.runtime import ort_function, quiet
 from slimline.stage import Context, Stage, StageResult
 
 # transformers model_type -> ONNX Runtime optimizer model_type (the encoders it has fusions for)
@@ -100,8 +100,8 @@ class Fuse(Stage):
                 raise StageError(message)
             ctx.warn(message)
 
-        run_a, inputs = ort_runner(artifact.path, ctx.threads)
-        run_b, _ = ort_runner(out, ctx.threads)
+        run_a, inputs = ort_function(artifact.path, ctx.threads)
+        run_b, _ = ort_function(out, ctx.threads)
         texts = ctx.data.calibration[:8] if ctx.load_data else []
         parity = compare(run_a, run_b, sample_feeds(artifact.tokenizer, inputs, texts))
         report.update(parity.report())

@@ -116,26 +116,20 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pareto_points(report: dict[str, Any], label_prefix: str = "") -> list:
-    """One point per variant/target: throughput at the largest fixed batch (else traffic) vs mean cosine."""
+def pareto_points(report: dict[str, Any]) -> list:
+    """One point per variant and target: throughput at its largest fixed batch vs mean cosine."""
     from slimline.evaluate.plots import Point
 
-    points = []
+    best: dict[tuple[str, str], dict[str, Any]] = {}
     for r in report["results"]:
-        fixed = [
-            x
-            for x in report["results"]
-            if x["target"] == r["target"]
-            and x["variant"] == r["variant"]
-            and x.get("mode", "fixed") == "fixed"
-            and x["throughput_per_s"]
-        ]
-        best = max(fixed, key=lambda x: x["batch_size"] or 0) if fixed else None
-        if best is not r or r["accuracy"].get("mean_cosine") is None:
+        if r.get("mode", "fixed") != "fixed" or not r["throughput_per_s"] or r["accuracy"].get("mean_cosine") is None:
             continue
-        label = f"{label_prefix}{r['variant']} {r['target']}" if not label_prefix else f"{label_prefix}{r['target']}"
-        points.append(Point(label, r["throughput_per_s"], r["accuracy"]["mean_cosine"], r.get("peak_rss_mb")))
-    return points
+        key = (r["variant"], r["target"])
+        if key not in best or r["batch_size"] > best[key]["batch_size"]:
+            best[key] = r
+    return [
+        Point(f"{v} {t}", r["throughput_per_s"], r["accuracy"]["mean_cosine"], r.get("peak_rss_mb")) for (v, t), r in best.items()
+    ]
 
 
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

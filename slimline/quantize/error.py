@@ -69,10 +69,10 @@ def output_fidelity(
 ) -> dict[str, float]:
     """Mean/min cosine of the new graph's task vectors against the reference graph's on ``texts``."""
     from slimline.models.heads import cosine, cosine_summary, task_vectors
-    from slimline.runtime import ort_runner
+    from slimline.runtime import ort_function
 
-    run_ref, inputs = ort_runner(ref_path, threads)
-    run_new, _ = ort_runner(new_path, threads)
+    run_ref, inputs = ort_function(ref_path, threads)
+    run_new, _ = ort_function(new_path, threads)
     cos = []
     for i in range(0, len(texts), 16):
         enc = tokenizer(texts[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="np")
