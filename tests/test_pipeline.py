@@ -151,3 +151,21 @@ def test_torch_only_recipe_saves_hf_folder(tiny_bert_dir, tmp_path):
     report = run_recipe(R.from_dict(data), tmp_path / "run")
     assert (tmp_path / "run" / "model" / "config.json").exists()
     assert report["summary"]["torch-cpu"]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sentence_pairs_add_spearman_for_baseline_and_artifact(tiny_bert_dir, tmp_path):
+    from tests.models import WORDS
+
+    rows = ["a,b,score"] + [f"{WORDS[i]} {WORDS[i + 1]} night,{WORDS[i + 2]} {WORDS[i]} love,{i % 5}" for i in range(60)]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    data = tiny_recipe(tiny_bert_dir, speed={"enabled": False})
+    data["evaluate"]["data"] = {
+        "source": str(tmp_path / "pairs.csv"),
+        "text_column": "a",
+        "pair_column": "b",
+        "score_column": "score",
+    }
+    report = run_recipe(R.from_dict(data), tmp_path / "run")
+    acc = {r["variant"]: r["accuracy"] for r in report["results"]}
+    assert -1 <= acc["baseline"]["spearman"] <= 1 and -1 <= acc["compressed"]["spearman"] <= 1
+    assert abs(acc["baseline"]["spearman"] - acc["compressed"]["spearman"]) < 0.2  # int8 barely moves the ranking

@@ -88,7 +88,7 @@ def available(target: str) -> tuple[bool, str]:
     return False, f"unknown target {target}"
 
 
-def _torch_forward(model: Any, device: str) -> tuple[Callable[[dict], Any], list[str]]:
+def _torch_forward(model: Any) -> tuple[Callable[[dict], Any], list[str]]:
     import torch
 
     accepted = set(model.forward.__code__.co_varnames)
@@ -109,7 +109,7 @@ def torch_runner(model: Any, name: str, threads: int, target: str = "torch-cpu")
     if device == "cuda":
         if any(p.device.type != "cuda" for p in model.parameters()):
             model = copy.deepcopy(model).to("cuda")
-    forward, names = _torch_forward(model, device)
+    forward, names = _torch_forward(model)
 
     def run(feeds: Feeds) -> np.ndarray:
         out = forward({k: torch.from_numpy(v).to(device) for k, v in feeds.items()})
