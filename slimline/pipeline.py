@@ -35,6 +35,7 @@ STAGES: dict[str, str] = {
     "compile.export": "slimline.compile.export:Export",
     "compile.fuse": "slimline.compile.fuse:Fuse",
     "quantize.dynamic_int8": "slimline.quantize.dynamic:DynamicInt8",
+    "quantize.weight_only": "slimline.quantize.weight_only:WeightOnly",
 }
 
 

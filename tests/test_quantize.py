@@ -30,7 +30,8 @@ def test_quantizes_fused_graph_and_reports_error(fused, tmp_path):
     assert r["weights_quantized"] >= 6
     assert r["weight_sqnr_db.median"] > 30  # measured ~40 dB for per-channel int8
     assert r["calibration.mean_cosine"] > 0.99  # measured ~0.999 on the tiny model
-    assert any(k.startswith("weight_sqnr_db.worst.") for k in r)
+    assert len(r["layer_errors"]) == 8  # 6 MatMul + 2 Attention (its QKV projection)
+    assert 0 < r["layer_error.max"] < 0.05  # int8 weights and uint8 activations: ~1% measured
 
 
 def test_exclude_keeps_layers_in_float_and_warns_on_unmatched(fused, tmp_path):
@@ -52,8 +53,18 @@ def test_refuses_an_already_quantized_model(fused, tmp_path):
 
 
 def test_min_cosine_guard_names_worst_layers(fused, tmp_path):
-    with pytest.raises(StageError, match="Lowest-SQNR layers"):
+    with pytest.raises(StageError, match="Highest-error layers: /encoder"):
         DynamicInt8(min_cosine=1.0).run(fused, context(tmp_path))
+
+
+def test_fallback_auto_requantizes_with_the_worst_layer_in_float(fused, tmp_path):
+    errors = DynamicInt8().run(fused, context(tmp_path / "a")).report["layer_errors"]
+    second, first = sorted(errors.values())[-2:]
+    worst = max(errors, key=errors.get)
+    r = DynamicInt8(fallback="auto", max_layer_error=(first + second) / 2).run(fused, context(tmp_path / "b")).report
+    assert r["fallback_kept"] == 1 and f"fallback.{worst}" in r and worst not in r["layer_errors"]
+    float_op = "Attention" if "attention/self" in worst.lower() or worst.startswith("Attention") else "MatMul"
+    assert r[f"float.{float_op}"] == 1
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,36 +5,50 @@ QEmbedLayerNormalization and MatMulInteger, which run u8s8 integer GEMMs on the 
 - ``DefaultTensorType`` is always passed, so the fused graph (whose contrib-op outputs carry no type
   information) quantizes instead of failing with "Unable to find data type for weight_name".
 - exclusions by layer-name pattern, with a warning for a pattern that matches nothing;
-- the error it caused: SQNR of every quantized weight (worst first) and the cosine of the model's
-  outputs against the float graph on calibration text; below ``min_cosine`` the stage fails.
+- the error it caused: SQNR of every quantized weight, each layer's output error on calibration
+  inputs (int8 weights and the per-tensor uint8 activation quantization the kernel does), and the
+  cosine of the model's outputs against the float graph; below ``min_cosine`` the stage fails;
+- ``fallback: auto`` (see ``common``), which re-quantizes with the offending layers kept in float.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 from pydantic import Field
 
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
-from slimline.quantize.error import consumers, output_fidelity, weight_sqnr
+from slimline.quantize import calib
+from slimline.quantize.common import (
+    QUANTIZED_OPS,
+    OnnxQuantizer,
+    choose_fallback,
+    excluded_nodes,
+    fidelity_guard,
+    refuse_quantized,
+    weight_of,
+)
+from slimline.quantize.error import consumers, dequantized_weights, weight_sqnr
 from slimline.runtime import quiet
-from slimline.stage import Context, Stage, StageResult
+from slimline.stage import Context, StageResult
 
-QUANTIZED_OPS = {
-    "MatMulInteger",
-    "QAttention",
-    "QEmbedLayerNormalization",
-    "DynamicQuantizeLinear",
-    "QLinearMatMul",
-    "MatMulNBits",
-    "DequantizeLinear",
-}
 FLOAT_OPS = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm")
+WEIGHTED_OPS = ("MatMul", "Attention")  # layers whose input 1 is a [K, N] weight
 
 
-class DynamicInt8(Stage):
+def fake_quant_u8(x: np.ndarray) -> np.ndarray:
+    """What DynamicQuantizeLinear does to an activation tensor: per-tensor uint8 with 0 in range."""
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (hi - lo) / 255 or 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
+
+
+class DynamicInt8(OnnxQuantizer):
     """Dynamic int8 quantization with ONNX Runtime, reporting per-layer and output error."""
 
     kind = "quantize.dynamic_int8"
@@ -43,74 +57,92 @@ class DynamicInt8(Stage):
     per_channel: bool = Field(True, description="one scale per output channel (more accurate than per-tensor)")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs whose int8 GEMM saturates")
     op_types: list[str] | None = Field(None, description="op types to quantize; default: all ORT supports")
-    exclude: list[str] = Field(default_factory=list, description="node-name glob patterns kept in float")
-    min_cosine: float = Field(0.9, ge=0, le=1, description="fail if calibration outputs fall below this cosine")
 
-    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+    def quantize(self, src: Path, dst: Path, exclude: set[str]) -> None:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        model = onnx.load(str(artifact.path))
-        already = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
-        if already:
-            raise StageError(
-                f"quantize.dynamic_int8: the model is already quantized (it has {', '.join(already)} nodes). "
-                "Quantize the float model once: remove the earlier quantize stage or start from a float export."
-            )
-        names = [n.name for n in model.graph.node if n.name]
-        excluded = sorted({n for pattern in self.exclude for n in names if fnmatch.fnmatchcase(n, pattern)})
-        for pattern in self.exclude:
-            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-                ctx.warn(f"quantize.dynamic_int8: exclude pattern `{pattern}` matches no node; nothing was kept in float for it.")
-
-        out = ctx.stage_dir("quantize_dynamic_int8") / "model.onnx"
         with quiet():  # ORT logs a generic "consider pre-processing" hint on the root logger
             quantize_dynamic(
-                str(artifact.path),
-                str(out),
+                str(src),
+                str(dst),
                 per_channel=self.per_channel,
                 reduce_range=self.reduce_range,
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=self.op_types,
-                nodes_to_exclude=excluded,
+                nodes_to_exclude=sorted(exclude),
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
+
+    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        import onnx
+
+        model = onnx.load(str(artifact.path))
+        refuse_quantized(model, self.kind)
+        excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
+        out = ctx.stage_dir("quantize_dynamic_int8") / "model.onnx"
+        self.quantize(artifact.path, out, excluded)
         quantized = onnx.load(str(out))
+
+        layers = {
+            n.name: (n.input[0], n.input[1], w)
+            for n in model.graph.node
+            if n.op_type in WEIGHTED_OPS and n.name and (w := weight_of(model, n)) is not None
+        }
+        errors = self._layer_errors(model, quantized, artifact, layers, ctx)
+        shapes = {name: w.shape for name, (_, _, w) in layers.items() if name in errors}
+        kept = choose_fallback(
+            self, errors, shapes, lambda s, d: self.quantize(s, d, set()), ctx, ctx.stage_dir("dynamic_int8_kernels")
+        )
+        if kept:
+            self.quantize(artifact.path, out, excluded | set(kept))
+            quantized = onnx.load(str(out))
+            errors = {n: e for n, e in errors.items() if n not in kept}
+
         counts = Counter(n.op_type for n in quantized.graph.node)
-        report: dict = {f"quantized.{op}": counts[op] for op in sorted(QUANTIZED_OPS) if counts.get(op)}
+        report: dict[str, Any] = {f"quantized.{op}": counts[op] for op in sorted(QUANTIZED_OPS) if counts.get(op)}
         report.update({f"float.{op}": counts[op] for op in FLOAT_OPS if counts.get(op)})
         report["excluded_nodes"] = len(excluded)
         if excluded:
-            report["excluded"] = ", ".join(excluded)
+            report["excluded"] = ", ".join(sorted(excluded))
+        report["fallback_kept"] = len(kept)
+        for name, why in kept.items():
+            report[f"fallback.{name}"] = why
         if not any(counts.get(op) for op in ("MatMulInteger", "QAttention", "QLinearMatMul")):
             raise StageError(
-                "quantize.dynamic_int8: no layer was quantized (no MatMul/Attention left after `exclude` and "
-                "`op_types`). Check those options; a float model passed through is not an int8 model."
+                f"{self.kind}: no layer was quantized (no MatMul/Attention left after `exclude`, `op_types` and "
+                "fallback). Check those options; a float model passed through is not an int8 model."
             )
 
         sqnr = weight_sqnr(model, quantized)
         layer_of = consumers(model)
-        worst = sorted(sqnr.items(), key=lambda kv: kv[1])
         report["weights_quantized"] = len(sqnr)
-        if worst:
-            report["weight_sqnr_db.min"] = round(worst[0][1], 2)
-            report["weight_sqnr_db.median"] = round(sorted(sqnr.values())[len(sqnr) // 2], 2)
-            for name, db in worst[:5]:
-                report[f"weight_sqnr_db.worst.{layer_of.get(name, name)}/{name}"] = round(db, 2)
-
-        texts = ctx.data.calibration[:64] if ctx.load_data else []
-        if texts:
-            fid = output_fidelity(
-                artifact.path, out, artifact.tokenizer, texts, artifact.info.task, artifact.info.pooling, ctx.threads
-            )
-            report.update(fid)
-            if fid["calibration.mean_cosine"] < self.min_cosine:
-                worst_names = ", ".join(layer_of.get(n, n) for n, _ in worst[:3])
-                raise StageError(
-                    f"quantize.dynamic_int8: outputs on calibration text fell to mean cosine "
-                    f"{fid['calibration.mean_cosine']:.3f} (< min_cosine={self.min_cosine}). Lowest-SQNR layers: "
-                    f"{worst_names}. Add them to `exclude`, or set per_channel: true."
-                )
-        else:
-            ctx.warn("quantize.dynamic_int8: no calibration text, so the output error was not measured.")
+        if sqnr:
+            ranked = sorted(sqnr.items(), key=lambda kv: kv[1])
+            report["weight_sqnr_db.min"] = round(ranked[0][1], 2)
+            report["weight_sqnr_db.median"] = round(ranked[len(ranked) // 2][1], 2)
+        calib.layer_report(errors, report)
+        worst = sorted(errors, key=lambda n: -errors[n]) or [layer_of.get(n, n) for n, _ in sorted(sqnr.items(), key=lambda kv: kv[1])]
+        fidelity_guard(self, artifact, out, ctx, report, worst)
         return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
+
+    def _layer_errors(self, model: Any, quantized: Any, artifact: OnnxModel, layers: dict, ctx: Context) -> dict[str, float]:
+        """Each quantized layer's output error on calibration inputs: fake-quantized X times the int8 weight."""
+        if not ctx.load_data:
+            if self.fallback == "auto":
+                raise StageError(f"{self.kind}: fallback: auto needs calibration data; the run has none.")
+            return {}
+        deq = dequantized_weights(model, quantized)
+        layers = {name: v for name, v in layers.items() if v[1] in deq}
+        if not layers:
+            return {}
+        texts = calib.check_texts(ctx.data.calibration[:128], self.kind)
+        feeds = calib.calibration_feeds(artifact.tokenizer, texts, [i.name for i in model.graph.input])
+        acts = calib.capture(
+            model, sorted({a for a, _, _ in layers.values()}), feeds, threads=ctx.threads, workdir=ctx.stage_dir("calibration")
+        )
+        errors = {}
+        for name, (act, wname, w) in layers.items():
+            x = acts[act].sample
+            errors[name] = calib.relative_error(x @ w, fake_quant_u8(x) @ deq[wname].astype(np.float32))
+        return errors

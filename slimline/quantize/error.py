@@ -27,8 +27,8 @@ def _broadcast(param: np.ndarray, like: np.ndarray) -> np.ndarray:
     raise ValueError(f"scale of size {param.size} does not match weight shape {like.shape}")
 
 
-def weight_sqnr(original: Any, quantized: Any) -> dict[str, float]:
-    """SQNR per quantized weight: ORT names them ``<w>_quantized`` beside ``<w>_scale``/``<w>_zero_point``."""
+def dequantized_weights(original: Any, quantized: Any) -> dict[str, np.ndarray]:
+    """Float weight name -> its dequantized value, for weights ORT stored as ``<w>_quantized`` + scale/zero point."""
     from onnx import numpy_helper
 
     floats = {t.name: t for t in original.graph.initializer}
@@ -44,15 +44,23 @@ def weight_sqnr(original: Any, quantized: Any) -> dict[str, float]:
         scale = numpy_helper.to_array(q_inits[f"{base}_scale"]).astype(np.float64)
         zp_t = q_inits.get(f"{base}_zero_point")
         zp = numpy_helper.to_array(zp_t).astype(np.float64) if zp_t is not None else np.zeros_like(scale)
-        ref = numpy_helper.to_array(floats[base])
-        if ref.shape != q.shape:
+        if tuple(floats[base].dims) != q.shape:
             continue
         try:
-            deq = (q - _broadcast(zp, q)) * _broadcast(scale, q)
+            out[base] = (q - _broadcast(zp, q)) * _broadcast(scale, q)
         except ValueError:
             continue
-        out[base] = sqnr_db(ref, deq)
     return out
+
+
+def weight_sqnr(original: Any, quantized: Any) -> dict[str, float]:
+    """SQNR per quantized weight: ORT names them ``<w>_quantized`` beside ``<w>_scale``/``<w>_zero_point``."""
+    from onnx import numpy_helper
+
+    floats = {t.name: t for t in original.graph.initializer}
+    return {
+        name: sqnr_db(numpy_helper.to_array(floats[name]), deq) for name, deq in dequantized_weights(original, quantized).items()
+    }
 
 
 def consumers(model: Any) -> dict[str, str]:

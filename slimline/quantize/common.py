@@ -1,0 +1,156 @@
+"""What every ONNX quantizer stage shares: exclusions, the fallback rule, kernel timing, the cosine guard.
+
+``fallback: auto`` keeps a layer in float when its isolated output error on calibration data is above
+``max_layer_error``, or (with ``measure_speed: true``) when its quantized kernel is not faster than the
+float MatMul on this machine at the layer's own shape. Both reasons are listed in the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from slimline.errors import StageError
+from slimline.stage import Context, Stage
+
+QUANTIZED_OPS = {
+    "MatMulInteger",
+    "QAttention",
+    "QEmbedLayerNormalization",
+    "DynamicQuantizeLinear",
+    "QLinearMatMul",
+    "MatMulNBits",
+    "DequantizeLinear",
+    "QuantizeLinear",
+    "GatherBlockQuantized",
+}
+
+
+class OnnxQuantizer(Stage):
+    """Options common to the ONNX quantizers."""
+
+    exclude: list[str] = Field(default_factory=list, description="node-name glob patterns kept in float")
+    min_cosine: float = Field(0.9, ge=0, le=1, description="fail if calibration outputs fall below this cosine")
+    fallback: Literal["none", "auto"] = Field(
+        "none", description="auto: keep layers in float whose error is above max_layer_error (or that got slower)"
+    )
+    max_layer_error: float = Field(0.05, gt=0, description="fallback: auto keeps a layer whose relative output error exceeds this")
+    measure_speed: bool = Field(False, description="fallback: auto also keeps layers whose quantized kernel is not faster")
+    speed_rows: int = Field(4096, ge=1, description="rows (batch x tokens) of the kernel timing for measure_speed")
+
+
+def refuse_quantized(model: Any, stage: str) -> None:
+    already = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
+    if already:
+        raise StageError(
+            f"{stage}: the model is already quantized (it has {', '.join(already)} nodes). "
+            "Quantize the float model once: remove the earlier quantize stage or start from a float export."
+        )
+
+
+def excluded_nodes(names: list[str], patterns: list[str], ctx: Context, stage: str) -> set[str]:
+    """Node names matched by the ``exclude`` globs; a pattern that matches nothing is a warning."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            ctx.warn(f"{stage}: exclude pattern `{pattern}` matches no node; nothing was kept in float for it.")
+    return {n for p in patterns for n in names if fnmatch.fnmatchcase(n, p)}
+
+
+def weight_of(model: Any, node: Any) -> np.ndarray | None:
+    """The 2-D float initializer a MatMul multiplies by (input 1), or None."""
+    from onnx import numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    if len(node.input) < 2 or node.input[1] not in init:
+        return None
+    w = numpy_helper.to_array(init[node.input[1]])
+    return w if w.ndim == 2 and w.dtype == np.float32 else None
+
+
+def single_matmul(k: int, n: int, seed: int = 0) -> Any:
+    """A one-node ``Y = X @ W`` model with a random ``[k, n]`` weight, for timing kernels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) * 0.05
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+        "mm",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def kernel_speedups(
+    shapes: set[tuple[int, int]], quantize: Callable[[Path, Path], None], workdir: Path, threads: int, rows: int, repeats: int = 7
+) -> dict[tuple[int, int], float]:
+    """Float-MatMul time / quantized-kernel time per ``(K, N)``, interleaved, median of ``repeats``."""
+    import onnx
+
+    from slimline.runtime import ort_session
+
+    out = {}
+    for k, n in sorted(shapes):
+        f32, q = workdir / f"mm_{k}x{n}.onnx", workdir / f"mm_{k}x{n}_q.onnx"
+        onnx.save_model(single_matmul(k, n), str(f32))
+        quantize(f32, q)
+        sessions = [ort_session(f32, threads), ort_session(q, threads)]
+        x = {"X": np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)}
+        times: list[list[float]] = [[], []]
+        for s in sessions:
+            s.run(None, x)  # warm up
+        for _ in range(repeats):
+            for i, s in enumerate(sessions):
+                t0 = time.perf_counter()
+                s.run(None, x)
+                times[i].append(time.perf_counter() - t0)
+        out[(k, n)] = statistics.median(times[0]) / statistics.median(times[1])
+    return out
+
+
+def choose_fallback(
+    stage: OnnxQuantizer,
+    errors: dict[str, float],
+    shapes: dict[str, tuple[int, int]],
+    quantize_one: Callable[[Path, Path], None] | None,
+    ctx: Context,
+    workdir: Path,
+) -> dict[str, str]:
+    """Layers ``fallback: auto`` keeps in float, each with its reason."""
+    if stage.fallback != "auto":
+        return {}
+    keep = {name: f"output error {err:.4f} > max_layer_error {stage.max_layer_error}" for name, err in errors.items() if err > stage.max_layer_error}
+    if stage.measure_speed and quantize_one is not None:
+        speedups = kernel_speedups(set(shapes.values()), quantize_one, workdir, ctx.threads, stage.speed_rows)
+        for name, shape in shapes.items():
+            if name not in keep and speedups[shape] <= 1.0:
+                keep[name] = f"quantized kernel {speedups[shape]:.2f}x the float MatMul at {shape[0]}x{shape[1]} (not faster)"
+    return keep
+
+
+def fidelity_guard(
+    stage: OnnxQuantizer, artifact: Any, out: Path, ctx: Context, report: dict, worst: list[str]
+) -> None:
+    """Cosine of the quantized outputs against the float graph on calibration text; below min_cosine, fail."""
+    from slimline.quantize.error import output_fidelity
+
+    texts = ctx.data.calibration[:64] if ctx.load_data else []
+    if not texts:
+        ctx.warn(f"{stage.kind}: no calibration text, so the output error was not measured.")
+        return
+    fid = output_fidelity(artifact.path, out, artifact.tokenizer, texts, artifact.info.task, artifact.info.pooling, ctx.threads)
+    report.update(fid)
+    if fid["calibration.mean_cosine"] < stage.min_cosine:
+        raise StageError(
+            f"{stage.kind}: outputs on calibration text fell to mean cosine {fid['calibration.mean_cosine']:.3f} "
+            f"(< min_cosine={stage.min_cosine}). Highest-error layers: {', '.join(worst[:3]) or 'n/a'}. "
+            "Add them to `exclude`, or set fallback: auto."
+        )

@@ -1,0 +1,211 @@
+"""Group-wise n-bit weights (RTN, HQQ, GPTQ) and their packing into ONNX Runtime's ``MatMulNBits``.
+
+A MatMul weight ``W`` is ``[K, N]`` (inputs x outputs). Each output column is cut into blocks of
+``block_size`` inputs; each block has a float scale and a zero point, and every weight is stored as an
+unsigned ``bits``-bit code ``q`` with ``w ~= (q - zero) * scale``. All three algorithms produce the same
+``Blocked`` codes, so there is one packer, one dequantizer and one error report for all of them.
+
+- RTN: round to nearest with the block's min/max (asymmetric) or absmax (symmetric) range.
+- HQQ (half-quadratic quantization, Badri & Shaji 2023): keeps RTN's scale and optimises a float zero
+  point per block with a proximal solver on an l_p (p<1) reconstruction error, which discounts the
+  few large weights that RTN's range is built around. No calibration data.
+- GPTQ (Frantar et al. 2022): quantizes the input dimension one column at a time and spreads each
+  column's rounding error over the not-yet-quantized columns through the inverse Hessian ``2 X^T X``
+  of the layer's calibration inputs, with damping and (optionally) act-order. Written here because
+  ONNX Runtime's GPTQ path depends on Intel Neural Compressor's removed ``adaptor`` module.
+
+The ``MatMulNBits`` layout (com.microsoft, see ONNX Runtime's ContribOperators.md): ``B`` is uint8
+``[N, n_blocks, block_size * bits / 8]`` with two 4-bit codes per byte, low nibble first; ``scales`` is
+``[N * n_blocks]``; ``zero_points`` is packed like ``B`` (uint8) or, for HQQ's float zeros, a float
+``[N * n_blocks]``; without ``zero_points`` the kernel assumes ``2 ** (bits - 1)`` (symmetric).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Blocked:
+    """Codes ``q`` (``[N, K_padded]``), per-block ``scale`` and ``zero`` (``[N, n_blocks]``)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray  # integer-valued, except for HQQ's float zero points
+    bits: int
+    block_size: int
+    k: int  # the real input dimension; q is zero-padded up to a multiple of block_size
+    symmetric: bool
+
+    @property
+    def float_zero(self) -> bool:
+        return bool(np.any(self.zero != np.round(self.zero)))
+
+    def dequantize(self) -> np.ndarray:
+        """Back to a float ``[K, N]`` MatMul weight."""
+        n, kp = self.q.shape
+        scale = np.repeat(self.scale, self.block_size, axis=1)
+        zero = np.repeat(self.zero, self.block_size, axis=1)
+        w = (self.q.astype(np.float32) - zero) * scale
+        return np.ascontiguousarray(w[:, : self.k].T.astype(np.float32))
+
+
+def _pad(wt: np.ndarray, block_size: int) -> np.ndarray:
+    pad = (-wt.shape[1]) % block_size
+    return np.pad(wt, ((0, 0), (0, pad))) if pad else wt
+
+
+def block_params(groups: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and integer zero point per row of ``groups`` (``[..., block_size]``), RTN style.
+
+    Symmetric uses codes ``1 .. 2**bits - 1`` around ``2**(bits-1)`` so that no weight is clipped and
+    every rounding error stays within half a scale.
+    """
+    qmax = 2**bits - 1
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = np.abs(groups).max(axis=-1) / (half - 1)
+        zero = np.full(scale.shape, float(half))
+    else:
+        lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+        scale = (hi - lo) / qmax
+        zero = np.clip(np.round(-lo / np.where(scale > 0, scale, 1)), 0, qmax)
+    scale = np.where(scale > 0, scale, 1.0)  # an all-zero block: any scale reproduces it
+    return scale.astype(np.float32), zero.astype(np.float32)
+
+
+def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.ndarray:
+    return np.clip(np.round(w / scale + zero), 0, 2**bits - 1)
+
+
+def rtn(weight: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False) -> Blocked:
+    """Round-to-nearest group-wise quantization of a ``[K, N]`` weight."""
+    k, n = weight.shape
+    wt = _pad(weight.T.astype(np.float32), block_size)
+    groups = wt.reshape(n, -1, block_size)
+    scale, zero = block_params(groups, bits, symmetric)
+    q = _codes(groups, scale[..., None], zero[..., None], bits).reshape(n, -1)
+    return Blocked(q.astype(np.uint8), scale, zero, bits, block_size, k, symmetric)
+
+
+def hqq(
+    weight: np.ndarray, bits: int = 4, block_size: int = 32, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01
+) -> Blocked:
+    """HQQ: RTN's scale, and a float zero point per block fitted by half-quadratic splitting.
+
+    Iterates ``W_e = shrink_p(W - deq(q))`` (the sparse outlier part of the error) and the closed-form
+    zero ``mean(q - (W - W_e) / s)``, keeping the best (mean abs error) iterate.
+    """
+    k, n = weight.shape
+    wt = _pad(weight.T.astype(np.float32), block_size)
+    w = wt.reshape(n, -1, block_size)
+    scale, zero = block_params(w, bits, symmetric=False)
+    s, z = scale[..., None], zero[..., None].astype(np.float32)
+    best_err, best_z = np.inf, z
+    for _ in range(iters):
+        q = _codes(w, s, z, bits)
+        r = (q - z) * s
+        err = float(np.abs(w - r).mean())
+        if err >= best_err:
+            break
+        best_err, best_z = err, z
+        e = w - r
+        shrunk = np.sign(e) * np.maximum(np.abs(e) - np.power(np.abs(e) + 1e-8, lp_norm - 1) / beta, 0)
+        z = np.mean(q - (w - shrunk) / s, axis=-1, keepdims=True).astype(np.float32)
+        beta *= kappa
+    q = _codes(w, s, best_z, bits).reshape(n, -1)
+    return Blocked(q.astype(np.uint8), scale, best_z[..., 0], bits, block_size, k, symmetric=False)
+
+
+def gptq(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    symmetric: bool = False,
+    damp: float = 0.01,
+    act_order: bool = True,
+    chunk: int = 128,
+) -> Blocked:
+    """GPTQ of a ``[K, N]`` weight given the ``[K, K]`` Hessian ``X^T X`` of its calibration inputs.
+
+    ``damp`` adds that fraction of the mean diagonal to the Hessian (numerical stability and a
+    prior towards RTN). With ``act_order`` the columns are processed in order of decreasing Hessian
+    diagonal (largest activations first); the block scales are then fixed up front from the original
+    weights ("static groups") so that the stored layout stays plain MatMulNBits blocks, with no g_idx.
+    """
+    import torch
+
+    k, n = weight.shape
+    w = torch.from_numpy(_pad(weight.T.astype(np.float32), block_size)).double()  # [N, Kp]
+    kp = w.shape[1]
+    h = torch.zeros(kp, kp, dtype=torch.float64)
+    h[:k, :k] = torch.from_numpy(hessian).double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    n_blocks = kp // block_size
+    scale = np.zeros((n, n_blocks), np.float32)
+    zero = np.zeros((n, n_blocks), np.float32)
+    static = act_order
+    if static:
+        scale[:], zero[:] = block_params(w.numpy().reshape(n, n_blocks, block_size), bits, symmetric)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(kp)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(kp, dtype=torch.float64)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError as e:  # not positive definite even after damping
+        raise ValueError(f"GPTQ: the damped Hessian is not positive definite ({e}); raise `damp`.") from e
+    q = torch.zeros_like(w)
+    chunk = max(chunk // block_size, 1) * block_size  # a block never straddles two chunks
+    qmax = 2**bits - 1
+    for i1 in range(0, kp, chunk):
+        i2 = min(i1 + chunk, kp)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // block_size
+            if not static and col % block_size == 0:  # first column of its block: fit the block now
+                scale[:, g], zero[:, g] = block_params(w1[:, i : i + block_size].numpy(), bits, symmetric)
+            s = torch.from_numpy(scale[:, g]).double()
+            z = torch.from_numpy(zero[:, g]).double()
+            codes = torch.clamp(torch.round(w1[:, i] / s + z), 0, qmax)
+            q[:, i1 + i] = codes
+            e = (w1[:, i] - (codes - z) * s) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    q = q[:, torch.argsort(perm)]
+    return Blocked(q.numpy().astype(np.uint8), scale, zero, bits, block_size, k, symmetric)
+
+
+# -- packing into MatMulNBits ----------------------------------------------------------------------
+
+
+def pack(b: Blocked) -> dict[str, np.ndarray]:
+    """The ``B``, ``scales`` and (unless symmetric) ``zero_points`` initializers of MatMulNBits."""
+    n, kp = b.q.shape
+    n_blocks = kp // b.block_size
+    if b.bits == 4:
+        pairs = b.q.reshape(n, n_blocks, b.block_size // 2, 2)
+        data = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    else:
+        data = b.q.reshape(n, n_blocks, b.block_size).astype(np.uint8)
+    out = {"B": data, "scales": b.scale.reshape(-1).astype(np.float32)}
+    if b.symmetric:
+        return out
+    if b.float_zero:
+        out["zero_points"] = b.zero.reshape(-1).astype(np.float32)
+    elif b.bits == 4:
+        z = b.zero.astype(np.uint8)
+        if n_blocks % 2:
+            z = np.pad(z, ((0, 0), (0, 1)))
+        out["zero_points"] = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+    else:
+        out["zero_points"] = b.zero.astype(np.uint8).reshape(-1)
+    return out

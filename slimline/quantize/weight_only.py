@@ -1,0 +1,174 @@
+"""``quantize.weight_only``: 4- or 8-bit group-wise weights in ONNX Runtime's ``MatMulNBits``.
+
+Activations stay float; each MatMul with a constant 2-D weight becomes one MatMulNBits node
+(``accuracy_level: 4`` lets the CPU kernel quantize activations to int8 on the fly and use integer
+dot products, the fastest CPU path). The codes come from ``slimline.quantize.nbits``: RTN, HQQ or
+GPTQ (calibrated on the recipe's data). Fused ops that carry their own weights (Attention,
+EmbedLayerNormalization) stay float, and the report counts them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from slimline.artifact import OnnxModel
+from slimline.errors import StageError
+from slimline.quantize import calib, nbits
+from slimline.quantize.common import OnnxQuantizer, choose_fallback, excluded_nodes, fidelity_guard, refuse_quantized, weight_of
+from slimline.stage import Context, StageResult
+
+
+def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level: int) -> Any:
+    """Swap each named MatMul for MatMulNBits with its packed weights; drop float weights no one reads."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        b = blocks.get(node.name)
+        if node.op_type != "MatMul" or b is None:
+            nodes.append(node)
+            continue
+        k, n = b.k, b.scale.shape[0]
+        packed = nbits.pack(b)
+        names = [f"{node.input[1]}_q{b.bits}_{key}" for key in packed]
+        graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
+        attrs = {"K": k, "N": n, "bits": b.bits, "block_size": b.block_size}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        nodes.append(
+            helper.make_node(
+                "MatMulNBits", [node.input[0], *names], list(node.output), name=node.name, domain="com.microsoft", **attrs
+            )
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {i for nd in graph.node for i in nd.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+class WeightOnly(OnnxQuantizer):
+    """Group-wise int4/int8 weights (RTN, HQQ or GPTQ) into MatMulNBits, with per-layer output error."""
+
+    kind = "quantize.weight_only"
+    consumes = (OnnxModel,)
+
+    bits: Literal[4, 8] = Field(4, description="bits per weight")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per scale (along the input dimension)")
+    symmetric: bool = Field(False, description="no zero points (codes centred on 2^(bits-1)); HQQ is always asymmetric")
+    algorithm: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="rtn: round to nearest; hqq: fitted zero points; gptq: calibrated")
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        4, description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest on CPU)"
+    )
+    damp: float = Field(0.01, gt=0, le=1, description="GPTQ: fraction of the mean Hessian diagonal added to it")
+    act_order: bool = Field(True, description="GPTQ: quantize columns in order of decreasing activation energy")
+    calibration_texts: int = Field(128, ge=8, description="calibration texts for GPTQ and the per-layer error")
+
+    def quantize_weight(self, w: np.ndarray, gram: np.ndarray | None) -> nbits.Blocked:
+        if self.algorithm == "gptq":
+            return nbits.gptq(w, gram, self.bits, self.block_size, self.symmetric, self.damp, self.act_order)
+        if self.algorithm == "hqq":
+            return nbits.hqq(w, self.bits, self.block_size)
+        return nbits.rtn(w, self.bits, self.block_size, self.symmetric)
+
+    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        import onnx
+
+        if self.algorithm == "hqq" and self.symmetric:
+            raise StageError("quantize.weight_only: HQQ fits asymmetric zero points; set symmetric: false or algorithm: rtn.")
+        model = onnx.load(str(artifact.path))
+        refuse_quantized(model, self.kind)
+        excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
+        layers = {}
+        for node in model.graph.node:
+            if node.op_type == "MatMul" and node.name not in excluded:
+                w = weight_of(model, node)
+                if w is not None:
+                    layers[node.name] = (node.input[0], w)
+        if not layers:
+            raise StageError(
+                f"{self.kind}: no MatMul with a constant 2-D float weight to quantize (after `exclude`). "
+                "Weight-only quantization replaces MatMul nodes; fused Attention weights are not MatMuls."
+            )
+        report: dict[str, Any] = {"algorithm": self.algorithm, "bits": self.bits, "block_size": self.block_size}
+        for name, (_, w) in layers.items():
+            if w.shape[0] % self.block_size:
+                ctx.warn(
+                    f"{self.kind}: {name} has K={w.shape[0]}, not a multiple of block_size {self.block_size}; "
+                    f"its last block is zero-padded. A block_size dividing {w.shape[0]} avoids the padding."
+                )
+
+        captured = self._capture(model, artifact, layers, ctx)
+        if captured is None and (self.algorithm == "gptq" or self.fallback == "auto"):
+            raise StageError(f"{self.kind}: algorithm {self.algorithm} / fallback auto needs calibration data; the run has none.")
+
+        blocks: dict[str, nbits.Blocked] = {}
+        errors: dict[str, float] = {}
+        with ctx.reporter.task(f"{self.kind} ({self.algorithm})", total=len(layers)) as step:
+            for name, (act, w) in layers.items():
+                c = captured[act] if captured else None
+                try:
+                    blocks[name] = self.quantize_weight(w, c.gram if c else None)
+                except ValueError as e:
+                    raise StageError(f"{self.kind}: layer {name}: {e}") from e
+                if c is not None:
+                    x = c.sample
+                    errors[name] = calib.relative_error(x @ w, x @ blocks[name].dequantize())
+                step.advance()
+
+        shapes = {name: w.shape for name, (_, w) in layers.items()}
+        kept = choose_fallback(self, errors, shapes, self._quantize_file, ctx, ctx.stage_dir("weight_only_kernels"))
+        for name in kept:
+            blocks.pop(name)
+        if not blocks:
+            raise StageError(
+                f"{self.kind}: fallback kept every layer in float ({len(kept)} layers); nothing was quantized. "
+                "Raise max_layer_error, or use more bits / a smaller block_size."
+            )
+        quantized = replace_matmuls(model, blocks, self.accuracy_level)
+        out = ctx.stage_dir("quantize_weight_only") / "model.onnx"
+        onnx.checker.check_model(quantized)
+        onnx.save_model(quantized, str(out))
+
+        counts = Counter(n.op_type for n in quantized.graph.node)
+        report["quantized.MatMulNBits"] = counts["MatMulNBits"]
+        report.update({f"float.{op}": counts[op] for op in ("MatMul", "Attention", "EmbedLayerNormalization") if counts.get(op)})
+        report["quantized_params"] = int(sum(layers[n][1].size for n in blocks))
+        report["excluded_nodes"] = len(excluded)
+        report["fallback_kept"] = len(kept)
+        for name, why in kept.items():
+            report[f"fallback.{name}"] = why
+        calib.layer_report({n: e for n, e in errors.items() if n in blocks}, report)
+        if not errors:
+            ctx.warn(f"{self.kind}: no calibration text, so no per-layer error was measured.")
+        worst = sorted((n for n in errors if n in blocks), key=lambda n: -errors[n])
+        fidelity_guard(self, artifact, out, ctx, report, worst)
+        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
+
+    def _capture(self, model: Any, artifact: OnnxModel, layers: dict, ctx: Context) -> dict | None:
+        if not ctx.load_data:
+            return None
+        texts = calib.check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
+        inputs = [i.name for i in model.graph.input]
+        feeds = calib.calibration_feeds(artifact.tokenizer, texts, inputs)
+        acts = sorted({a for a, _ in layers.values()})
+        gram = set(acts) if self.algorithm == "gptq" else set()
+        return calib.capture(model, acts, feeds, gram=gram, threads=ctx.threads, workdir=ctx.stage_dir("calibration"))
+
+    def _quantize_file(self, src: Path, dst: Path) -> None:
+        """Quantize a one-MatMul model the way this stage would (RTN: timing does not depend on the codes)."""
+        import onnx
+
+        m = onnx.load(str(src))
+        w = weight_of(m, m.graph.node[0])
+        onnx.save_model(replace_matmuls(m, {"mm": nbits.rtn(w, self.bits, self.block_size, self.symmetric)}, self.accuracy_level), str(dst))
