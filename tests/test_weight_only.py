@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from slimline.errors import StageError
 from slimline.quantize import nbits
-from slimline.quantize.weight_only import WeightOnly, replace_matmuls
 from slimline.quantize.common import single_matmul
+from slimline.quantize.weight_only import WeightOnly, replace_matmuls
 from tests.test_compile import context
 from tests.test_quantize import fused  # noqa: F401 - module fixture
 
@@ -74,8 +74,9 @@ def test_hqq_lowers_mean_abs_error_on_heavy_tailed_weights():
 )
 def test_matmulnbits_computes_x_times_dequantized_weight(make, tmp_path):
     """ORT's kernel reads our packing exactly: its output equals X @ dequantize() (accuracy_level 0)."""
-    from slimline.runtime import ort_session
     import onnx
+
+    from slimline.runtime import ort_session
 
     m = single_matmul(96, 40)
     w = np.asarray(onnx.numpy_helper.to_array(m.graph.initializer[0]))

@@ -41,7 +41,9 @@ class OnnxQuantizer(Stage):
     fallback: Literal["none", "auto"] = Field(
         "none", description="auto: keep layers in float whose error is above max_layer_error (or that got slower)"
     )
-    max_layer_error: float = Field(0.05, gt=0, description="fallback: auto keeps a layer whose relative output error exceeds this")
+    max_layer_error: float = Field(
+        0.05, gt=0, description="fallback: auto keeps a layer whose relative output error exceeds this"
+    )
     measure_speed: bool = Field(False, description="fallback: auto also keeps layers whose quantized kernel is not faster")
     speed_rows: int = Field(4096, ge=1, description="rows (batch x tokens) of the kernel timing for measure_speed")
 
@@ -127,7 +129,11 @@ def choose_fallback(
     """Layers ``fallback: auto`` keeps in float, each with its reason."""
     if stage.fallback != "auto":
         return {}
-    keep = {name: f"output error {err:.4f} > max_layer_error {stage.max_layer_error}" for name, err in errors.items() if err > stage.max_layer_error}
+    keep = {
+        name: f"output error {err:.4f} > max_layer_error {stage.max_layer_error}"
+        for name, err in errors.items()
+        if err > stage.max_layer_error
+    }
     if stage.measure_speed and quantize_one is not None:
         speedups = kernel_speedups(set(shapes.values()), quantize_one, workdir, ctx.threads, stage.speed_rows)
         for name, shape in shapes.items():
@@ -136,9 +142,7 @@ def choose_fallback(
     return keep
 
 
-def fidelity_guard(
-    stage: OnnxQuantizer, artifact: Any, out: Path, ctx: Context, report: dict, worst: list[str]
-) -> None:
+def fidelity_guard(stage: OnnxQuantizer, artifact: Any, out: Path, ctx: Context, report: dict, worst: list[str]) -> None:
     """Cosine of the quantized outputs against the float graph on calibration text; below min_cosine, fail."""
     from slimline.quantize.error import output_fidelity
 

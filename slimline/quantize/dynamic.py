@@ -122,7 +122,9 @@ class DynamicInt8(OnnxQuantizer):
             report["weight_sqnr_db.min"] = round(ranked[0][1], 2)
             report["weight_sqnr_db.median"] = round(ranked[len(ranked) // 2][1], 2)
         calib.layer_report(errors, report)
-        worst = sorted(errors, key=lambda n: -errors[n]) or [layer_of.get(n, n) for n, _ in sorted(sqnr.items(), key=lambda kv: kv[1])]
+        worst = sorted(errors, key=lambda n: -errors[n]) or [
+            layer_of.get(n, n) for n, _ in sorted(sqnr.items(), key=lambda kv: kv[1])
+        ]
         fidelity_guard(self, artifact, out, ctx, report, worst)
         return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
 

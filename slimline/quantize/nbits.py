@@ -91,7 +91,13 @@ def rtn(weight: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool
 
 
 def hqq(
-    weight: np.ndarray, bits: int = 4, block_size: int = 32, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0, kappa: float = 1.01
+    weight: np.ndarray,
+    bits: int = 4,
+    block_size: int = 32,
+    iters: int = 20,
+    lp_norm: float = 0.7,
+    beta: float = 10.0,
+    kappa: float = 1.01,
 ) -> Blocked:
     """HQQ: RTN's scale, and a float zero point per block fitted by half-quadratic splitting.
 

@@ -66,7 +66,9 @@ class WeightOnly(OnnxQuantizer):
     bits: Literal[4, 8] = Field(4, description="bits per weight")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per scale (along the input dimension)")
     symmetric: bool = Field(False, description="no zero points (codes centred on 2^(bits-1)); HQQ is always asymmetric")
-    algorithm: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="rtn: round to nearest; hqq: fitted zero points; gptq: calibrated")
+    algorithm: Literal["rtn", "hqq", "gptq"] = Field(
+        "rtn", description="rtn: round to nearest; hqq: fitted zero points; gptq: calibrated"
+    )
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         4, description="MatMulNBits compute type: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations (fastest on CPU)"
     )
@@ -171,4 +173,6 @@ class WeightOnly(OnnxQuantizer):
 
         m = onnx.load(str(src))
         w = weight_of(m, m.graph.node[0])
-        onnx.save_model(replace_matmuls(m, {"mm": nbits.rtn(w, self.bits, self.block_size, self.symmetric)}, self.accuracy_level), str(dst))
+        onnx.save_model(
+            replace_matmuls(m, {"mm": nbits.rtn(w, self.bits, self.block_size, self.symmetric)}, self.accuracy_level), str(dst)
+        )
