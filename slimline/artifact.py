@@ -33,6 +33,7 @@ class TorchModel:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     info: ModelInfo
+    saved: Path | None = None  # a folder where a stage already wrote this model with save_pretrained
 
     @property
     def config(self) -> PretrainedConfig:

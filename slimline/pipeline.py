@@ -32,10 +32,14 @@ STAGES: dict[str, str] = {
     "prune.wanda": "slimline.prune.unstructured:Wanda",
     "prune.structured": "slimline.prune.structured:Structured",
     "prune.recover": "slimline.prune.recover:Recover",
+    "quantize.smoothquant": "slimline.quantize.smoothquant:SmoothQuant",
     "compile.export": "slimline.compile.export:Export",
     "compile.fuse": "slimline.compile.fuse:Fuse",
     "quantize.dynamic_int8": "slimline.quantize.dynamic:DynamicInt8",
     "quantize.weight_only": "slimline.quantize.weight_only:WeightOnly",
+    "quantize.static_int8": "slimline.quantize.static:StaticInt8",
+    "quantize.fp16": "slimline.quantize.fp16:Fp16",
+    "quantize.bitsandbytes": "slimline.quantize.bnb:BitsAndBytes",
 }
 
 
@@ -94,6 +98,8 @@ def save_final(artifact: Any, folder: Path) -> list[str]:
             location="model.onnx.data",
         )
         artifact.config.save_pretrained(folder)
+    elif isinstance(artifact, TorchModel) and artifact.saved is not None:
+        shutil.copytree(artifact.saved, folder / "model")
     elif isinstance(artifact, TorchModel):
         artifact.model.save_pretrained(folder / "model")
     artifact.tokenizer.save_pretrained(folder)

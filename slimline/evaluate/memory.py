@@ -119,7 +119,9 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
             torch.set_num_threads(threads)
         device = "cuda" if kind == "torch-cuda" else "cpu"
         auto = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
-        model = auto.from_pretrained(path).eval().to(device)
+        model = auto.from_pretrained(path).eval()
+        if not getattr(model, "is_quantized", False):  # bitsandbytes models refuse .to() and load in place
+            model = model.to(device)
         accepted = set(model.forward.__code__.co_varnames)
         with torch.inference_mode():
             model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items() if k in accepted})

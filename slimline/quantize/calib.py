@@ -20,11 +20,17 @@ from slimline.errors import DataError
 MIN_TEXTS = 8
 
 
-def calibration_feeds(tokenizer: Any, texts: list[str], inputs: list[str], batch: int = 16, max_length: int = 128) -> list[dict]:
-    """Tokenized batches of ``texts`` holding only the graph's ``inputs`` (int64)."""
+def calibration_feeds(
+    tokenizer: Any, texts: list[str], inputs: list[str], batch: int = 16, max_length: int = 128, fixed: bool = False
+) -> list[dict]:
+    """Tokenized batches of ``texts`` holding only the graph's ``inputs`` (int64).
+
+    ``fixed`` pads every batch to ``max_length`` (ONNX Runtime's histogram calibrators stack batches).
+    """
     feeds = []
     for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        padding = "max_length" if fixed else True
+        enc = tokenizer(texts[i : i + batch], padding=padding, truncation=True, max_length=max_length, return_tensors="np")
         feeds.append({k: v.astype(np.int64) for k, v in enc.items() if k in inputs})
     return feeds
 

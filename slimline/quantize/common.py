@@ -155,6 +155,6 @@ def fidelity_guard(stage: OnnxQuantizer, artifact: Any, out: Path, ctx: Context,
     if fid["calibration.mean_cosine"] < stage.min_cosine:
         raise StageError(
             f"{stage.kind}: outputs on calibration text fell to mean cosine {fid['calibration.mean_cosine']:.3f} "
-            f"(< min_cosine={stage.min_cosine}). Highest-error layers: {', '.join(worst[:3]) or 'n/a'}. "
-            "Add them to `exclude`, or set fallback: auto."
+            f"(< min_cosine={stage.min_cosine}). "
+            + (hint or f"Highest-error layers: {', '.join(worst[:3]) or 'n/a'}. Add them to `exclude`, or set fallback: auto.")
         )
