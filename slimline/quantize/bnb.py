@@ -68,12 +68,16 @@ class BitsAndBytes(Stage):
 
         def load() -> Any:
             with _quiet_bnb():
-                return cls.from_pretrained(float_dir, quantization_config=self.config(), device_map="cpu", dtype=torch.float32).eval()
+                return cls.from_pretrained(
+                    float_dir, quantization_config=self.config(), device_map="cpu", dtype=torch.float32
+                ).eval()
 
         model = load()
         quantized = {n: m for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")}
         if not quantized:
-            raise StageError(f"{self.kind}: no Linear layer was quantized (exclude={self.exclude}); a float model is not a quantized one.")
+            raise StageError(
+                f"{self.kind}: no Linear layer was quantized (exclude={self.exclude}); a float model is not a quantized one."
+            )
         reference = dict(artifact.model.named_modules())
         batches = calibration_batches(artifact, texts)
         errors: dict[str, float] = {}
@@ -82,8 +86,17 @@ class BitsAndBytes(Stage):
             ref = reference[name](inputs[0].to(torch.float32))
             errors[name] = max(errors.get(name, 0.0), calib.relative_error(ref.numpy(), output.float().numpy()))
 
-        with torch.no_grad(), hooks(quantized, layer_error):
-            outs = [forward(model, b)[0] for b in batches[:4]]
+        small = [n for n, m in quantized.items() if getattr(m, "in_features", 64) < 64]
+        try:
+            with torch.no_grad(), hooks(quantized, layer_error):
+                outs = [forward(model, b)[0] for b in batches[:4]]
+        except RuntimeError as e:
+            hint = (
+                f" Layers with fewer than 64 inputs ({', '.join(small[:3])}) are a known cause: add them to `exclude`."
+                if small
+                else ""
+            )
+            raise StageError(f"{self.kind}: bitsandbytes ({self.scheme}) failed running the quantized model: {e}.{hint}") from e
         with torch.no_grad():
             refs = [forward(artifact.model, b)[0] for b in batches[:4]]
         from slimline.models.heads import cosine, cosine_summary, task_vectors

@@ -142,7 +142,7 @@ def choose_fallback(
     return keep
 
 
-def fidelity_guard(stage: OnnxQuantizer, artifact: Any, out: Path, ctx: Context, report: dict, worst: list[str]) -> None:
+def fidelity_guard(stage: Any, artifact: Any, out: Path, ctx: Context, report: dict, worst: list[str], hint: str = "") -> None:
     """Cosine of the quantized outputs against the float graph on calibration text; below min_cosine, fail."""
     from slimline.quantize.error import output_fidelity
 

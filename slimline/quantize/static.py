@@ -97,7 +97,12 @@ class StaticInt8(OnnxQuantizer):
         act = QuantType.QUInt8 if self.scheme == "U8S8" else QuantType.QInt8
         typed = dst.with_name("typed.onnx")
         onnx.save_model(with_types(onnx.load(str(src))), str(typed))
-        extra = {"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": list(self.op_types), "CalibPercentile": self.percentile, "DefaultTensorType": onnx.TensorProto.FLOAT}
+        extra = {
+            "MatMulConstBOnly": True,
+            "OpTypesToExcludeOutputQuantization": list(self.op_types),
+            "CalibPercentile": self.percentile,
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
+        }
         with quiet():
             quantize_static(
                 str(typed),
@@ -141,7 +146,12 @@ class StaticInt8(OnnxQuantizer):
         errors = self._layer_errors(model, quantized, layers, feeds, ctx)
         shapes = {name: layers[name][2].shape for name in errors}
         kept = choose_fallback(
-            self, errors, shapes, lambda s, d: self.quantize(s, d, self._timing_feeds(s), set()), ctx, ctx.stage_dir("static_kernels")
+            self,
+            errors,
+            shapes,
+            lambda s, d: self.quantize(s, d, self._timing_feeds(s), set()),
+            ctx,
+            ctx.stage_dir("static_kernels"),
         )
         if kept:
             self.quantize(artifact.path, out, feeds, excluded | set(kept))
@@ -181,7 +191,9 @@ class StaticInt8(OnnxQuantizer):
         layers = {n: v for n, v in layers.items() if n in acts and v[1] in deq}
         if not layers:
             return {}
-        x_all = calib.capture(model, sorted({a for a, _, _ in layers.values()}), feeds, threads=ctx.threads, workdir=ctx.stage_dir("calibration"))
+        x_all = calib.capture(
+            model, sorted({a for a, _, _ in layers.values()}), feeds, threads=ctx.threads, workdir=ctx.stage_dir("calibration")
+        )
         errors = {}
         for name, (act, wname, w) in layers.items():
             x = x_all[act].sample
