@@ -62,6 +62,14 @@ def test_fuse_counts_and_parity(exported, tmp_path):
     assert res.max_abs_error < 1e-4  # measured ~2e-6
 
 
+def test_fuse_skip_leaves_attention_unfused_and_the_rest_fused(exported, tmp_path):
+    _, exp = exported
+    r = Fuse(skip=["Attention"], expect={"SkipLayerNormalization": 4}).run(exp.artifact, context(tmp_path)).report
+    assert "fused.Attention" not in r and r["fused.SkipLayerNormalization"] == 4
+    assert r["unfused.MatMul"] == 2 * (3 + 2 + 3)  # per layer: Q, K, V, 2 attention-score, out, FFN in/out
+    assert r["parity.max_abs_error"] < 1e-4
+
+
 def test_fuse_contract_shortfall_fails_with_counts(exported, tmp_path):
     _, exp = exported
     with pytest.raises(StageError, match=r"Attention: expected 3, got 2"):

@@ -31,6 +31,14 @@ ORT_MODEL_TYPES = {
     "electra": "bert",
     "mpnet": "bert",
 }
+SKIP_FLAGS = {  # fused op -> the FusionOptions switches that produce it
+    "Attention": ["enable_attention"],
+    "EmbedLayerNormalization": ["enable_embed_layer_norm"],
+    "SkipLayerNormalization": ["enable_skip_layer_norm", "enable_bias_skip_layer_norm"],
+    "BiasGelu": ["enable_bias_gelu"],
+    "Gelu": ["enable_gelu", "enable_bias_gelu"],
+    "LayerNormalization": ["enable_layer_norm"],
+}
 FUSED_OPS = (
     "EmbedLayerNormalization",
     "Attention",
@@ -53,9 +61,16 @@ class Fuse(Stage):
     expect: dict[str, int] = Field(default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}")
     allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
     atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
+    skip: list[
+        Literal["Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu", "Gelu", "LayerNormalization"]
+    ] = Field(
+        default_factory=list,
+        description="fusions to leave out, e.g. [Attention] so that static int8 can quantize the QKV MatMuls",
+    )
 
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
+        from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
         config = artifact.config
@@ -66,6 +81,10 @@ class Fuse(Stage):
                 f"{', '.join(sorted(ORT_MODEL_TYPES))}). Remove compile.fuse from the recipe to ship the unfused graph."
             )
         before = onnx.load(str(artifact.path), load_external_data=False)
+        options = FusionOptions(model_type)
+        for op in self.skip:
+            for flag in SKIP_FLAGS[op]:
+                setattr(options, flag, False)
         with quiet():  # its fusion logs are replaced by our counts, contract and parity check
             optimized = optimize_model(
                 str(artifact.path),
@@ -75,6 +94,7 @@ class Fuse(Stage):
                 hidden_size=0 if getattr(config, "pruned_heads", None) else config.hidden_size,
                 opt_level=0,  # graph-level fusions only; ORT's runtime optimizer still runs at load time
                 use_gpu=False,
+                optimization_options=options,
             )
         out = ctx.stage_dir("fuse") / "model.onnx"
         optimized.save_model_to_file(str(out))

@@ -58,7 +58,7 @@ class _Reader:
 
 
 def activation_quant(quantized: Any) -> dict[str, tuple[float, float, int, int]]:
-    """MatMul node name -> (scale, zero point, qmin, qmax) of the QDQ pair on its input 0."""
+    """Weighted MatMul node name -> (scale, zero point, qmin, qmax) of the QDQ pair on its input 0."""
     from onnx import numpy_helper
 
     init = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
@@ -67,9 +67,11 @@ def activation_quant(quantized: Any) -> dict[str, tuple[float, float, int, int]]
     for node in quantized.graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
-        dq = producer.get(node.input[0])
+        dq, wdq = producer.get(node.input[0]), producer.get(node.input[1])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in init:
             continue
+        if wdq is None or wdq.op_type != "DequantizeLinear" or wdq.input[0] not in init:
+            continue  # an activation x activation MatMul, not a weighted layer
         zp = init.get(dq.input[2]) if len(dq.input) > 2 else None
         info = np.iinfo(zp.dtype) if zp is not None else np.iinfo(np.int8)
         out[node.name] = (float(init[dq.input[1]]), float(zp) if zp is not None else 0.0, info.min, info.max)
@@ -131,9 +133,12 @@ class StaticInt8(OnnxQuantizer):
         inputs = [i.name for i in model.graph.input]
         feeds = calib.calibration_feeds(artifact.tokenizer, texts, inputs, fixed=self.calibrate_method != "MinMax")
         excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
+        # ONNX Runtime's MatMulConstBOnly is ignored in QDQ mode: keep the attention-score MatMuls
+        # (activation x activation, next to the softmax and the mask) in float by name.
+        dynamic_b = {n.name for n in model.graph.node if n.op_type in self.op_types and weight_of(model, n) is None}
         out = ctx.stage_dir("quantize_static_int8") / "model.onnx"
         try:
-            self.quantize(artifact.path, out, feeds, excluded)
+            self.quantize(artifact.path, out, feeds, excluded | dynamic_b)
         except (ValueError, RuntimeError) as e:  # ORT's calibrator on a shape it can't handle
             raise StageError(f"{self.kind}: ONNX Runtime's static quantizer failed: {e}") from e
         quantized = onnx.load(str(out))
@@ -154,7 +159,7 @@ class StaticInt8(OnnxQuantizer):
             ctx.stage_dir("static_kernels"),
         )
         if kept:
-            self.quantize(artifact.path, out, feeds, excluded | set(kept))
+            self.quantize(artifact.path, out, feeds, excluded | dynamic_b | set(kept))
             quantized = onnx.load(str(out))
             errors = {n: e for n, e in errors.items() if n not in kept}
 
@@ -174,6 +179,7 @@ class StaticInt8(OnnxQuantizer):
         }
         report.update({f"float.{op}": counts[op] for op in ("Attention", "EmbedLayerNormalization", "Softmax") if counts.get(op)})
         report["excluded_nodes"] = len(excluded)
+        report["float.activation_matmuls"] = len(dynamic_b)
         report["fallback_kept"] = len(kept)
         for name, why in kept.items():
             report[f"fallback.{name}"] = why
