@@ -203,3 +203,82 @@ def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="the text to continue")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--sample", is_flag=True, help="sample instead of greedy decoding")
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--top-k", default=50, show_default=True, type=click.IntRange(0))
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--chat", is_flag=True, help="wrap the prompt in the tokenizer's chat template")
+@click.option("--threads", default=0, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores)")
+def generate(
+    run_dir: Path,
+    prompt: str,
+    max_new_tokens: int,
+    sample: bool,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int,
+    chat: bool,
+    threads: int,
+) -> None:
+    """Generate text with RUN_DIR's ONNX decoder and its KV cache, streaming tokens as they come."""
+    import time
+
+    from slimline.generate import GenerationError, OnnxDecoder, Sampling, eos_ids
+
+    try:
+        path = run_dir / "model.onnx"
+        if not path.is_file():
+            raise GenerationError(
+                f"{run_dir}: no model.onnx. Give the folder of a finished `slimline run` of a text-generation recipe."
+            )
+        from transformers import AutoConfig, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(run_dir)
+            config = AutoConfig.from_pretrained(run_dir)
+        except (OSError, ValueError) as e:
+            raise GenerationError(f"{run_dir}: no tokenizer/config beside model.onnx ({str(e).splitlines()[0][:200]}).") from None
+        if chat and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        else:
+            text = prompt
+        ids = tokenizer(text, return_tensors="np", add_special_tokens=not chat)["input_ids"]
+        context = getattr(config, "max_position_embeddings", None)
+        if context and ids.shape[1] + max_new_tokens > context:
+            raise GenerationError(
+                f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's "
+                f"context of {context}. Shorten the prompt or lower --max-new-tokens."
+            )
+        decoder = OnnxDecoder(path, threads, max_context=context)
+        sampling = Sampling(max_new_tokens, sample, temperature, top_k, top_p, seed, eos_ids(tokenizer, config))
+        emitted: list[int] = []
+        shown = ""
+
+        def stream(token) -> None:  # noqa: ANN001
+            nonlocal shown
+            if int(token[0]) in sampling.eos_ids:
+                return
+            emitted.append(int(token[0]))
+            text = tokenizer.decode(emitted, skip_special_tokens=True)
+            click.echo(text[len(shown) :], nl=False)
+            shown = text
+
+        t0 = time.perf_counter()
+        out = decoder.generate(ids, sampling, stream)
+        wall = time.perf_counter() - t0
+        click.echo("")
+        console.print(
+            f"[dim]{out.shape[1]} tokens in {wall:.2f}s ({out.shape[1] / wall:.1f} tokens/s, prompt {ids.shape[1]} tokens)[/dim]"
+        )
+    except SlimlineError as err:
+        _fail(err)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 from slimline.errors import RecipeError
 from slimline.stage import Stage
 
-Task = Literal["feature-extraction", "text-classification"]
+Task = Literal["feature-extraction", "text-classification", "text-generation"]
 TargetName = Literal["ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda"]
 
 
@@ -74,6 +74,26 @@ class SpeedSpec(_Strict):
         return v
 
 
+class GenerationSpec(_Strict):
+    """How a text-generation model is evaluated (ignored for encoders)."""
+
+    context: int = Field(512, ge=16, description="perplexity: tokens per window")
+    stride: int = Field(256, ge=1, description="perplexity: step between windows; only the new tokens are scored")
+    perplexity_tokens: int = Field(16384, ge=256, description="held-out tokens scored for perplexity")
+    prompt_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1, description="prefill timing")
+    decode_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8], min_length=1)
+    new_tokens: int = Field(128, ge=1, description="decode timing: tokens generated per run")
+    decode_prompt: int = Field(32, ge=1, description="decode timing: prompt tokens before generation")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> GenerationSpec:
+        if self.stride > self.context:
+            raise ValueError(
+                f"evaluate.generation.stride ({self.stride}) must not exceed context ({self.context}): tokens would go unscored."
+            )
+        return self
+
+
 AccuracyLimit = Annotated[float | str, Field(description="absolute drop, or relative as a string like '2%'")]
 
 
@@ -85,7 +105,9 @@ class Limits(_Strict):
     max_accuracy_drop: dict[str, AccuracyLimit] = Field(
         default_factory=dict, description="per metric: baseline minus compressed, e.g. {spearman: '2%', accuracy: 0.01}"
     )
-    min_speedup: float | None = Field(None, gt=0, description="throughput vs torch fp32 at the largest batch")
+    min_speedup: float | None = Field(
+        None, gt=0, description="throughput vs torch fp32 at the largest batch (text-generation: decode tokens/s at batch 1)"
+    )
     min_traffic_speedup: float | None = Field(None, gt=0, description="throughput vs torch fp32 on real traffic")
     max_latency_ms_p95: float | dict[int, float] | None = Field(
         None, description="p95 latency: one number for the smallest batch size, or {batch_size: ms}"
@@ -138,6 +160,7 @@ class EvaluateSpec(_Strict):
     threads: int = Field(0, ge=0, description="threads for torch and ONNX Runtime; 0 = all cores")
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     memory: bool = Field(True, description="measure peak RSS of a fresh process per variant")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="text-generation only")
     budgets: Budgets = Field(default_factory=Budgets)
 
     @field_validator("data", mode="before")

@@ -58,3 +58,29 @@ def tiny_recipe(model_dir: Path, **evaluate) -> dict:
         ],
         "evaluate": ev,
     }
+
+
+def tiny_llama(folder: Path, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+    """A 2-layer Llama (grouped-query attention, tied embeddings, like SmolLM2) with the tiny WordPiece tokenizer."""
+    import torch
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    tiny_bert(folder)  # writes the tokenizer (and a BERT we overwrite below)
+    tokenizer = BertTokenizerFast.from_pretrained(folder)
+    for f in folder.glob("model.safetensors"):
+        f.unlink()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -34,6 +34,8 @@ class Export(Stage):
     atol: float = Field(1e-4, gt=0, description="max abs error of ORT vs torch before the stage fails")
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
+        if artifact.info.task == "text-generation":
+            return self._run_decoder(artifact, ctx)
         import onnx
         import torch
         from optimum.exporters.onnx import onnx_export_from_model
@@ -89,3 +91,44 @@ class Export(Stage):
             )
         onnx_model = OnnxModel(path=path, tokenizer=artifact.tokenizer, info=artifact.info, config=artifact.config)
         return StageResult(onnx_model, report)
+
+    def _run_decoder(self, artifact: TorchModel, ctx: Context) -> StageResult:
+        """Decoder LLMs: dynamo export with the KV cache as inputs/outputs; parity over prefill + decode."""
+        import onnx
+
+        from slimline.compile.export_llm import decoder_parity, export_decoder, onnx_stepper, parity_prompts, torch_stepper
+
+        path = ctx.stage_dir("export") / "model.onnx"
+        start = time.perf_counter()
+        with quiet():
+            try:
+                export_decoder(artifact.model, path, self.opset)
+            except StageError:
+                raise
+            except Exception as err:  # torch.export's errors are long; the first line names the construct
+                raise StageError(
+                    f"compile.export: torch.onnx (dynamo) could not export `{artifact.config.model_type}`: "
+                    f"{str(err).strip().splitlines()[0][:300]}"
+                ) from None
+        export_s = time.perf_counter() - start
+        graph = onnx.load(str(path), load_external_data=False)
+        texts = ctx.data.calibration[:2] if ctx.load_data else []
+        prompts = parity_prompts(artifact.tokenizer, texts)
+        parity = decoder_parity(torch_stepper(artifact.model), onnx_stepper(path, ctx.threads), prompts)
+        atol = self.atol * 10  # logits are O(10): the same relative precision as an encoder's hidden states
+        report = {
+            "opset": self.opset,
+            "exporter": "torch.onnx (dynamo)",
+            "export_s": round(export_s, 2),
+            "nodes": len(graph.graph.node),
+            "inputs": len(graph.graph.input),
+            "size_mb": round(sum(p.stat().st_size for p in path.parent.glob("model.onnx*")) / 1e6, 2),
+            **parity,
+        }
+        report.update({f"ops.{op}": n for op, n in Counter(n.op_type for n in graph.graph.node).most_common(5)})
+        if not parity["parity.max_abs_error"] <= atol:
+            raise StageError(
+                f"compile.export: ONNX Runtime's logits differ from torch by {parity['parity.max_abs_error']:.3g} at "
+                f"{parity['parity.worst_case']}, above {atol:.2g} (10 x atol). The exported graph or its KV cache is wrong."
+            )
+        return StageResult(OnnxModel(path=path, tokenizer=artifact.tokenizer, info=artifact.info, config=artifact.config), report)

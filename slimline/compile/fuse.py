@@ -48,6 +48,11 @@ FUSED_OPS = (
     "FastGelu",
     "Gelu",
     "LayerNormalization",
+    "GroupQueryAttention",
+    "SkipSimplifiedLayerNormalization",
+    "SimplifiedLayerNormalization",
+    "RotaryEmbedding",
+    "FusedMatMul",
 )
 
 
@@ -57,7 +62,9 @@ class Fuse(Stage):
     kind = "compile.fuse"
     consumes = (OnnxModel,)
 
-    engine: Literal["ort"] = Field("ort", description="ort: ONNX Runtime's transformers optimizer")
+    engine: Literal["ort"] = Field(
+        "ort", description="encoders: ONNX Runtime's transformers optimizer; decoders use onnxscript's ort_fusions"
+    )
     expect: dict[str, int] = Field(default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}")
     allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
     atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
@@ -74,6 +81,8 @@ class Fuse(Stage):
         from onnxruntime.transformers.optimizer import optimize_model
 
         config = artifact.config
+        if artifact.info.task == "text-generation":
+            return self._run_decoder(artifact, ctx)
         model_type = ORT_MODEL_TYPES.get(config.model_type)
         if model_type is None:
             raise StageError(
@@ -106,19 +115,7 @@ class Fuse(Stage):
         report["nodes_before"] = len(before.graph.node)
         report["nodes_after"] = len(after.graph.node)
         report["unfused.MatMul"] = counts.get("MatMul", 0)
-
-        shortfall = {op: (n, fused.get(op, 0)) for op, n in self.expect.items() if fused.get(op, 0) < n}
-        report["contract"] = "met" if not shortfall else "partial" if self.allow_partial else "failed"
-        if shortfall:
-            detail = ", ".join(f"{op}: expected {want}, got {got}" for op, (want, got) in shortfall.items())
-            message = (
-                f"compile.fuse: the fusion contract is not met ({detail}). The graph changed shape or a pattern "
-                "stopped matching; those layers run unfused and slower. Fix the export, lower `expect`, or "
-                "set `allow_partial: true` to accept it with a warning."
-            )
-            if not self.allow_partial:
-                raise StageError(message)
-            ctx.warn(message)
+        self._contract(fused, report, ctx)
 
         run_a, inputs = ort_function(artifact.path, ctx.threads)
         run_b, _ = ort_function(out, ctx.threads)
@@ -132,3 +129,66 @@ class Fuse(Stage):
                 "these inputs; drop compile.fuse or report it with the model's config."
             )
         return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, config), report)
+
+    def _contract(self, fused: dict[str, int], report: dict, ctx: Context) -> None:
+        """Check ``expect``: a shortfall fails the stage, or warns with ``allow_partial``."""
+        shortfall = {op: (n, fused.get(op, 0)) for op, n in self.expect.items() if fused.get(op, 0) < n}
+        report["contract"] = "met" if not shortfall else "partial" if self.allow_partial else "failed"
+        if shortfall:
+            detail = ", ".join(f"{op}: expected {want}, got {got}" for op, (want, got) in shortfall.items())
+            message = (
+                f"compile.fuse: the fusion contract is not met ({detail}). The graph changed shape or a pattern "
+                "stopped matching; those layers run unfused and slower. Fix the export, lower `expect`, or "
+                "set `allow_partial: true` to accept it with a warning."
+            )
+            if not self.allow_partial:
+                raise StageError(message)
+            ctx.warn(message)
+
+    def _run_decoder(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        """Decoders: onnxscript's ONNX Runtime fusions (RMSNorm, skip RMSNorm, rotary, GroupQueryAttention).
+
+        These rules are written for the dynamo exporter's graph, which compile.export produces for
+        text-generation. Parity: prefill + 5 greedy decode steps, each graph with its own KV cache.
+        """
+        import onnx
+        import onnx_ir as ir
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        from slimline.compile.export_llm import decoder_parity, onnx_stepper, parity_prompts
+        from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls
+
+        if self.skip:
+            raise StageError(
+                "compile.fuse: `skip` applies to the encoder fusions; decoders use onnxscript's rule set as a whole."
+            )
+        before = onnx.load(str(artifact.path), load_external_data=False)
+        with quiet():
+            model, rules = optimize_for_ort(ir.load(str(artifact.path)))
+        out = ctx.stage_dir("fuse") / "model.onnx"
+        ir.save(model, str(out))
+        after = onnx.load(str(out))
+        rules["merged_sibling_matmuls"], rejected = merge_sibling_matmuls(after)  # slimline's own rule
+        onnx.save_model(after, str(out))
+        counts = Counter(n.op_type for n in after.graph.node)
+        fused = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+        report: dict = {"engine": "onnxscript ort_fusions"}
+        report.update({f"fused.{op}": n for op, n in fused.items()})
+        report.update({f"rules.{name}": n for name, n in rules.items() if n})
+        report["nodes_before"] = len(before.graph.node)
+        report["nodes_after"] = len(after.graph.node)
+        report["unfused.MatMul"] = counts.get("MatMul", 0)
+        for x, why in list(rejected.items())[:5]:
+            report[f"rejected.merged_sibling_matmuls.{x}"] = why
+        self._contract(fused, report, ctx)
+        texts = ctx.data.calibration[:2] if ctx.load_data else []
+        parity = decoder_parity(
+            onnx_stepper(artifact.path, ctx.threads), onnx_stepper(out, ctx.threads), parity_prompts(artifact.tokenizer, texts)
+        )
+        report.update(parity)
+        if not parity["parity.max_abs_error"] <= self.atol:
+            raise StageError(
+                f"compile.fuse: the fused decoder's logits differ from the unfused graph's by "
+                f"{parity['parity.max_abs_error']:.3g} at {parity['parity.worst_case']}, above atol={self.atol}."
+            )
+        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)

@@ -6,6 +6,7 @@ already holds torch, both models and the data: its own RSS says nothing about wh
 
 from __future__ import annotations
 
+import inspect
 import json
 import resource
 import subprocess
@@ -102,6 +103,8 @@ def _gpu_process_mb() -> float | None:
 
 
 def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: int) -> dict:
+    import numpy as np
+
     feeds = _inputs(Path(path), batch, seq_len)
     result: dict = {}
     if kind in ("onnx", "onnx-cuda"):
@@ -109,6 +112,14 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if kind == "onnx-cuda" else None
         session = ort_session(Path(path), threads, providers)
+        for i in session.get_inputs():  # a decoder graph: positions and an empty KV cache (a prefill)
+            if i.name == "position_ids":
+                feeds[i.name] = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, seq_len)).copy()
+            elif i.name.startswith("past_key_values."):
+                from slimline.generate import kv_dims
+
+                kv, hd = kv_dims(i.shape, Path(path).parent)
+                feeds[i.name] = np.zeros((batch, kv, 0, hd), np.float32)
         names = [i.name for i in session.get_inputs()]
         session.run(None, {k: feeds[k] for k in names})
     else:
@@ -118,11 +129,15 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if kind == "torch-cuda" else "cpu"
-        auto = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM
+
+        auto = {"feature-extraction": AutoModel, "text-generation": AutoModelForCausalLM}.get(
+            task, AutoModelForSequenceClassification
+        )
         model = auto.from_pretrained(path).eval()
         if not getattr(model, "is_quantized", False):  # bitsandbytes models refuse .to() and load in place
             model = model.to(device)
-        accepted = set(model.forward.__code__.co_varnames)
+        accepted = set(inspect.signature(model.forward).parameters)
         with torch.inference_mode():
             model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items() if k in accepted})
         if device == "cuda":

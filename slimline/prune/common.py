@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -51,7 +52,7 @@ def calibration_batches(artifact: TorchModel, texts: list[str], batch: int = 16,
 
 
 def forward(model: Any, batch: dict) -> Any:
-    accepted = set(model.forward.__code__.co_varnames)
+    accepted = set(inspect.signature(model.forward).parameters)
     return model(**{k: v for k, v in batch.items() if k in accepted})
 
 

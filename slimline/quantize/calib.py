@@ -21,17 +21,67 @@ MIN_TEXTS = 8
 
 
 def calibration_feeds(
-    tokenizer: Any, texts: list[str], inputs: list[str], batch: int = 16, max_length: int = 128, fixed: bool = False
+    tokenizer: Any,
+    texts: list[str],
+    inputs: list[str],
+    batch: int = 16,
+    max_length: int = 128,
+    fixed: bool = False,
+    config: Any = None,
 ) -> list[dict]:
     """Tokenized batches of ``texts`` holding only the graph's ``inputs`` (int64).
 
     ``fixed`` pads every batch to ``max_length`` (ONNX Runtime's histogram calibrators stack batches).
+    A decoder graph (``past_key_values.*`` inputs; pass its ``config``) gets position ids and an empty
+    KV cache: calibration runs as a prefill.
     """
+    decoder = any(i.startswith("past_key_values.") for i in inputs)
+    if decoder and not fixed:
+        return packed_feeds(tokenizer, texts, batch, max_length, config)
+    if decoder and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     feeds = []
+    side = tokenizer.padding_side
     for i in range(0, len(texts), batch):
         padding = "max_length" if fixed else True
-        enc = tokenizer(texts[i : i + batch], padding=padding, truncation=True, max_length=max_length, return_tensors="np")
-        feeds.append({k: v.astype(np.int64) for k, v in enc.items() if k in inputs})
+        try:
+            if decoder:  # GroupQueryAttention reads each row's length off the mask: padding must be on the right
+                tokenizer.padding_side = "right"
+            enc = tokenizer(texts[i : i + batch], padding=padding, truncation=True, max_length=max_length, return_tensors="np")
+        finally:
+            tokenizer.padding_side = side
+        feed = {k: v.astype(np.int64) for k, v in enc.items() if k in inputs}
+        if decoder:
+            from slimline.compile.export_llm import empty_past
+
+            n, length = feed["input_ids"].shape
+            feed["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (n, length)).copy()
+            feed.update(empty_past(config, n))
+        feeds.append(feed)
+    return feeds
+
+
+def packed_feeds(tokenizer: Any, texts: list[str], batch: int, length: int, config: Any) -> list[dict]:
+    """Decoder calibration as a language model sees text: the lines joined into one token stream and cut
+    into full ``length``-token sequences (no padding), each run as a prefill with an empty KV cache."""
+    from slimline.compile.export_llm import empty_past
+    from slimline.evaluate.llm import token_stream
+
+    ids = token_stream(tokenizer, texts, 10**9)
+    rows = max(len(ids) // length, 1)
+    ids = np.resize(ids, rows * length).reshape(rows, length)  # a short text repeats rather than pads
+    feeds = []
+    for i in range(0, rows, batch):
+        chunk = ids[i : i + batch]
+        n = len(chunk)
+        feeds.append(
+            {
+                "input_ids": chunk,
+                "attention_mask": np.ones_like(chunk),
+                "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (n, length)).copy(),
+                **empty_past(config, n),
+            }
+        )
     return feeds
 
 

@@ -48,6 +48,18 @@ class OnnxQuantizer(Stage):
     speed_rows: int = Field(4096, ge=1, description="rows (batch x tokens) of the kernel timing for measure_speed")
 
 
+def loads_in_ort(path: Path, stage: str) -> None:
+    """The written graph must load in ONNX Runtime (onnx.checker rejects ORT's own ONNX-domain contrib ops)."""
+    from slimline.runtime import ort_session
+
+    try:
+        ort_session(path, 1)
+    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+        raise StageError(
+            f"{stage}: the rewritten graph does not load in ONNX Runtime ({str(e).splitlines()[0][:300]}). This is a slimline bug; please report it."
+        ) from e
+
+
 def refuse_quantized(model: Any, stage: str) -> None:
     already = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
     if already:
@@ -66,14 +78,27 @@ def excluded_nodes(names: list[str], patterns: list[str], ctx: Context, stage: s
 
 
 def weight_of(model: Any, node: Any) -> np.ndarray | None:
-    """The 2-D float initializer a MatMul multiplies by (input 1), or None."""
-    from onnx import numpy_helper
+    """The ``[K, N]`` float weight a MatMul multiplies by (input 1), or None.
 
+    A com.microsoft FusedMatMul with ``transB=1`` (the tied LM head reading the embedding table
+    ``[vocab, hidden]``) counts too: its weight is the transpose.
+    """
+    from onnx import helper, numpy_helper
+
+    if node.op_type not in ("MatMul", "FusedMatMul", "Attention", "Gemm"):
+        return None
     init = {t.name: t for t in model.graph.initializer}
     if len(node.input) < 2 or node.input[1] not in init:
         return None
     w = numpy_helper.to_array(init[node.input[1]])
-    return w if w.ndim == 2 and w.dtype == np.float32 else None
+    if w.ndim != 2 or w.dtype != np.float32:
+        return None
+    if node.op_type == "FusedMatMul":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or not attrs.get("transB", 0):
+            return None
+        return np.ascontiguousarray(w.T)
+    return w
 
 
 def single_matmul(k: int, n: int, seed: int = 0) -> Any:
@@ -150,7 +175,9 @@ def fidelity_guard(stage: Any, artifact: Any, out: Path, ctx: Context, report: d
     if not texts:
         ctx.warn(f"{stage.kind}: no calibration text, so the output error was not measured.")
         return
-    fid = output_fidelity(artifact.path, out, artifact.tokenizer, texts, artifact.info.task, artifact.info.pooling, ctx.threads)
+    fid = output_fidelity(
+        artifact.path, out, artifact.tokenizer, texts, artifact.info.task, artifact.info.pooling, ctx.threads, artifact.config
+    )
     report.update(fid)
     if fid["calibration.mean_cosine"] < stage.min_cosine:
         raise StageError(

@@ -73,23 +73,39 @@ def consumers(model: Any) -> dict[str, str]:
 
 
 def output_fidelity(
-    ref_path: Path, new_path: Path, tokenizer: Any, texts: list[str], task: str, pooling: str, threads: int = 0
+    ref_path: Path,
+    new_path: Path,
+    tokenizer: Any,
+    texts: list[str],
+    task: str,
+    pooling: str,
+    threads: int = 0,
+    config: Any = None,
 ) -> dict[str, float]:
-    """Mean/min cosine of the new graph's task vectors against the reference graph's on ``texts``."""
+    """Mean/min cosine of the new graph's task vectors against the reference graph's on ``texts``.
+
+    For a decoder (text-generation) the vectors are each real token's next-token logits, and the
+    share of tokens whose top-1 prediction is unchanged is reported too.
+    """
     from slimline.models.heads import cosine, cosine_summary, task_vectors
+    from slimline.quantize.calib import calibration_feeds
     from slimline.runtime import ort_function
 
     run_ref, inputs = ort_function(ref_path, threads)
     run_new, _ = ort_function(new_path, threads)
-    cos = []
-    for i in range(0, len(texts), 16):
-        enc = tokenizer(texts[i : i + 16], padding=True, truncation=True, max_length=128, return_tensors="np")
-        feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in inputs}
+    cos, agree = [], []
+    for feeds in calibration_feeds(tokenizer, texts, inputs, config=config):
         a = next(iter(run_ref(feeds).values()))
         b = next(iter(run_new(feeds).values()))
-        cos.append(
-            cosine(
-                task_vectors(a, feeds["attention_mask"], task, pooling), task_vectors(b, feeds["attention_mask"], task, pooling)
-            )
-        )
-    return cosine_summary(np.concatenate(cos) if cos else np.ones(1))
+        mask = feeds["attention_mask"]
+        if task == "text-generation":
+            keep = mask.astype(bool)
+            a, b = a[keep], b[keep]
+            cos.append(cosine(a, b))
+            agree.append(a.argmax(-1) == b.argmax(-1))
+        else:
+            cos.append(cosine(task_vectors(a, mask, task, pooling), task_vectors(b, mask, task, pooling)))
+    out = cosine_summary(np.concatenate(cos) if cos else np.ones(1))
+    if agree:
+        out["calibration.top1_agreement"] = round(float(np.concatenate(agree).mean()), 5)
+    return out

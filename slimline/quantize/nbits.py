@@ -202,16 +202,16 @@ def pack(b: Blocked) -> dict[str, np.ndarray]:
         data = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
     else:
         data = b.q.reshape(n, n_blocks, b.block_size).astype(np.uint8)
-    out = {"B": data, "scales": b.scale.reshape(-1).astype(np.float32)}
+    out = {"B": data, "scales": b.scale.astype(np.float32)}  # [N, n_blocks]; MatMulNBits takes 1-D or 2-D
     if b.symmetric:
         return out
     if b.float_zero:
-        out["zero_points"] = b.zero.reshape(-1).astype(np.float32)
+        out["zero_points"] = b.zero.astype(np.float32)
     elif b.bits == 4:
         z = b.zero.astype(np.uint8)
         if n_blocks % 2:
             z = np.pad(z, ((0, 0), (0, 1)))
-        out["zero_points"] = (z[:, 0::2] | (z[:, 1::2] << 4)).reshape(-1).astype(np.uint8)
+        out["zero_points"] = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8)
     else:
-        out["zero_points"] = b.zero.astype(np.uint8).reshape(-1)
+        out["zero_points"] = b.zero.astype(np.uint8)
     return out

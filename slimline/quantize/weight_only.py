@@ -19,7 +19,15 @@ from pydantic import Field
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.quantize import calib, nbits
-from slimline.quantize.common import OnnxQuantizer, choose_fallback, excluded_nodes, fidelity_guard, refuse_quantized, weight_of
+from slimline.quantize.common import (
+    OnnxQuantizer,
+    choose_fallback,
+    excluded_nodes,
+    fidelity_guard,
+    loads_in_ort,
+    refuse_quantized,
+    weight_of,
+)
 from slimline.stage import Context, StageResult
 
 
@@ -31,12 +39,12 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
     nodes = []
     for node in graph.node:
         b = blocks.get(node.name)
-        if node.op_type != "MatMul" or b is None:
+        if node.op_type not in ("MatMul", "FusedMatMul") or b is None:
             nodes.append(node)
             continue
         k, n = b.k, b.scale.shape[0]
         packed = nbits.pack(b)
-        names = [f"{node.input[1]}_q{b.bits}_{key}" for key in packed]
+        names = [f"{node.name or node.input[1]}_q{b.bits}_{key}" for key in packed]
         graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
         attrs = {"K": k, "N": n, "bits": b.bits, "block_size": b.block_size}
         if accuracy_level:
@@ -57,6 +65,86 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
     return model
 
 
+def _int4(values: np.ndarray) -> bytes:
+    """ONNX's packed 4-bit layout: consecutive elements (row-major) in low then high nibble."""
+    flat = values.astype(np.uint8).reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, Any] | None = None) -> dict[str, float]:
+    """Token-embedding Gathers (a constant ``[vocab, hidden]`` table, axis 0) -> GatherBlockQuantized.
+
+    Blocks run along the hidden dimension, asymmetric, with integer zero points. Returns each
+    table's relative reconstruction error. ``tied`` maps a table to the MatMulNBits node of an LM
+    head that reads the same table (tied embeddings) and was quantized with the same bits: the
+    Gather then reads that node's packed weights, scales and zero points (through a Reshape), so
+    the table is stored once.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    errors = {}
+    nodes = []
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        table = init.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is None or len(table.dims) != 2 or attrs.get("axis", 0) != 0 or table.dims[1] % block_size:
+            nodes.append(node)
+            continue
+        head = (tied or {}).get(node.input[0])
+        if head is not None:
+            vocab, hidden = table.dims
+            shape = numpy_helper.from_array(np.array([vocab, hidden * bits // 8], np.int64), f"{node.name}_packed_shape")
+            model.graph.initializer.append(shape)
+            packed = f"{node.name}_packed"
+            nodes.append(helper.make_node("Reshape", [head.input[1], shape.name], [packed], name=f"{node.name}_share"))
+            nodes.append(
+                helper.make_node(
+                    "GatherBlockQuantized",
+                    [packed, node.input[1], head.input[2], *head.input[3:4]],
+                    list(node.output),
+                    name=node.name,
+                    domain="com.microsoft",
+                    gather_axis=0,
+                    quantize_axis=1,
+                    block_size=block_size,
+                    bits=bits,
+                )
+            )
+            errors[node.name] = float("nan")  # the head's error, reported with the layers
+            continue
+        e = numpy_helper.to_array(table)
+        b = nbits.rtn(np.ascontiguousarray(e.T), bits, block_size)  # q: [vocab, hidden]
+        errors[node.name] = calib.relative_error(e, b.dequantize().T)
+        base = f"{node.name}_q{bits}"
+        if bits == 4:
+            data = helper.make_tensor(f"{base}_data", TensorProto.UINT4, list(e.shape), _int4(b.q), raw=True)
+            zero = helper.make_tensor(f"{base}_zero", TensorProto.UINT4, list(b.zero.shape), _int4(b.zero), raw=True)
+        else:
+            data = numpy_helper.from_array(b.q.astype(np.uint8), f"{base}_data")
+            zero = numpy_helper.from_array(b.zero.astype(np.uint8), f"{base}_zero")
+        scale = numpy_helper.from_array(b.scale.astype(np.float32), f"{base}_scale")
+        model.graph.initializer.extend([data, scale, zero])
+        nodes.append(
+            helper.make_node(
+                "GatherBlockQuantized",
+                [data.name, node.input[1], scale.name, zero.name],
+                list(node.output),
+                name=node.name,
+                domain="com.microsoft",
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=block_size,
+                bits=bits,
+            )
+        )
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return errors
+
+
 class WeightOnly(OnnxQuantizer):
     """Group-wise int4/int8 weights (RTN, HQQ or GPTQ) into MatMulNBits, with per-layer output error."""
 
@@ -75,13 +163,20 @@ class WeightOnly(OnnxQuantizer):
     damp: float = Field(0.01, gt=0, le=1, description="GPTQ: fraction of the mean Hessian diagonal added to it")
     act_order: bool = Field(True, description="GPTQ: quantize columns in order of decreasing activation energy")
     calibration_texts: int = Field(128, ge=8, description="calibration texts for GPTQ and the per-layer error")
+    head_bits: Literal[4, 8] | None = Field(
+        None, description="bits for the MatMul producing the `logits` output (the LM head); default: `bits`"
+    )
+    embedding_bits: Literal[4, 8] | None = Field(
+        None, description="quantize the token-embedding Gather into GatherBlockQuantized (4 or 8 bits); default: float"
+    )
 
-    def quantize_weight(self, w: np.ndarray, gram: np.ndarray | None) -> nbits.Blocked:
+    def quantize_weight(self, w: np.ndarray, gram: np.ndarray | None, bits: int | None = None) -> nbits.Blocked:
+        bits = bits or self.bits
         if self.algorithm == "gptq":
-            return nbits.gptq(w, gram, self.bits, self.block_size, self.symmetric, self.damp, self.act_order)
+            return nbits.gptq(w, gram, bits, self.block_size, self.symmetric, self.damp, self.act_order)
         if self.algorithm == "hqq":
-            return nbits.hqq(w, self.bits, self.block_size)
-        return nbits.rtn(w, self.bits, self.block_size, self.symmetric)
+            return nbits.hqq(w, bits, self.block_size)
+        return nbits.rtn(w, bits, self.block_size, self.symmetric)
 
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
@@ -91,18 +186,26 @@ class WeightOnly(OnnxQuantizer):
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
         excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
-        layers = {}
+        layers, small = {}, []
         for node in model.graph.node:
-            if node.op_type == "MatMul" and node.name not in excluded:
+            if node.op_type in ("MatMul", "FusedMatMul") and node.name not in excluded:
                 w = weight_of(model, node)
-                if w is not None:
-                    layers[node.name] = (node.input[0], w)
+                if w is None:
+                    continue
+                if min(w.shape) < 16:  # e.g. the rotary frequency table ([1, d/2]): no weight matrix to speak of
+                    small.append(node.name)
+                    continue
+                layers[node.name] = (node.input[0], w)
         if not layers:
             raise StageError(
                 f"{self.kind}: no MatMul with a constant 2-D float weight to quantize (after `exclude`). "
                 "Weight-only quantization replaces MatMul nodes; fused Attention weights are not MatMuls."
             )
         report: dict[str, Any] = {"algorithm": self.algorithm, "bits": self.bits, "block_size": self.block_size}
+        model_heads = [n for n in model.graph.node if n.name in layers and "logits" in n.output]
+        heads = {n.name for n in model_heads}
+        if heads and self.head_bits:
+            report["head_bits"] = f"{self.head_bits} ({', '.join(sorted(heads))})"
         for name, (_, w) in layers.items():
             if w.shape[0] % self.block_size:
                 ctx.warn(
@@ -120,7 +223,7 @@ class WeightOnly(OnnxQuantizer):
             for name, (act, w) in layers.items():
                 c = captured[act] if captured else None
                 try:
-                    blocks[name] = self.quantize_weight(w, c.gram if c else None)
+                    blocks[name] = self.quantize_weight(w, c.gram if c else None, self.head_bits if name in heads else None)
                 except ValueError as e:
                     raise StageError(f"{self.kind}: layer {name}: {e}") from e
                 if c is not None:
@@ -138,15 +241,28 @@ class WeightOnly(OnnxQuantizer):
                 "Raise max_layer_error, or use more bits / a smaller block_size."
             )
         quantized = replace_matmuls(model, blocks, self.accuracy_level)
+        if self.embedding_bits:
+            head_bits = self.head_bits or self.bits
+            tied = {}
+            if head_bits == self.embedding_bits:  # a tied LM head: the Gather reads the head's packed weights
+                sources = {n.name: n.input[1] for n in model_heads}
+                tied = {sources[n.name]: n for n in quantized.graph.node if n.op_type == "MatMulNBits" and n.name in sources}
+            for name, err in quantize_embeddings(quantized, self.embedding_bits, self.block_size, tied).items():
+                report[f"embedding_error.{name}"] = round(err, 5) if err == err else "shared with the LM head"
+            replace_matmuls(quantized, {}, self.accuracy_level)  # drops the float tables no node reads now
         out = ctx.stage_dir("quantize_weight_only") / "model.onnx"
-        onnx.checker.check_model(quantized)
         onnx.save_model(quantized, str(out))
+        loads_in_ort(out, self.kind)
 
         counts = Counter(n.op_type for n in quantized.graph.node)
         report["quantized.MatMulNBits"] = counts["MatMulNBits"]
+        if counts.get("GatherBlockQuantized"):
+            report["quantized.GatherBlockQuantized"] = counts["GatherBlockQuantized"]
         report.update({f"float.{op}": counts[op] for op in ("MatMul", "Attention", "EmbedLayerNormalization") if counts.get(op)})
         report["quantized_params"] = int(sum(layers[n][1].size for n in blocks))
         report["excluded_nodes"] = len(excluded)
+        if small:
+            report["skipped_small"] = ", ".join(small)  # constant MatMuls with K or N < 16, kept float
         report["fallback_kept"] = len(kept)
         for name, why in kept.items():
             report[f"fallback.{name}"] = why
@@ -162,17 +278,17 @@ class WeightOnly(OnnxQuantizer):
             return None
         texts = calib.check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
         inputs = [i.name for i in model.graph.input]
-        feeds = calib.calibration_feeds(artifact.tokenizer, texts, inputs)
+        feeds = calib.calibration_feeds(artifact.tokenizer, texts, inputs, config=artifact.config)
         acts = sorted({a for a, _ in layers.values()})
         gram = set(acts) if self.algorithm == "gptq" else set()
         return calib.capture(model, acts, feeds, gram=gram, threads=ctx.threads, workdir=ctx.stage_dir("calibration"))
 
     def _quantize_file(self, src: Path, dst: Path) -> None:
-        """Quantize a one-MatMul model the way this stage would (RTN: timing does not depend on the codes)."""
+        """Quantize a one-MatMul model the way this stage would: the zero-point type decides the kernel path
+        (HQQ's float zero points measured 9 tokens/s against 168 for integer ones on SmolLM2)."""
         import onnx
 
         m = onnx.load(str(src))
         w = weight_of(m, m.graph.node[0])
-        onnx.save_model(
-            replace_matmuls(m, {"mm": nbits.rtn(w, self.bits, self.block_size, self.symmetric)}, self.accuracy_level), str(dst)
-        )
+        block = self.quantize_weight(w, np.eye(w.shape[0]))
+        onnx.save_model(replace_matmuls(m, {"mm": block}, self.accuracy_level), str(dst))

