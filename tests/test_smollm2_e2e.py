@@ -27,9 +27,11 @@ def test_smollm2_int4_recipe_runs_and_passes_its_perplexity_budget(tmp_path):
     report = run_recipe(recipe, out)
     stages = {s["kind"]: s["report"] for s in json.loads((out / "manifest.json").read_text())["stages"]}
     assert stages["compile.export"]["parity.max_abs_error"] < 1e-3  # measured 6e-5 (logits are O(10))
-    assert stages["compile.fuse"]["fused.GroupQueryAttention"] == 30 and stages["compile.fuse"]["contract"] == "met"
+    fuse = stages["compile.fuse"]
+    assert fuse["fused.GroupQueryAttention"] == 30 and fuse["contract"] == "met" and fuse["rules.merged_sibling_matmuls"] == 60
     quant = stages["quantize.weight_only"]
-    assert quant["quantized.MatMulNBits"] == 211 and quant["quantized.GatherBlockQuantized"] == 1
+    assert quant["quantized.MatMulNBits"] == 121 and quant["quantized.GatherBlockQuantized"] == 1  # QKV and gate/up merged
+    assert quant["embedding_error.node_embedding"] == "shared with the LM head"
     summary = report["summary"]["ort-cpu"]
     assert summary["perplexity_increase"] < 0.03
     ppl = next(b for b in report["budgets"] if b["name"] == "max_accuracy_drop.perplexity")

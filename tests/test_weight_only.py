@@ -145,3 +145,14 @@ def test_too_little_calibration_text_is_a_clear_error(fused, tmp_path):  # noqa:
     ctx = Context(workdir=tmp_path, threads=1, load_data=lambda: data)
     with pytest.raises(DataError, match="at least 8 non-empty calibration texts, got 1"):
         WeightOnly(algorithm="gptq").run(fused, ctx)
+
+
+def test_fallback_bits_promotes_the_worst_layer_to_8_bit_instead_of_float(fused, tmp_path):  # noqa: F811
+    plain = WeightOnly(block_size=32).run(fused, context(tmp_path / "p")).report["layer_errors"]
+    second, first = sorted(plain.values())[-2:]
+    worst = max(plain, key=plain.get)
+    stage = WeightOnly(block_size=32, fallback="auto", max_layer_error=(first + second) / 2, fallback_bits=8)
+    r = stage.run(fused, context(tmp_path / "m")).report
+    assert r["fallback_8bit"] == 1 and r["fallback_kept"] == 0 and "8-bit instead" in r[f"fallback.{worst}"]
+    assert r["quantized.MatMulNBits"] == 6 and "float.MatMul" not in r
+    assert r["layer_errors"][worst] < plain[worst] / 4  # 8 bits: ~16x less rounding error than 4

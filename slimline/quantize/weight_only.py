@@ -163,6 +163,9 @@ class WeightOnly(OnnxQuantizer):
     damp: float = Field(0.01, gt=0, le=1, description="GPTQ: fraction of the mean Hessian diagonal added to it")
     act_order: bool = Field(True, description="GPTQ: quantize columns in order of decreasing activation energy")
     calibration_texts: int = Field(128, ge=8, description="calibration texts for GPTQ and the per-layer error")
+    fallback_bits: Literal[8] | None = Field(
+        None, description="fallback: auto puts layers over max_layer_error in this many bits instead of float"
+    )
     head_bits: Literal[4, 8] | None = Field(
         None, description="bits for the MatMul producing the `logits` output (the LM head); default: `bits`"
     )
@@ -233,8 +236,17 @@ class WeightOnly(OnnxQuantizer):
 
         shapes = {name: w.shape for name, (_, w) in layers.items()}
         kept = choose_fallback(self, errors, shapes, self._quantize_file, ctx, ctx.stage_dir("weight_only_kernels"))
-        for name in kept:
-            blocks.pop(name)
+        promoted = {}
+        for name in list(kept):
+            if self.fallback_bits and "slower" not in kept[name] and "not faster" not in kept[name]:
+                # mixed precision: an error-driven fallback goes to fallback_bits, not all the way to float
+                act, w = layers[name]
+                c = captured[act] if captured else None
+                blocks[name] = self.quantize_weight(w, c.gram if c else None, self.fallback_bits)
+                errors[name] = calib.relative_error(c.sample @ w, c.sample @ blocks[name].dequantize()) if c else errors[name]
+                promoted[name] = kept.pop(name)
+            else:
+                blocks.pop(name)
         if not blocks:
             raise StageError(
                 f"{self.kind}: fallback kept every layer in float ({len(kept)} layers); nothing was quantized. "
@@ -266,6 +278,10 @@ class WeightOnly(OnnxQuantizer):
         report["fallback_kept"] = len(kept)
         for name, why in kept.items():
             report[f"fallback.{name}"] = why
+        if promoted:
+            report[f"fallback_{self.fallback_bits}bit"] = len(promoted)
+            for name, why in promoted.items():
+                report[f"fallback.{name}"] = f"{why}: {self.fallback_bits}-bit instead"
         calib.layer_report({n: e for n, e in errors.items() if n in blocks}, report)
         if not errors:
             ctx.warn(f"{self.kind}: no calibration text, so no per-layer error was measured.")
