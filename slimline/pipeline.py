@@ -7,7 +7,6 @@ half-written run where a user (or a CI job) would mistake it for a finished one.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -22,6 +21,7 @@ from typing import Any
 from slimline.artifact import OnnxModel, TorchModel
 from slimline.env import host_info, package_versions
 from slimline.errors import OutputError
+from slimline.models.loader import sha256_file as sha256
 from slimline.recipe import Recipe
 from slimline.stage import Context, Reporter, Stage
 
@@ -46,14 +46,6 @@ STAGES: dict[str, str] = {
 def stage_class(kind: str) -> type[Stage]:
     module, _, name = STAGES[kind].partition(":")
     return getattr(importlib.import_module(module), name)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- the artifact folder ---------------------------------------------------------------------------

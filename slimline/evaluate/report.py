@@ -192,6 +192,16 @@ def write_reports(report: dict[str, Any], folder: Path) -> None:
     (folder / "report.html").write_text(to_html(report, png))
 
 
+def finish_report(report: dict[str, Any], spec: Any, budgets: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
+    """Add the budget verdicts to a run's report, write report.{json,md,png,html}, return it."""
+    report["budget_spec"] = spec.budgets.model_dump(mode="json", exclude_defaults=True)
+    report["required_targets"] = list(spec.required_targets)
+    report["budgets"] = budgets
+    report["passed"] = all(b["passed"] for b in budgets)
+    write_reports(report, folder)
+    return report
+
+
 def validate_report(report: dict[str, Any]) -> list[str]:
     """Problems with a report's schema (empty if it is valid)."""
     problems = [

@@ -17,7 +17,7 @@ from slimline.env import host_info
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory, speed
 from slimline.evaluate.budgets import check_budgets
-from slimline.evaluate.report import REPORT_SCHEMA, write_reports
+from slimline.evaluate.report import REPORT_SCHEMA, finish_report
 from slimline.evaluate.targets import Runner, available, ort_runner, torch_runner
 from slimline.stage import Context, Reporter
 
@@ -249,10 +249,5 @@ def evaluate_run(
         },
         "results": rows,
         "summary": summary,
-        "budget_spec": spec.budgets.model_dump(mode="json", exclude_defaults=True),
-        "required_targets": list(spec.required_targets),
-        "budgets": budgets,
-        "passed": all(b["passed"] for b in budgets),
     }
-    write_reports(report, folder)
-    return report
+    return finish_report(report, spec, budgets, folder)

@@ -41,7 +41,7 @@ def calibration_feeds(
     if decoder and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     feeds = []
-    side = tokenizer.padding_side
+    side = getattr(tokenizer, "padding_side", None)
     for i in range(0, len(texts), batch):
         padding = "max_length" if fixed else True
         try:
@@ -49,7 +49,8 @@ def calibration_feeds(
                 tokenizer.padding_side = "right"
             enc = tokenizer(texts[i : i + batch], padding=padding, truncation=True, max_length=max_length, return_tensors="np")
         finally:
-            tokenizer.padding_side = side
+            if decoder:
+                tokenizer.padding_side = side
         feed = {k: v.astype(np.int64) for k, v in enc.items() if k in inputs}
         if decoder:
             from slimline.compile.export_llm import empty_past

@@ -73,6 +73,23 @@ def _int4(values: np.ndarray) -> bytes:
     return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
+def _gather_quantized(inputs: list[str], gather: Any, block_size: int, bits: int) -> Any:
+    """GatherBlockQuantized replacing ``gather``: rows of a table quantized in blocks along the hidden axis."""
+    from onnx import helper
+
+    return helper.make_node(
+        "GatherBlockQuantized",
+        inputs,
+        list(gather.output),
+        name=gather.name,
+        domain="com.microsoft",
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block_size,
+        bits=bits,
+    )
+
+
 def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, Any] | None = None) -> dict[str, float]:
     """Token-embedding Gathers (a constant ``[vocab, hidden]`` table, axis 0) -> GatherBlockQuantized.
 
@@ -100,19 +117,7 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             model.graph.initializer.append(shape)
             packed = f"{node.name}_packed"
             nodes.append(helper.make_node("Reshape", [head.input[1], shape.name], [packed], name=f"{node.name}_share"))
-            nodes.append(
-                helper.make_node(
-                    "GatherBlockQuantized",
-                    [packed, node.input[1], head.input[2], *head.input[3:4]],
-                    list(node.output),
-                    name=node.name,
-                    domain="com.microsoft",
-                    gather_axis=0,
-                    quantize_axis=1,
-                    block_size=block_size,
-                    bits=bits,
-                )
-            )
+            nodes.append(_gather_quantized([packed, node.input[1], head.input[2], *head.input[3:4]], node, block_size, bits))
             errors[node.name] = float("nan")  # the head's error, reported with the layers
             continue
         e = numpy_helper.to_array(table)
@@ -127,19 +132,7 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             zero = numpy_helper.from_array(b.zero.astype(np.uint8), f"{base}_zero")
         scale = numpy_helper.from_array(b.scale.astype(np.float32), f"{base}_scale")
         model.graph.initializer.extend([data, scale, zero])
-        nodes.append(
-            helper.make_node(
-                "GatherBlockQuantized",
-                [data.name, node.input[1], scale.name, zero.name],
-                list(node.output),
-                name=node.name,
-                domain="com.microsoft",
-                gather_axis=0,
-                quantize_axis=1,
-                block_size=block_size,
-                bits=bits,
-            )
-        )
+        nodes.append(_gather_quantized([data.name, node.input[1], scale.name, zero.name], node, block_size, bits))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return errors
