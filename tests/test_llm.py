@@ -254,3 +254,46 @@ def test_sibling_matmul_merge_positive_variant_and_negative(tmp_path):
     m3 = graph([rng.standard_normal((8, 4)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)])
     m3.graph.output[0].name = "y0"  # one MatMul output is a graph output: keep it a separate node
     assert merge_sibling_matmuls(m3) == (0, {"x": "mm0: output is a graph output"})
+
+
+def test_text_generation_run_reports_perplexity_speed_and_budgets(llama, tmp_path):
+    """evaluate.llm end to end on the tiny Llama: the report has the encoder schema plus LLM figures."""
+    from slimline import recipe as R
+    from slimline.evaluate.report import validate_report
+    from slimline.pipeline import run_recipe
+
+    recipe = R.Recipe.model_validate(
+        {
+            "name": "tiny-llm",
+            "model": {"source": str(llama.info.path), "task": "text-generation"},
+            "stages": [
+                {"compile.export": {}},
+                {"compile.fuse": {}},
+                {"quantize.weight_only": {"block_size": 16, "min_cosine": 0}},
+            ],
+            "evaluate": {
+                "data": {"source": "builtin:shakespeare", "calibration_size": 16, "evaluation_size": 60},
+                "memory": False,
+                "speed": {"repeats": 1},
+                "generation": {
+                    "perplexity_tokens": 256,
+                    "context": 64,
+                    "stride": 32,
+                    "prompt_lengths": [16],
+                    "decode_batch_sizes": [1, 2],
+                    "new_tokens": 4,
+                    "decode_prompt": 8,
+                },
+                "budgets": {"max_accuracy_drop": {"perplexity": "50%"}, "min_speedup": 0.01},
+            },
+        }
+    )
+    report = run_recipe(recipe, tmp_path / "run")
+    assert not validate_report(report)
+    modes = {(r["variant"], r["mode"], r["batch_size"]) for r in report["results"]}
+    assert {("compressed", "decode", 2), ("baseline", "prefill", 1)} <= modes
+    s = report["summary"]["ort-cpu"]
+    assert s["accuracy"]["perplexity"] > 1 and 0 <= s["accuracy"]["next_token_agreement"] <= 1
+    assert set(s["decode_tokens_per_s"]) == {"1", "2"} and s["speedup"] is not None
+    assert {b["name"] for b in report["budgets"]} == {"max_accuracy_drop.perplexity", "min_speedup"}
+    assert (tmp_path / "run" / "report.md").read_text().count("decode") >= 4

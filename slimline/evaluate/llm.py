@@ -141,11 +141,10 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     """Perplexity, agreement, prefill/decode speed and memory of a decoder artifact against torch fp32."""
     import os
 
-    from slimline.env import host_info
     from slimline.evaluate import memory
     from slimline.evaluate import speed as enc_speed
     from slimline.evaluate.budgets import check_budgets
-    from slimline.evaluate.report import REPORT_SCHEMA, finish_report
+    from slimline.evaluate.report import finish_report, report_header
     from slimline.evaluate.runner import folder_size_mb, weight_files
     from slimline.evaluate.targets import available
     from slimline.generate import OnnxDecoder, eos_ids
@@ -251,13 +250,7 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     }
     budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
-        "schema_version": REPORT_SCHEMA,
-        "recipe": recipe.name,
-        "artifact": name or folder.name,
-        "model": reference.info.source,
-        "task": "text-generation",
-        "data": ctx.data.describe(),
-        "host": host_info(threads),
+        **report_header(recipe, name, folder, reference.info.source, "text-generation", ctx.data, threads),
         "targets": {
             "baseline@torch-cpu": {"library": "torch (HF generate, KV cache)"},
             "compressed@ort-cpu": {"library": "onnxruntime + slimline generate loop"},

@@ -192,6 +192,21 @@ def write_reports(report: dict[str, Any], folder: Path) -> None:
     (folder / "report.html").write_text(to_html(report, png))
 
 
+def report_header(recipe: Any, name: str | None, folder: Path, source: str, task: str, data: Any, threads: int) -> dict[str, Any]:
+    """The fields every run report starts with."""
+    from slimline.env import host_info
+
+    return {
+        "schema_version": REPORT_SCHEMA,
+        "recipe": recipe.name,
+        "artifact": name or folder.name,
+        "model": source,
+        "task": task,
+        "data": data.describe(),
+        "host": host_info(threads),
+    }
+
+
 def finish_report(report: dict[str, Any], spec: Any, budgets: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
     """Add the budget verdicts to a run's report, write report.{json,md,png,html}, return it."""
     report["budget_spec"] = spec.budgets.model_dump(mode="json", exclude_defaults=True)

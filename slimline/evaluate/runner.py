@@ -13,11 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from slimline.env import host_info
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory, speed
 from slimline.evaluate.budgets import check_budgets
-from slimline.evaluate.report import REPORT_SCHEMA, finish_report
+from slimline.evaluate.report import finish_report, report_header
 from slimline.evaluate.targets import Runner, available, ort_runner, torch_runner
 from slimline.stage import Context, Reporter
 
@@ -219,13 +218,7 @@ def evaluate_run(
         }
     budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
-        "schema_version": REPORT_SCHEMA,
-        "recipe": recipe.name,
-        "artifact": name or folder.name,
-        "model": reference.info.source,
-        "task": info.task,
-        "data": data.describe(),
-        "host": host_info(threads),
+        **report_header(recipe, name, folder, reference.info.source, info.task, data, threads),
         "targets": {r.name: r.details for r in [*baselines.values(), *runners]},
         "skipped_targets": skipped,
         "measurement": {
