@@ -101,6 +101,22 @@ def weight_of(model: Any, node: Any) -> np.ndarray | None:
     return w
 
 
+def weighted_layers(model: Any, op_types: Any) -> dict[str, tuple[str, str, np.ndarray]]:
+    """node name -> (activation input, weight name, ``[K, N]`` weight) for the named op types with a constant weight."""
+    return {
+        n.name: (n.input[0], n.input[1], w)
+        for n in model.graph.node
+        if n.op_type in op_types and n.name and (w := weight_of(model, n)) is not None
+    }
+
+
+def report_fallback(report: dict, kept: dict[str, str]) -> None:
+    """The layers ``fallback: auto`` kept in float, each with its reason."""
+    report["fallback_kept"] = len(kept)
+    for name, why in kept.items():
+        report[f"fallback.{name}"] = why
+
+
 def single_matmul(k: int, n: int, seed: int = 0) -> Any:
     """A one-node ``Y = X @ W`` model with a random ``[k, n]`` weight, for timing kernels."""
     from onnx import TensorProto, helper, numpy_helper

@@ -30,7 +30,8 @@ from slimline.quantize.common import (
     excluded_nodes,
     fidelity_guard,
     refuse_quantized,
-    weight_of,
+    report_fallback,
+    weighted_layers,
 )
 from slimline.quantize.error import consumers, dequantized_weights, weight_sqnr
 from slimline.runtime import quiet
@@ -84,11 +85,7 @@ class DynamicInt8(OnnxQuantizer):
         self.quantize(artifact.path, out, excluded)
         quantized = onnx.load(str(out))
 
-        layers = {
-            n.name: (n.input[0], n.input[1], w)
-            for n in model.graph.node
-            if n.op_type in WEIGHTED_OPS and n.name and (w := weight_of(model, n)) is not None
-        }
+        layers = weighted_layers(model, WEIGHTED_OPS)
         errors = self._layer_errors(model, quantized, artifact, layers, ctx)
         shapes = {name: w.shape for name, (_, _, w) in layers.items() if name in errors}
         kept = choose_fallback(
@@ -105,9 +102,7 @@ class DynamicInt8(OnnxQuantizer):
         report["excluded_nodes"] = len(excluded)
         if excluded:
             report["excluded"] = ", ".join(sorted(excluded))
-        report["fallback_kept"] = len(kept)
-        for name, why in kept.items():
-            report[f"fallback.{name}"] = why
+        report_fallback(report, kept)
         if not any(counts.get(op) for op in ("MatMulInteger", "QAttention", "QLinearMatMul")):
             raise StageError(
                 f"{self.kind}: no layer was quantized (no MatMul/Attention left after `exclude`, `op_types` and "

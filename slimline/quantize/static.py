@@ -26,7 +26,16 @@ from pydantic import Field
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.quantize import calib
-from slimline.quantize.common import OnnxQuantizer, choose_fallback, excluded_nodes, fidelity_guard, refuse_quantized, weight_of
+from slimline.quantize.common import (
+    OnnxQuantizer,
+    choose_fallback,
+    excluded_nodes,
+    fidelity_guard,
+    refuse_quantized,
+    report_fallback,
+    weight_of,
+    weighted_layers,
+)
 from slimline.quantize.error import dequantized_weights, weight_sqnr
 from slimline.runtime import quiet
 from slimline.stage import Context, StageResult
@@ -143,11 +152,7 @@ class StaticInt8(OnnxQuantizer):
             raise StageError(f"{self.kind}: ONNX Runtime's static quantizer failed: {e}") from e
         quantized = onnx.load(str(out))
 
-        layers = {
-            n.name: (n.input[0], n.input[1], w)
-            for n in model.graph.node
-            if n.op_type in self.op_types and n.name and (w := weight_of(model, n)) is not None
-        }
+        layers = weighted_layers(model, self.op_types)
         errors = self._layer_errors(model, quantized, layers, feeds, ctx)
         shapes = {name: layers[name][2].shape for name in errors}
         kept = choose_fallback(
@@ -180,9 +185,7 @@ class StaticInt8(OnnxQuantizer):
         report.update({f"float.{op}": counts[op] for op in ("Attention", "EmbedLayerNormalization", "Softmax") if counts.get(op)})
         report["excluded_nodes"] = len(excluded)
         report["float.activation_matmuls"] = len(dynamic_b)
-        report["fallback_kept"] = len(kept)
-        for name, why in kept.items():
-            report[f"fallback.{name}"] = why
+        report_fallback(report, kept)
         sqnr = weight_sqnr(model, quantized)
         if sqnr:
             report["weight_sqnr_db.min"] = round(min(sqnr.values()), 2)

@@ -26,6 +26,7 @@ from slimline.quantize.common import (
     fidelity_guard,
     loads_in_ort,
     refuse_quantized,
+    report_fallback,
     weight_of,
 )
 from slimline.stage import Context, StageResult
@@ -90,7 +91,7 @@ def _gather_quantized(inputs: list[str], gather: Any, block_size: int, bits: int
     )
 
 
-def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, Any] | None = None) -> dict[str, float]:
+def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, Any] | None = None) -> dict[str, float | str]:
     """Token-embedding Gathers (a constant ``[vocab, hidden]`` table, axis 0) -> GatherBlockQuantized.
 
     Blocks run along the hidden dimension, asymmetric, with integer zero points. Returns each
@@ -118,7 +119,7 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             packed = f"{node.name}_packed"
             nodes.append(helper.make_node("Reshape", [head.input[1], shape.name], [packed], name=f"{node.name}_share"))
             nodes.append(_gather_quantized([packed, node.input[1], head.input[2], *head.input[3:4]], node, block_size, bits))
-            errors[node.name] = float("nan")  # the head's error, reported with the layers
+            errors[node.name] = "shared with the LM head"  # its error is the head's, among the layers
             continue
         e = numpy_helper.to_array(table)
         b = nbits.rtn(np.ascontiguousarray(e.T), bits, block_size)  # q: [vocab, hidden]
@@ -253,7 +254,7 @@ class WeightOnly(OnnxQuantizer):
                 sources = {n.name: n.input[1] for n in model_heads}
                 tied = {sources[n.name]: n for n in quantized.graph.node if n.op_type == "MatMulNBits" and n.name in sources}
             for name, err in quantize_embeddings(quantized, self.embedding_bits, self.block_size, tied).items():
-                report[f"embedding_error.{name}"] = round(err, 5) if err == err else "shared with the LM head"
+                report[f"embedding_error.{name}"] = err if isinstance(err, str) else round(err, 5)
             replace_matmuls(quantized, {}, self.accuracy_level)  # drops the float tables no node reads now
         out = ctx.stage_dir("quantize_weight_only") / "model.onnx"
         onnx.save_model(quantized, str(out))
@@ -268,9 +269,7 @@ class WeightOnly(OnnxQuantizer):
         report["excluded_nodes"] = len(excluded)
         if small:
             report["skipped_small"] = ", ".join(small)  # constant MatMuls with K or N < 16, kept float
-        report["fallback_kept"] = len(kept)
-        for name, why in kept.items():
-            report[f"fallback.{name}"] = why
+        report_fallback(report, kept)
         if promoted:
             report[f"fallback_{self.fallback_bits}bit"] = len(promoted)
             for name, why in promoted.items():
