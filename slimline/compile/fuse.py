@@ -1,11 +1,15 @@
 """``compile.fuse``: rewrite the exported graph into ONNX Runtime's fused contrib ops.
 
-For BERT-family encoders this is ONNX Runtime's transformers optimizer, which turns each layer's
-~40 nodes into Attention, SkipLayerNormalization and BiasGelu (and the embeddings into
-EmbedLayerNormalization). These com.microsoft kernels run on the CPU and CUDA execution providers.
+The default engine is slimline's own (``slimline.compile.fusions``): declarative onnxscript rewrite
+rules, one module per fused op, for encoders (EmbedLayerNormalization, Attention,
+SkipLayerNormalization, BiasGelu) and decoders (SimplifiedLayerNormalization,
+SkipSimplifiedLayerNormalization, RotaryEmbedding, GroupQueryAttention), on graphs from both
+exporters. ``engine: ort`` runs ONNX Runtime's transformers optimizer instead (BERT family only).
+These com.microsoft kernels run on the CPU and CUDA execution providers.
 
-What we add around it: op counts in the report, a contract (``expect``) that fails the stage when a
-fusion silently stops matching, and a parity check of the fused graph against the unfused one.
+Around either engine: op counts in the report, a contract (``expect``) that fails the stage when a
+fusion silently stops matching and names each unfused layer with the rule's rejection reason, a
+check that ONNX and ONNX Runtime load the result, and a parity check against the unfused graph.
 """
 
 from __future__ import annotations
@@ -62,14 +66,17 @@ class Fuse(Stage):
     kind = "compile.fuse"
     consumes = (OnnxModel,)
 
-    engine: Literal["ort"] = Field(
-        "ort", description="encoders: ONNX Runtime's transformers optimizer; decoders use onnxscript's ort_fusions"
+    engine: Literal["slimline", "ort"] = Field(
+        "slimline", description="slimline's fusion rules (encoders and decoders), or ONNX Runtime's transformers optimizer (BERT family)"
     )
     expect: dict[str, int] = Field(default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}")
     allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
     atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
     skip: list[
-        Literal["Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu", "Gelu", "LayerNormalization"]
+        Literal[
+            "Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu", "Gelu", "LayerNormalization",
+            "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention",
+        ]
     ] = Field(
         default_factory=list,
         description="fusions to leave out, e.g. [Attention] so that static int8 can quantize the QKV MatMuls",
@@ -83,6 +90,8 @@ class Fuse(Stage):
         config = artifact.config
         if artifact.info.task == "text-generation":
             return self._run_decoder(artifact, ctx)
+        if self.engine == "slimline":
+            return self._run_slimline(artifact, ctx)
         model_type = ORT_MODEL_TYPES.get(config.model_type)
         if model_type is None:
             raise StageError(
@@ -130,57 +139,116 @@ class Fuse(Stage):
             )
         return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, config), report)
 
-    def _contract(self, fused: dict[str, int], report: dict, ctx: Context) -> None:
-        """Check ``expect``: a shortfall fails the stage, or warns with ``allow_partial``."""
+    def _contract(self, fused: dict[str, int], report: dict, ctx: Context, unfused: list[dict] | None = None) -> None:
+        """Check ``expect``: a shortfall fails the stage, or warns with ``allow_partial``.
+
+        With slimline's engine the message names each unfused layer and why its rule rejected it.
+        """
         shortfall = {op: (n, fused.get(op, 0)) for op, n in self.expect.items() if fused.get(op, 0) < n}
         report["contract"] = "met" if not shortfall else "partial" if self.allow_partial else "failed"
+        for op, (want, got) in shortfall.items():
+            report[f"unfused.{op}"] = want - got
         if shortfall:
             detail = ", ".join(f"{op}: expected {want}, got {got}" for op, (want, got) in shortfall.items())
+            lines = [
+                f"  {u['op']} at {u['where']} ({u['node']}): {u['rule'] + ' ' if u['rule'] else ''}{u['reason']}"
+                for u in (unfused or [])
+                if u["op"] in shortfall
+            ]
+            if len(lines) > 12:
+                lines = lines[:12] + [f"  ... and {len(lines) - 12} more (slimline inspect --fusions MODEL.onnx lists all)"]
             message = (
                 f"compile.fuse: the fusion contract is not met ({detail}). The graph changed shape or a pattern "
-                "stopped matching; those layers run unfused and slower. Fix the export, lower `expect`, or "
-                "set `allow_partial: true` to accept it with a warning."
+                "stopped matching; those layers run unfused and slower."
+                + ("\nUnfused:\n" + "\n".join(lines) if lines else "")
+                + "\nFix the export, lower `expect`, or set `allow_partial: true` to accept it with a warning."
             )
             if not self.allow_partial:
                 raise StageError(message)
             ctx.warn(message)
 
-    def _run_decoder(self, artifact: OnnxModel, ctx: Context) -> StageResult:
-        """Decoders: onnxscript's ONNX Runtime fusions (RMSNorm, skip RMSNorm, rotary, GroupQueryAttention).
-
-        These rules are written for the dynamo exporter's graph, which compile.export produces for
-        text-generation. Parity: prefill + 5 greedy decode steps, each graph with its own KV cache.
-        """
+    def _fuse_with_rules(self, artifact: OnnxModel, ctx: Context) -> tuple:
+        """slimline's engine: fuse, save (external data above 1.5 GB), prove ONNX and ORT load it."""
         import onnx
         import onnx_ir as ir
-        from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-        from slimline.compile.export_llm import decoder_parity, onnx_stepper, parity_prompts
-        from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls
+        from slimline.compile.fusions import UnsupportedGraph, fuse_model
 
-        if self.skip:
-            raise StageError(
-                "compile.fuse: `skip` applies to the encoder fusions; decoders use onnxscript's rule set as a whole."
-            )
-        before = onnx.load(str(artifact.path), load_external_data=False)
-        with quiet():
-            model, rules = optimize_for_ort(ir.load(str(artifact.path)))
+        try:
+            model = ir.load(str(artifact.path))
+        except Exception as err:  # protobuf/ir errors for corrupt files
+            raise StageError(f"compile.fuse: can't read {artifact.path} ({type(err).__name__}): is the file complete?") from None
+        try:
+            with quiet():
+                result = fuse_model(model, skip=tuple(self.skip))
+        except UnsupportedGraph as err:
+            raise StageError(f"compile.fuse: {err}") from None
         out = ctx.stage_dir("fuse") / "model.onnx"
-        ir.save(model, str(out))
-        after = onnx.load(str(out))
-        rules["merged_sibling_matmuls"], rejected = merge_sibling_matmuls(after)  # slimline's own rule
-        onnx.save_model(after, str(out))
+        after = ir.to_proto(model)
+        if artifact.info.task == "text-generation":
+            from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls
+
+            result.steps["merged_sibling_matmuls"], rejected = merge_sibling_matmuls(after)  # slimline's own rule
+        else:
+            rejected = {}
+        large = sum(t.ByteSize() for t in after.graph.initializer) > 1_500_000_000
+        onnx.save_model(after, str(out), save_as_external_data=large, location="model.onnx.data" if large else None)
+        try:
+            try:
+                onnx.checker.check_model(str(out))
+            except onnx.checker.ValidationError as err:
+                # ORT registers SimplifiedLayerNormalization in the default domain, which onnx's checker doesn't know
+                if "No Op registered for SimplifiedLayerNormalization" not in str(err):
+                    raise
+            ort_function(out, ctx.threads)
+        except Exception as err:  # never hand on a graph ONNX or ONNX Runtime refuses
+            for path in out.parent.glob("model.onnx*"):
+                path.unlink()
+            raise StageError(
+                f"compile.fuse: the fused graph does not load ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
+                "This is a bug in a fusion rule; `skip` the fused op named in the error, or use `engine: ort`, and report it."
+            ) from None
         counts = Counter(n.op_type for n in after.graph.node)
-        fused = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
-        report: dict = {"engine": "onnxscript ort_fusions"}
-        report.update({f"fused.{op}": n for op, n in fused.items()})
-        report.update({f"rules.{name}": n for name, n in rules.items() if n})
-        report["nodes_before"] = len(before.graph.node)
+        report: dict = {"engine": "slimline"}
+        report.update({f"fused.{op}": n for op, n in result.counts.items()})
+        report.update({f"rules.{name}": n for name, n in result.steps.items() if n})
+        report["nodes_before"] = result.nodes_before
         report["nodes_after"] = len(after.graph.node)
         report["unfused.MatMul"] = counts.get("MatMul", 0)
         for x, why in list(rejected.items())[:5]:
             report[f"rejected.merged_sibling_matmuls.{x}"] = why
-        self._contract(fused, report, ctx)
+        for u in result.unfused[:20]:
+            report[f"unfused_at.{u['op']}.{u['where']}"] = u["reason"]
+        self._contract(result.counts, report, ctx, result.unfused)
+        return out, report
+
+    def _run_slimline(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        out, report = self._fuse_with_rules(artifact, ctx)
+        run_a, inputs = ort_function(artifact.path, ctx.threads)
+        run_b, _ = ort_function(out, ctx.threads)
+        texts = ctx.data.calibration[:8] if ctx.load_data else []
+        parity = compare(run_a, run_b, sample_feeds(artifact.tokenizer, inputs, texts))
+        report.update(parity.report())
+        if not parity.max_abs_error <= self.atol:
+            raise StageError(
+                f"compile.fuse: the fused graph differs from the unfused one by {parity.max_abs_error:.3g} on "
+                f"`{parity.worst_output}` ({parity.worst_case}), above atol={self.atol}. A fusion is wrong for "
+                "these inputs; `skip` it or use `engine: ort`, and report it with the model's config."
+            )
+        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
+
+    def _run_decoder(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        """Decoders: slimline's engine (RMSNorm, skip RMSNorm, rotary, GroupQueryAttention) plus the
+        sibling-MatMul merge. Parity: prefill + 5 greedy decode steps, each graph with its own KV cache.
+        """
+        from slimline.compile.export_llm import decoder_parity, onnx_stepper, parity_prompts
+
+        if self.engine == "ort":
+            raise StageError(
+                "compile.fuse: `engine: ort` (ONNX Runtime's transformers optimizer) has no rules for this decoder's "
+                "dynamo graph; use the default `engine: slimline`."
+            )
+        out, report = self._fuse_with_rules(artifact, ctx)
         texts = ctx.data.calibration[:2] if ctx.load_data else []
         parity = decoder_parity(
             onnx_stepper(artifact.path, ctx.threads), onnx_stepper(out, ctx.threads), parity_prompts(artifact.tokenizer, texts)

@@ -1,1 +1,150 @@
-"""slimline's own graph rewrites, one module per rule, each with a sketch of what it matches."""
+"""slimline's fusion engine: rewrite rules into ONNX Runtime's com.microsoft kernels, with reasons.
+
+One module per fused op (each with an ASCII sketch of what it matches). ``fuse_model`` runs them in
+an order where no rule steals another's subgraph, then counts the fused ops in the final graph and,
+for every candidate left unfused, asks each rule (in onnxscript's tracing mode, which changes
+nothing) how far it got and why it stopped. That is what a contract shortfall and
+``slimline inspect --fusions`` print.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from slimline.compile.fusions import (
+    attention,
+    embed_layer_norm,
+    gelu,
+    group_query_attention,
+    rms_norm,
+    rotary_embedding,
+    skip_layer_norm,
+    skip_rms_norm,
+    static_shape,
+)
+from slimline.compile.fusions._base import Tracer, layer_of, locate
+
+# (step name, module, how to run it). Order matters: the embedding sum looks like a skip-LayerNorm,
+# slimline's BERT attention must see the graph before onnxscript's SDPA rule, and
+# GroupQueryAttention must take decoders' SDPA before the MultiHeadAttention chain does.
+STEPS: list[tuple[str, Any, Any]] = [
+    ("embed_layer_norm", embed_layer_norm, None),
+    ("attention", attention, attention.apply),
+    ("rms_norm", rms_norm, None),
+    ("skip_layer_norm", skip_layer_norm, None),
+    ("skip_rms_norm", skip_rms_norm, None),
+    ("rotary_embedding", rotary_embedding, rotary_embedding.apply),
+    ("group_query_attention", group_query_attention, group_query_attention.apply),
+    ("attention_chain", attention, lambda model, tracer=None: attention.apply_chain(model)),
+    ("gelu", gelu, None),
+]
+MODULES = {m.OP: m for _, m, _ in STEPS}
+SUPPORTED_OPSETS = range(17, 24)  # LayerNormalization is one op from 17; onnxscript's rules are written for 18+
+
+
+class UnsupportedGraph(ValueError):
+    """The graph can't go through the fusion rules (an opset or a shape of graph we don't handle)."""
+
+
+@dataclass
+class FusionResult:
+    model: Any  # onnx_ir.Model, rewritten in place
+    counts: dict[str, int]  # fused op -> nodes in the final graph
+    steps: dict[str, int]  # step -> matches it made
+    nodes_before: int
+    nodes_after: int
+    unfused: list[dict] = field(default_factory=list)  # {op, where, node, rule, reason}
+
+    def unfused_for(self, op: str) -> list[dict]:
+        return [u for u in self.unfused if u["op"] == op]
+
+
+def fused_counts(model: Any) -> dict[str, int]:
+    from slimline.compile.fuse import FUSED_OPS
+
+    counts = Counter(node.op_type for node in model.graph.all_nodes())
+    return {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+
+
+def _run(module: Any, runner: Any, model: Any, tracer: Tracer | None = None) -> int:
+    from onnxscript.rewriter import RewriteRuleSet
+
+    if runner is not None:
+        return runner(model, tracer=tracer)
+    return RewriteRuleSet(module.rules()).apply_to_model(model, tracer=tracer)
+
+
+def check_opset(model: Any) -> int:
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if opset is None or opset not in SUPPORTED_OPSETS:
+        raise UnsupportedGraph(
+            f"opset {opset}: slimline's fusion rules support opsets {SUPPORTED_OPSETS.start}-{SUPPORTED_OPSETS.stop - 1} "
+            "(below 17 LayerNormalization is decomposed into a dozen ops). Re-export with `compile.export: {opset: 18}`."
+        )
+    return opset
+
+
+def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) -> FusionResult:
+    """Fuse ``model`` (an onnx_ir.Model) in place; ``skip`` names fused ops to leave out."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import RewriteRuleSet, rewrite
+    from onnxscript.rewriter.ort_fusions._core import ORT_PATTERN_REWRITE_RULES, _pre_optimize
+    from onnxscript.rewriter.rules.common import _gemm_to_matmul_add
+
+    check_opset(model)
+    nodes_before = sum(1 for _ in model.graph)
+    rewrite(model, [_gemm_to_matmul_add.gemm_to_matmul_add_rule])
+    _pre_optimize(model)
+    RewriteRuleSet(static_shape.rules()).apply_to_model(model)
+    optimize(model)  # constant-fold what the static shapes made constant (attention's scale)
+    steps: dict[str, int] = {}
+    for name, module, runner in STEPS:
+        if module.OP in skip or (module is gelu and "Gelu" in skip):
+            continue
+        steps[name] = _run(module, runner, model)
+    optimize(model)
+    rewrite(model, ORT_PATTERN_REWRITE_RULES)
+    ir.passes.Sequential(
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+        common_passes.RemoveInitializersFromInputsPass(),
+        common_passes.ShapeInferencePass(),
+    )(model)
+    result = FusionResult(model, fused_counts(model), steps, nodes_before, sum(1 for _ in model.graph))
+    if diagnose:
+        result.unfused = diagnose_unfused(model, skip)
+    return result
+
+
+def diagnose_unfused(model: Any, skip: tuple[str, ...] = ()) -> list[dict]:
+    """Every candidate still unfused, with the furthest-reaching rule's reason (changes nothing)."""
+    found, seen = [], set()
+    for name, module, runner in STEPS:
+        if module.OP in skip or name == "attention_chain" or not getattr(module, "ANCHORS", ()):
+            continue
+        candidate = getattr(module, "candidate", lambda node: True)
+        anchors = [n for n in model.graph if n.op_type in module.ANCHORS and candidate(n)]
+        if not anchors:
+            continue
+        tracer = Tracer()
+        _run(module, runner, model, tracer)
+        for anchor in anchors:
+            if (module.OP, id(anchor)) in seen:
+                continue
+            seen.add((module.OP, id(anchor)))
+            attempt = tracer.explain(anchor)
+            where = locate(anchor)
+            found.append(
+                {
+                    "op": module.OP,
+                    "where": where,
+                    "layer": layer_of(where),
+                    "node": anchor.name or anchor.op_type,
+                    "rule": attempt.rule if attempt else None,
+                    "reason": (f"{attempt.status}: {attempt.reason}" if attempt else "no rule's pattern reached this node"),
+                }
+            )
+    return found

@@ -1,0 +1,59 @@
+"""Fold the static part of a dynamic shape into a constant (a helper rule, not a fused op).
+
+    x ── Shape ── Slice[-1:] ── Cast ── Sqrt ── ...      ==>     Constant([32]) ── Cast ── Sqrt ── ...
+
+The legacy (TorchScript) exporter computes attention's scale at run time from the head size it
+reads off ``Shape(q)``. The head size is static (only batch and sequence are dynamic), but neither
+onnx's nor onnxscript's constant folding can see that through the Shape -> Slice. Once this rule
+has replaced the slice with its value, constant folding reduces the whole chain to one scalar and
+the attention pattern can read the scale.
+
+``check`` rejects a slice whose bounds are not constants or that selects a dynamic dimension.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+OP = None  # produces no fused op
+
+
+def rules() -> list:
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    class FoldStaticShapeSlice(pattern.RewriteRuleClassBase):
+        def pattern(self, op, x, starts, ends):
+            return op.Slice(op.Shape(x, _allow_other_attributes=True, _outputs=["shape"]), starts, ends, _allow_other_inputs=True, _outputs=["sliced"])
+
+        def _dims(self, x, shape, starts, ends, sliced):
+            node = sliced.producer()
+            extra = [_ir_utils.get_numpy_value(v) for v in node.inputs[3:]]
+            if x.shape is None or any(v is None for v in extra):
+                return None
+            s, e = _ir_utils.get_numpy_value(starts), _ir_utils.get_numpy_value(ends)
+            if s is None or e is None or s.size != 1 or e.size != 1:
+                return None
+            if len(extra) > 0 and int(extra[0].reshape(-1)[0]) not in (0, -1):
+                return None
+            step = int(extra[1].reshape(-1)[0]) if len(extra) > 1 else 1
+            shape_node = shape.producer()
+            lo = shape_node.attributes.get_int("start", 0)
+            hi = shape_node.attributes.get_int("end", x.shape.rank())
+            dims = list(x.shape)[lo:hi]
+            e_val = int(e.reshape(-1)[0])
+            picked = dims[int(s.reshape(-1)[0]) : (e_val if e_val < 2**62 else None) : step]
+            return picked if picked and all(isinstance(d, int) for d in picked) else None
+
+        def check(self, context, x, shape, starts, ends, sliced, **_):
+            result = pattern.MatchResult()
+            if self._dims(x, shape, starts, ends, sliced) is None:
+                return result.fail("the sliced dimensions are dynamic or the bounds are not constants", sliced)
+            return result
+
+        def rewrite(self, op, x, shape, starts, ends, sliced, **_):
+            dims = self._dims(x, shape, starts, ends, sliced)
+            from onnx_ir import tensor
+
+            return op.Constant(value=tensor(np.array(dims, dtype=np.int64)))
+
+    return [FoldStaticShapeSlice.rule("fold_static_shape_slice")]
