@@ -115,17 +115,43 @@ def list_recipes() -> None:
     console.print(table)
 
 
+def _print_fusions(info: dict) -> None:
+    console.print(
+        f"[bold]{info['path']}[/bold]  {info['nodes']['before']} nodes -> {info['nodes']['after']} after slimline's rules"
+    )
+    counts = Table("fused op", "in the file", "after the rules")
+    for op in dict.fromkeys([*info["already_fused"], *info["fused_after_rules"]]):
+        counts.add_row(op, str(info["already_fused"].get(op, 0)), str(info["fused_after_rules"].get(op, 0)))
+    console.print(counts)
+    console.print("rules that matched: " + (", ".join(f"{k} x{v}" for k, v in info["rules"].items()) or "none"))
+    matched = Table("fused op", "where")
+    for m in info["matched"]:
+        matched.add_row(m["op"], m["where"])
+    console.print(matched)
+    if info["unfused"]:
+        unfused = Table("not fused", "where", "node", "closest rule", "why not", title="candidates left unfused")
+        for u in info["unfused"]:
+            unfused.add_row(u["op"], u["where"], u["node"], u["rule"] or "-", u["reason"])
+        console.print(unfused)
+    else:
+        console.print("[green]no unfused candidates[/green]")
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
-def inspect(path: Path, as_json: bool) -> None:
+@click.option("--fusions", is_flag=True, help="which fusion rules match where, and why the others don't")
+def inspect(path: Path, as_json: bool, fusions: bool) -> None:
     """Op counts, size, inputs/outputs and the manifest summary of an ONNX file or run folder."""
-    from slimline.inspection import inspect_path
+    from slimline.inspection import inspect_fusions, inspect_path
 
     try:
-        info = inspect_path(path)
+        info = inspect_fusions(path) if fusions else inspect_path(path)
     except SlimlineError as err:
         _fail(err)
+    if fusions and not as_json:
+        _print_fusions(info)
+        return
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

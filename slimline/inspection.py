@@ -58,3 +58,42 @@ def inspect_path(path: Path) -> dict[str, Any]:
         report = json.loads((folder / "report.json").read_text())
         info["report"] = {"passed": report["passed"], "summary": report.get("summary", {})}
     return info
+
+
+def inspect_fusions(path: Path) -> dict[str, Any]:
+    """Which fusion rules match where in an ONNX graph, and why the others don't (writes nothing)."""
+    import onnx_ir as ir
+
+    from slimline.compile.fusions import UnsupportedGraph, fused_counts, fuse_model
+    from slimline.compile.fusions._base import locate
+    from slimline.compile.fuse import FUSED_OPS
+    from slimline.runtime import quiet
+
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.exists():
+        raise ModelError(f"{path}: not found. Give an ONNX file or a slimline run folder (with model.onnx).")
+    try:
+        model = ir.load(str(path))
+    except Exception as err:
+        raise ModelError(f"{path}: not a readable ONNX model ({type(err).__name__}). Is the file complete?") from None
+    already = fused_counts(model)
+    try:
+        with quiet():
+            result = fuse_model(model)
+    except UnsupportedGraph as err:
+        raise ModelError(f"{path}: {err}") from None
+    matched = [
+        {"op": node.op_type, "where": locate(node), "node": node.name}
+        for node in model.graph
+        if node.op_type in FUSED_OPS
+    ]
+    return {
+        "path": str(path),
+        "already_fused": already,
+        "fused_after_rules": result.counts,
+        "rules": {k: v for k, v in result.steps.items() if v},
+        "nodes": {"before": result.nodes_before, "after": result.nodes_after},
+        "matched": matched,
+        "unfused": result.unfused,
+    }

@@ -26,21 +26,23 @@ from slimline.compile.fusions import (
 )
 from slimline.compile.fusions._base import Tracer, layer_of, locate
 
-# (step name, module, how to run it). Order matters: the embedding sum looks like a skip-LayerNorm,
+# (step name, module, how to run it, diagnose after it). Order matters: the embedding sum looks like a skip-LayerNorm,
 # slimline's BERT attention must see the graph before onnxscript's SDPA rule, and
 # GroupQueryAttention must take decoders' SDPA before the MultiHeadAttention chain does.
-STEPS: list[tuple[str, Any, Any]] = [
-    ("embed_layer_norm", embed_layer_norm, None),
-    ("attention", attention, attention.apply),
-    ("rms_norm", rms_norm, None),
-    ("skip_layer_norm", skip_layer_norm, None),
-    ("skip_rms_norm", skip_rms_norm, None),
-    ("rotary_embedding", rotary_embedding, rotary_embedding.apply),
-    ("group_query_attention", group_query_attention, group_query_attention.apply),
-    ("attention_chain", attention, lambda model, tracer=None: attention.apply_chain(model)),
-    ("gelu", gelu, None),
+# Each step's leftovers are diagnosed right after it, on the graph its rules saw (a later rule may
+# take the same nodes: SkipLayerNormalization fuses an embedding sum EmbedLayerNormalization rejected).
+STEPS: list[tuple[str, Any, Any, bool]] = [
+    ("embed_layer_norm", embed_layer_norm, None, True),
+    ("attention", attention, attention.apply, False),  # diagnosed after onnxscript's chain has had its turn
+    ("rms_norm", rms_norm, None, True),
+    ("skip_layer_norm", skip_layer_norm, None, True),
+    ("skip_rms_norm", skip_rms_norm, None, True),
+    ("rotary_embedding", rotary_embedding, rotary_embedding.apply, True),
+    ("group_query_attention", group_query_attention, group_query_attention.apply, True),
+    ("attention_chain", attention, lambda model, tracer=None: attention.apply_chain(model), True),
+    ("gelu", gelu, None, True),
 ]
-MODULES = {m.OP: m for _, m, _ in STEPS}
+MODULES = {m.OP: m for _, m, _, _ in STEPS}
 SUPPORTED_OPSETS = range(17, 24)  # LayerNormalization is one op from 17; onnxscript's rules are written for 18+
 
 
@@ -65,7 +67,7 @@ def fused_counts(model: Any) -> dict[str, int]:
     from slimline.compile.fuse import FUSED_OPS
 
     counts = Counter(node.op_type for node in model.graph.all_nodes())
-    return {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+    return {op: counts[op] for op in FUSED_OPS if counts.get(op) and op != "LayerNormalization"}  # a standard op since opset 17
 
 
 def _run(module: Any, runner: Any, model: Any, tracer: Tracer | None = None) -> int:
@@ -102,10 +104,22 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
     RewriteRuleSet(static_shape.rules()).apply_to_model(model)
     optimize(model)  # constant-fold what the static shapes made constant (attention's scale)
     steps: dict[str, int] = {}
-    for name, module, runner in STEPS:
+    unfused: list[dict] = []
+    for name, module, runner, diagnosed in STEPS:
         if module.OP in skip or (module is gelu and "Gelu" in skip):
             continue
         steps[name] = _run(module, runner, model)
+        if steps[name]:  # fused outputs carry their shapes: propagate them to the nodes downstream
+            common_passes.ShapeInferencePass()(model)
+        if diagnose and diagnosed:
+            tracer_runner = attention.apply if module is attention else runner
+            unfused += diagnose_step(model, module, tracer_runner)
+    if any(node.domain == "ai.onnxruntime._fusion" for node in model.graph):
+        # onnxscript's intermediate SDPA op (no kernel) left when its consumer was skipped or rejected
+        from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
+
+        replace_sdpa_by_mha(model)
+    static_shape.fold_constant_concats(model)
     optimize(model)
     rewrite(model, ORT_PATTERN_REWRITE_RULES)
     ir.passes.Sequential(
@@ -113,28 +127,18 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
         common_passes.RemoveInitializersFromInputsPass(),
         common_passes.ShapeInferencePass(),
     )(model)
-    result = FusionResult(model, fused_counts(model), steps, nodes_before, sum(1 for _ in model.graph))
-    if diagnose:
-        result.unfused = diagnose_unfused(model, skip)
-    return result
+    return FusionResult(model, fused_counts(model), steps, nodes_before, sum(1 for _ in model.graph), unfused)
 
 
-def diagnose_unfused(model: Any, skip: tuple[str, ...] = ()) -> list[dict]:
-    """Every candidate still unfused, with the furthest-reaching rule's reason (changes nothing)."""
-    found, seen = [], set()
-    for name, module, runner in STEPS:
-        if module.OP in skip or name == "attention_chain" or not getattr(module, "ANCHORS", ()):
-            continue
-        candidate = getattr(module, "candidate", lambda node: True)
-        anchors = [n for n in model.graph if n.op_type in module.ANCHORS and candidate(n)]
-        if not anchors:
-            continue
+def diagnose_step(model: Any, module: Any, runner: Any) -> list[dict]:
+    """The candidates ``module`` left unfused, each with its closest rule's reason (changes nothing)."""
+    candidate = getattr(module, "candidate", lambda node: True)
+    anchors = [n for n in model.graph if n.op_type in getattr(module, "ANCHORS", ()) and candidate(n)]
+    found: list[dict] = []
+    if anchors:
         tracer = Tracer()
         _run(module, runner, model, tracer)
         for anchor in anchors:
-            if (module.OP, id(anchor)) in seen:
-                continue
-            seen.add((module.OP, id(anchor)))
             attempt = tracer.explain(anchor)
             where = locate(anchor)
             found.append(

@@ -61,10 +61,20 @@ class Tracer:
     def report(self) -> None:  # onnxscript calls this only when asked to print
         pass
 
-    def explain(self, anchor: Any) -> Attempt | None:
-        """The furthest-reaching attempt that touched ``anchor``, or None if no rule got there."""
+    def explain(self, anchor: Any, hops: int = 6) -> Attempt | None:
+        """The furthest-reaching attempt that touched ``anchor``; failing that, the best attempt
+        rooted a few nodes downstream of it (a pattern is matched from its output backwards, so an
+        unexpected op between the anchor and the root stops the match before it reaches the anchor).
+        None if no rule got near."""
         touching = [a for a in self.attempts if a.root is anchor or any(n is anchor for n in a.nodes)]
-        return max(touching, key=lambda a: a.score) if touching else None
+        if touching:
+            return max(touching, key=lambda a: a.score)
+        downstream, frontier = set(), [anchor]
+        for _ in range(hops):
+            frontier = [use for node in frontier for out in node.outputs for use, _ in out.uses()]
+            downstream.update(id(n) for n in frontier)
+        near = [a for a in self.attempts if id(a.root) in downstream]
+        return max(near, key=lambda a: a.score) if near else None
 
 
 def locate(node: Any) -> str:
@@ -77,6 +87,15 @@ def locate(node: Any) -> str:
     name = node.name or ""
     if "/" in name:
         return name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:  # the dynamo exporter's module path, e.g. ['', 'encoder', 'encoder.layer.0', ...]
+        names = [s.strip(" '\"") for s in scopes.strip("[]").split(",")]
+        dotted = [s for s in names if "." in s or LAYER.search(s)]
+        if dotted:
+            return dotted[-1]
+    for value in node.inputs[1:]:  # a fused node's own weights (gamma, word embeddings, ...)
+        if value is not None and value.const_value is not None and "." in (value.name or "") and "::" not in value.name:
+            return value.name.rsplit(".", 1)[0]
     seen, frontier = set(), [node]
     for _ in range(12):  # breadth-first, a few levels up
         nxt = []

@@ -126,7 +126,7 @@ def rules() -> list:
             self._heads = heads
             return result
 
-        def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, scale, bias=None, **_):
+        def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, scale, out, bias=None, **_):
             import onnx_ir as ir
 
             # unique names: an optimizer may have merged equal biases (zeros) into one shared value
@@ -140,18 +140,23 @@ def rules() -> list:
             inputs = [x, w_value, b_value]
             if bias is not None:
                 inputs.append(op.Cast(mask_source(bias), to=6))
-            return op.Attention(
-                *inputs, num_heads=self._heads, scale=self._scale(scale), _domain="com.microsoft"
-            )
+            fused = op.Attention(*inputs, num_heads=self._heads, scale=self._scale(scale), _domain="com.microsoft")
+            # contrib ops get no inferred shape, and later rules need one: (batch, sequence) of the input
+            fused.shape, fused.type = ir.Shape([x.shape[0], x.shape[1], wv.shape[1]]), out.type
+            return fused
 
     class AttentionMaskIndex(pattern.RewriteRuleClassBase):
         """Attention(x, W, b, -, -, additive mask) -> Attention(x, W, b, int32 attention_mask)."""
 
         def pattern(self, op, x, w, b, bias):
-            return op.Attention(x, w, b, None, None, bias, _domain="com.microsoft", _allow_other_attributes=True, _outputs=["out"])
+            return op.Attention(
+                x, w, b, None, None, bias, _domain="com.microsoft", _allow_other_attributes=True, _allow_other_inputs=True, _outputs=["out"]
+            )
 
-        def check(self, context, bias, **_):
+        def check(self, context, bias, out, **_):
             result = pattern.MatchResult()
+            if any(value is not None for value in out.producer().inputs[6:]):
+                return result.fail("the Attention node has a past-sequence input; mask_index would change its meaning", out)
             source = mask_source(bias)
             if isinstance(source, str):
                 return result.fail(source, bias)

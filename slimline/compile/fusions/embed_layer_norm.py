@@ -19,20 +19,22 @@ from __future__ import annotations
 import numpy as np
 
 OP = "EmbedLayerNormalization"
-ANCHORS = ("LayerNormalization",)
+ANCHORS = ("LayerNormalization", "SkipLayerNormalization")
+
+
+def _embedding(value, depth: int = 3) -> bool:
+    """Whether ``value`` is an embedding lookup, or a sum (through Adds) with one."""
+    producer = value.producer() if value is not None else None
+    if producer is None:
+        return False
+    if producer.op_type == "Gather":
+        return producer.inputs[0] is not None and producer.inputs[0].const_value is not None
+    return depth > 0 and producer.op_type == "Add" and any(_embedding(v, depth - 1) for v in producer.inputs)
 
 
 def candidate(node) -> bool:
-    """An unfused LayerNormalization fed (through Adds) by an embedding Gather."""
-    value = node.inputs[0]
-    for _ in range(3):
-        producer = value.producer() if value is not None else None
-        if producer is None or producer.op_type != "Add":
-            return False
-        if any(i is not None and i.producer() is not None and i.producer().op_type == "Gather" for i in producer.inputs):
-            return True
-        value = producer.inputs[0]
-    return False
+    """A LayerNormalization over an embedding sum (or a SkipLayerNormalization that took it instead)."""
+    return any(_embedding(v) for v in node.inputs[: 2 if node.op_type == "SkipLayerNormalization" else 1])
 
 
 def rules() -> list:
@@ -81,6 +83,7 @@ def rules() -> list:
             normed_out, _mask_index = op.EmbedLayerNormalization(
                 ids32, seg32, word, pos_table, seg, gamma, beta, epsilon=eps, _domain="com.microsoft", _outputs=2
             )
+            normed_out.shape, normed_out.type = normed.shape, normed.type  # contrib ops get no inferred shape
             return normed_out
 
     return [

@@ -34,6 +34,8 @@ def apply(model, tracer=None) -> int:
     from onnxscript.rewriter.ort_fusions.gqa_packed_qkv import fuse_qkv_gqa
     from onnxscript.rewriter.ort_fusions.sdpa import fuse_sdpa, sdpa_rules
 
+    if not any("past" in (value.name or "") for value in model.graph.inputs):
+        return 0  # no KV cache: an encoder's attention is attention.py's
     if tracer is not None:
         return sdpa_rules.apply_to_model(model, tracer=tracer) + RewriteRuleSet(rules()).apply_to_model(model, tracer=tracer)
     fuse_sdpa(model, apply_shape_inference=True)

@@ -57,3 +57,29 @@ def rules() -> list:
             return op.Constant(value=tensor(np.array(dims, dtype=np.int64)))
 
     return [FoldStaticShapeSlice.rule("fold_static_shape_slice")]
+
+
+def fold_constant_concats(model) -> int:
+    """Concatenate constant inputs of Concat once, at fusion time (a helper pass, not a fused op).
+
+    onnxscript's Attention rule packs Q, K and V weights with a Concat node, and its constant folding
+    skips inputs above a size limit, so every inference would concatenate 3 x 384 x 384 floats again.
+    Returns the Concats folded into initializers.
+    """
+    import onnx_ir as ir
+
+    folded = 0
+    for node in list(model.graph):
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            continue
+        if not node.inputs or any(v is None or v.const_value is None for v in node.inputs):
+            continue
+        arrays = [v.const_value.numpy() for v in node.inputs]
+        value = ir.Value(name=f"{node.outputs[0].name}_folded", const_value=ir.tensor(np.concatenate(arrays, axis=node.attributes.get_int("axis", 0))))
+        value.shape = ir.Shape(value.const_value.shape)
+        value.type = ir.TensorType(value.const_value.dtype)
+        model.graph.register_initializer(value)
+        node.outputs[0].replace_all_uses_with(value)
+        model.graph.remove(node, safe=True)
+        folded += 1
+    return folded
