@@ -104,3 +104,85 @@ def test_compare_masks_padding_and_flags_shape_mismatch():
     assert compare(lambda f: a, lambda f: b, {"c": {"attention_mask": mask}}).max_abs_error == 0
     b2 = {"y": np.zeros((1, 4, 2))}
     assert compare(lambda f: a, lambda f: b2, {"c": {"attention_mask": mask}}).max_abs_error == float("inf")
+
+
+def _broken_copy(artifact, tmp_path, layer: int):
+    """The exported graph with an extra Relu between layer ``layer``'s attention Softmax and its V MatMul."""
+    import copy
+
+    from onnx import helper
+
+    graph = onnx.load(str(artifact.path))
+    softmax = next(n for n in graph.graph.node if n.op_type == "Softmax" and f"layer.{layer}/" in n.name)
+    for node in graph.graph.node:
+        for i, name in enumerate(node.input):
+            if name == softmax.output[0]:
+                node.input[i] = "broken_relu"
+    index = list(graph.graph.node).index(softmax)
+    graph.graph.node.insert(index + 1, helper.make_node("Relu", [softmax.output[0]], ["broken_relu"], name="/broken/Relu"))
+    path = tmp_path / "broken" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(graph, str(path))
+    broken = copy.copy(artifact)
+    broken.path = path
+    return broken
+
+
+def test_broken_attention_block_fails_the_contract_naming_layer_and_reason(exported, tmp_path):
+    _, exp = exported
+    broken = _broken_copy(exp.artifact, tmp_path, layer=1)
+    with pytest.raises(StageError) as err:
+        Fuse(expect={"Attention": 2}).run(broken, context(tmp_path))
+    message = str(err.value)
+    assert "Attention: expected 2, got 1" in message
+    assert "Attention at encoder.layer.1.attention.self" in message  # the layer, from the node's module path
+    assert "bert_self_attention" in message  # the closest rule, and its reason after it
+    assert "encoder.layer.0" not in message  # the layer that fused is not blamed
+
+
+def test_allow_partial_counts_the_unfused_layer(exported, tmp_path):
+    _, exp = exported
+    broken = _broken_copy(exp.artifact, tmp_path, layer=0)
+    ctx = context(tmp_path)
+    r = Fuse(expect={"Attention": 2}, allow_partial=True).run(broken, ctx).report
+    assert r["contract"] == "partial" and r["unfused.Attention"] == 1 and r["fused.Attention"] == 1
+    assert any(k.startswith("unfused_at.Attention.encoder.layer.0") for k in r)
+    assert r["parity.max_abs_error"] < 1e-4  # the partly fused graph is still right
+
+
+def test_inspect_fusions_lists_matches_and_reasons(exported, tmp_path):
+    from slimline.inspection import inspect_fusions
+
+    _, exp = exported
+    info = inspect_fusions(_broken_copy(exp.artifact, tmp_path, layer=1).path)
+    assert info["fused_after_rules"]["Attention"] == 1 and info["already_fused"] == {}
+    assert {m["op"] for m in info["matched"]} >= {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"}
+    (miss,) = [u for u in info["unfused"] if u["op"] == "Attention"]
+    assert miss["where"] == "encoder.layer.1.attention.self" and miss["reason"]
+
+
+def test_fuse_refuses_old_opset_with_the_fix(exported, tmp_path):
+    import copy
+
+    _, exp = exported
+    graph = onnx.load(str(exp.artifact.path))
+    graph.opset_import[0].version = 13
+    (tmp_path / "old").mkdir()
+    onnx.save(graph, str(tmp_path / "old" / "model.onnx"))
+    old = copy.copy(exp.artifact)
+    old.path = tmp_path / "old" / "model.onnx"
+    with pytest.raises(StageError, match=r"opset 13.*compile.export: \{opset: 18\}"):
+        Fuse().run(old, context(tmp_path))
+
+
+def test_dynamo_exported_encoder_fuses_the_same_ops(tiny_bert_dir, tmp_path):
+    model = load_model(str(tiny_bert_dir))
+    ctx = context(tmp_path)
+    exp = Export(exporter="dynamo").run(model, ctx)
+    assert exp.report["parity.max_abs_error"] < 1e-4
+    r = Fuse(expect={"Attention": 2, "SkipLayerNormalization": 4, "EmbedLayerNormalization": 1, "BiasGelu": 2}).run(exp.artifact, ctx).report
+    assert r["contract"] == "met" and r["parity.max_abs_error"] < 1e-4
+    graph = onnx.load(str(ctx.stage_dir("fuse") / "model.onnx"))
+    attention = [n for n in graph.graph.node if n.op_type == "Attention"]
+    assert all(len(n.input) == 4 for n in attention)  # the 2-D mask_index, not a float attention_bias
+    assert not [n for n in graph.graph.node if n.op_type == "Concat"]  # the packed QKV weights are folded

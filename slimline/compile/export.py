@@ -30,7 +30,10 @@ class Export(Stage):
     produces = OnnxModel
 
     opset: int = Field(18, ge=14, le=21, description="ONNX opset (>= 17 keeps LayerNormalization one op)")
-    exporter: Literal["optimum"] = "optimum"
+    exporter: Literal["optimum", "dynamo"] = Field(
+        "optimum",
+        description="encoders: optimum-onnx (TorchScript-based) or torch.onnx's dynamo exporter; decoders always use dynamo",
+    )
     atol: float = Field(1e-4, gt=0, description="max abs error of ORT vs torch before the stage fails")
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
@@ -38,26 +41,13 @@ class Export(Stage):
             return self._run_decoder(artifact, ctx)
         import onnx
         import torch
-        from optimum.exporters.onnx import onnx_export_from_model
 
         out_dir = ctx.stage_dir("export")
         start = time.perf_counter()
-        try:
-            # The model object decides the library (transformers), so sentence-transformers being
-            # installed can't swap in its own graph here, as it does with optimum-cli.
-            with quiet():  # tracer and opset chatter that is not the user's concern
-                onnx_export_from_model(
-                    artifact.model,
-                    out_dir,
-                    task=OPTIMUM_TASK[artifact.info.task],
-                    opset=self.opset,
-                    do_validation=False,
-                )
-        except (ValueError, KeyError, NotImplementedError) as err:
-            raise StageError(
-                f"compile.export: optimum-onnx can't export model_type `{artifact.config.model_type}` for "
-                f"task {artifact.info.task}: {str(err).splitlines()[0][:300]}"
-            ) from None
+        if self.exporter == "dynamo":
+            self._dynamo_encoder(artifact, out_dir / "model.onnx")
+        else:
+            self._optimum(artifact, out_dir)
         path = out_dir / "model.onnx"
         export_s = time.perf_counter() - start
 
@@ -91,6 +81,48 @@ class Export(Stage):
             )
         onnx_model = OnnxModel(path=path, tokenizer=artifact.tokenizer, info=artifact.info, config=artifact.config)
         return StageResult(onnx_model, report)
+
+    def _optimum(self, artifact: TorchModel, out_dir) -> None:
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        try:
+            # The model object decides the library (transformers), so sentence-transformers being
+            # installed can't swap in its own graph here, as it does with optimum-cli.
+            with quiet():  # tracer and opset chatter that is not the user's concern
+                onnx_export_from_model(
+                    artifact.model,
+                    out_dir,
+                    task=OPTIMUM_TASK[artifact.info.task],
+                    opset=self.opset,
+                    do_validation=False,
+                )
+        except (ValueError, KeyError, NotImplementedError) as err:
+            raise StageError(
+                f"compile.export: optimum-onnx can't export model_type `{artifact.config.model_type}` for "
+                f"task {artifact.info.task}: {str(err).splitlines()[0][:300]}"
+            ) from None
+
+    def _dynamo_encoder(self, artifact: TorchModel, path) -> None:
+        """torch.onnx's dynamo exporter, dynamic batch and sequence; the same inputs as optimum's graph."""
+        import torch
+
+        names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in artifact.tokenizer.model_input_names]
+        # distinct tensors per input, or the exporter treats them as one
+        example = {n: torch.full((2, 16), 0 if n == "token_type_ids" else 1, dtype=torch.long) for n in names}
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        try:
+            with quiet():
+                program = torch.onnx.export(
+                    artifact.model, (), kwargs=example, dynamo=True, opset_version=self.opset,
+                    input_names=names, output_names=["logits" if artifact.info.task == "text-classification" else "last_hidden_state"],
+                    dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+                )
+                program.save(str(path))
+        except Exception as err:  # torch.export's errors are long; the first line names the construct
+            raise StageError(
+                f"compile.export: torch.onnx (dynamo) could not export `{artifact.config.model_type}`: "
+                f"{str(err).strip().splitlines()[0][:300]}. Try `exporter: optimum`."
+            ) from None
 
     def _run_decoder(self, artifact: TorchModel, ctx: Context) -> StageResult:
         """Decoder LLMs: dynamo export with the KV cache as inputs/outputs; parity over prefill + decode."""
