@@ -1,6 +1,6 @@
 """Fusion coverage: slimline's fusion rules against ONNX Runtime's transformers optimizer.
 
-    .venv/bin/python benchmarks/fusion_coverage.py [--repeats 10] [--skip-llm]
+    .venv/bin/python benchmarks/fusion_coverage.py [--repeats 10] [--rounds 5] [--skip-llm]
 
 For all-MiniLM-L6-v2, exported by both exporters (optimum-onnx's TorchScript-based export, which
 ``compile.export`` uses, and torch.onnx's dynamo export), and for SmolLM2-135M (dynamo export with
@@ -10,7 +10,8 @@ the same graph and prints, for each: fused op counts, node count, parity error a
 graph (max abs over random padded batches and, for the decoder, prefill + 5 decode steps), and
 latency on the ORT CPU EP with 2 threads (encoder: batch 1 and 32 at 128 tokens; decoder: prefill
 of 128 tokens and one decode step over a 128-token KV cache, at batch 1 and 8), medians of
-interleaved runs. slimline's decoder row is what ``compile.fuse`` ships: the rules plus the
+interleaved runs, in rounds; the ratio of ORT's latency to ours is taken round by round (this
+machine's speed drifts ~1.5x within an hour, so only side-by-side ratios mean anything). slimline's decoder row is what ``compile.fuse`` ships: the rules plus the
 sibling-MatMul merge.
 """
 
@@ -98,18 +99,30 @@ def decoder_feeds(session, batch: int, seq: int, config, past: int = 0) -> dict:
     return {k: v for k, v in {**feeds, **extra}.items() if k in names}
 
 
-def time_all(sessions: dict, feeds_of, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in sessions}
+def time_all(sessions: dict, feeds_of, repeats: int, rounds: int = 1) -> dict[str, list[float]]:
+    """Per-round median latency (ms) of each session; within a round the order alternates (ABBA),
+    so the machine's drift hits every variant alike. Compare variants round by round."""
     order = list(sessions)
+    feeds = {name: feeds_of(sessions[name]) for name in order}
     for name in order:  # warm-up
-        sessions[name].run(None, feeds_of(sessions[name]))
-    for r in range(repeats):
-        for name in order if r % 2 == 0 else reversed(order):  # ABBA: drift hits every variant alike
-            feeds = feeds_of(sessions[name])
-            t = time.perf_counter()
-            sessions[name].run(None, feeds)
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) * 1000 for name, v in times.items()}
+        sessions[name].run(None, feeds[name])
+    medians: dict[str, list[float]] = {name: [] for name in order}
+    for _ in range(rounds):
+        times: dict[str, list[float]] = {name: [] for name in order}
+        for r in range(repeats):
+            for name in order if r % 2 == 0 else reversed(order):
+                t = time.perf_counter()
+                sessions[name].run(None, feeds[name])
+                times[name].append(time.perf_counter() - t)
+        for name in order:
+            medians[name].append(statistics.median(times[name]) * 1000)
+    return medians
+
+
+def ratio(medians: dict[str, list[float]], ours: str, peer: str) -> str:
+    """The peer's latency over ours, round by round: median (min-max). > 1 means ours is faster."""
+    r = [p / o for o, p in zip(medians[ours], medians[peer])]
+    return f"{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})"
 
 
 def encoder_parity(base: Path, other: Path) -> float:
@@ -133,7 +146,7 @@ def table(title: str, rows: list[dict], columns: list[str]) -> None:
         print(f"| {r['name']} | {ops} | {r['nodes']} | {r['parity']} | {lat} |")
 
 
-def minilm(work: Path, repeats: int) -> None:
+def minilm(work: Path, repeats: int, rounds: int) -> None:
     import torch
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -162,19 +175,24 @@ def minilm(work: Path, repeats: int) -> None:
         else:
             variants["ORT optimize_model"] = peer
         sessions = {name: ort_session(path, 2) for name, path in variants.items()}
-        ms = {}
+        ms, ratios = {}, []
         print(f"[{title}] timing; other processes keep {cpu_busy():.0%} of the CPUs busy", flush=True)
         for batch in (1, 32):
-            for name, value in time_all(sessions, lambda sess, b=batch: encoder_feeds(b, 128, [i.name for i in sess.get_inputs()]), repeats).items():
-                ms.setdefault(name, {})[f"b{batch} ms"] = value
+            medians = time_all(sessions, lambda sess, b=batch: encoder_feeds(b, 128, [i.name for i in sess.get_inputs()]), repeats, rounds)
+            for name, values in medians.items():
+                ms.setdefault(name, {})[f"b{batch} ms"] = statistics.median(values)
+            if "ORT optimize_model" in medians:
+                ratios.append(f"b{batch} {ratio(medians, 'slimline', 'ORT optimize_model')}")
         for name, path in variants.items():
             ops, nodes = counts(path)
             parity = "-" if name == "unfused" else f"{encoder_parity(src, path):.1e}"
             rows.append({"name": name, "ops": ops, "nodes": nodes, "parity": parity, "ms": ms[name]})
         table(f"all-MiniLM-L6-v2, {title}", rows, ["b1 ms", "b32 ms"])
+        if ratios:
+            print(f"\nORT optimizer's latency / slimline's, per round (median (min-max) of {rounds} rounds): " + "; ".join(ratios))
 
 
-def smollm2(work: Path, repeats: int) -> None:
+def smollm2(work: Path, repeats: int, rounds: int) -> None:
     from slimline.compile.export_llm import decoder_parity, export_decoder, onnx_stepper
     from slimline.models import load_model
 
@@ -202,11 +220,15 @@ def smollm2(work: Path, repeats: int) -> None:
             rows.append({"name": name, "ops": counts(path)[0], "nodes": counts(path)[1], "parity": f"does not load: {str(err)[:60]}"})
             del variants[name]
     print(f"[SmolLM2] timing; other processes keep {cpu_busy():.0%} of the CPUs busy", flush=True)
-    ms = {}
+    ms, ratios = {}, []
     cases = {"prefill b1 ms": (1, 128, 0), "prefill b8 ms": (8, 128, 0), "decode b1 ms": (1, 1, 128), "decode b8 ms": (8, 1, 128)}
     for column, (batch, seq, past) in cases.items():
-        for name, value in time_all(sessions, lambda sess, b=batch, s=seq, p=past: decoder_feeds(sess, b, s, config, p), repeats).items():
-            ms.setdefault(name, {})[column] = value
+        medians = time_all(sessions, lambda sess, b=batch, s=seq, p=past: decoder_feeds(sess, b, s, config, p), repeats, rounds)
+        for name, values in medians.items():
+            ms.setdefault(name, {})[column] = statistics.median(values)
+        peers = [n for n in medians if n.startswith("ORT")]
+        best = min(peers, key=lambda n: statistics.median(medians[n])) if peers else "unfused"
+        ratios.append(f"{column.replace(' ms', '')} vs {best}: {ratio(medians, 'slimline', best)}")
     for name, path in variants.items():
         ops, nodes = counts(path)
         try:
@@ -215,18 +237,20 @@ def smollm2(work: Path, repeats: int) -> None:
             parity = f"fails: {str(err)[:60]}"
         rows.append({"name": name, "ops": ops, "nodes": nodes, "parity": parity, "ms": ms.get(name, {})})
     table("SmolLM2-135M (dynamo export with KV cache; parity on logits, prefill + 5 decode steps)", rows, list(cases))
+    print(f"\nthe fastest ORT variant's latency / slimline's, per round (median (min-max) of {rounds} rounds): " + "; ".join(ratios))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per variant in each round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds; ratios are taken round by round")
     p.add_argument("--skip-llm", action="store_true")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fusion-bench-"))
     print(f"other processes keep {cpu_busy():.0%} of the CPUs busy at the start")
-    minilm(work, a.repeats)
+    minilm(work, a.repeats, a.rounds)
     if not a.skip_llm:
-        smollm2(work, a.repeats)
+        smollm2(work, a.repeats, a.rounds)
 
 
 if __name__ == "__main__":

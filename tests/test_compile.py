@@ -91,7 +91,7 @@ def test_ort_engine_refuses_unknown_model_type(exported, tmp_path):
     art = copy.copy(exp.artifact)
     art.config = copy.deepcopy(exp.artifact.config)
     art.config.model_type = "llama"
-    with pytest.raises(StageError, match="no fusion rules for model_type `llama`"):
+    with pytest.raises(StageError, match="has no rules for model_type `llama`"):
         Fuse(engine="ort").run(art, context(tmp_path))
     # slimline's engine matches graph patterns, not model types: the same graph fuses
     assert Fuse().run(art, context(tmp_path)).report["fused.Attention"] == 2

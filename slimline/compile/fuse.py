@@ -95,13 +95,14 @@ class Fuse(Stage):
         model_type = ORT_MODEL_TYPES.get(config.model_type)
         if model_type is None:
             raise StageError(
-                f"compile.fuse: no fusion rules for model_type `{config.model_type}` yet (known: "
-                f"{', '.join(sorted(ORT_MODEL_TYPES))}). Remove compile.fuse from the recipe to ship the unfused graph."
+                f"compile.fuse: ONNX Runtime's optimizer has no rules for model_type `{config.model_type}` (known: "
+                f"{', '.join(sorted(ORT_MODEL_TYPES))}) in `engine: ort`. Use the default `engine: slimline`, whose rules "
+                "match graph patterns rather than model types."
             )
         before = onnx.load(str(artifact.path), load_external_data=False)
         options = FusionOptions(model_type)
         for op in self.skip:
-            for flag in SKIP_FLAGS[op]:
+            for flag in SKIP_FLAGS.get(op, []):  # decoder ops: ORT's BERT optimizer never makes them
                 setattr(options, flag, False)
         with quiet():  # its fusion logs are replaced by our counts, contract and parity check
             optimized = optimize_model(
