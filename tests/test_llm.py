@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
-from slimline.errors import ModelError
+from slimline.errors import ModelError, StageError
 from slimline.evaluate.llm import windows
 from slimline.generate import GenerationError, OnnxDecoder, Sampling
 from slimline.models import load_model
@@ -297,3 +297,55 @@ def test_text_generation_run_reports_perplexity_speed_and_budgets(llama, tmp_pat
     assert set(s["decode_tokens_per_s"]) == {"1", "2"} and s["speedup"] is not None
     assert {b["name"] for b in report["budgets"]} == {"max_accuracy_drop.perplexity", "min_speedup"}
     assert (tmp_path / "run" / "report.md").read_text().count("decode") >= 4
+
+
+def test_decoder_rules_variant_full_heads(tmp_path):
+    """Variant: as many KV heads as query heads. No K/V grouping, so GroupQueryAttention's rule
+    says why not, and the layer becomes MultiHeadAttention with past plus RotaryEmbedding."""
+    folder = tiny_llama(tmp_path / "mha-llama", heads=4, kv_heads=4)
+    model = load_model(str(folder), task="text-generation")
+    exp = Export().run(model, context(tmp_path / "e"))
+    expect = {"MultiHeadAttention": 2, "RotaryEmbedding": 4, "SkipSimplifiedLayerNormalization": 3}
+    r = Fuse(expect=expect).run(exp.artifact, context(tmp_path / "f")).report
+    assert r["contract"] == "met" and r["parity.max_abs_error"] < 1e-4
+    assert "fused.GroupQueryAttention" not in r
+    assert any(k.startswith("unfused_at.GroupQueryAttention") and "layers.0" in k for k in r)
+
+
+def _rotary_broken(artifact, tmp_path):
+    """The exported decoder with an extra Relu after layer 0's first rotate-half Neg."""
+    import copy
+
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(artifact.path))
+    neg = next(n for n in graph.graph.node if n.op_type == "Neg")
+    for node in graph.graph.node:
+        node.input[:] = ["broken_relu" if i == neg.output[0] else i for i in node.input]
+    graph.graph.node.insert(list(graph.graph.node).index(neg) + 1, helper.make_node("Relu", [neg.output[0]], ["broken_relu"]))
+    (tmp_path / "broken").mkdir()
+    onnx.save(graph, str(tmp_path / "broken" / "model.onnx"))
+    broken = copy.copy(artifact)
+    broken.path = tmp_path / "broken" / "model.onnx"
+    return broken
+
+
+def test_decoder_rules_negative_broken_rotary_names_what_did_not_fuse(exported, tmp_path):
+    """Negative: a rotary that is not rotate-half any more. That layer's attention must stay
+    unfused (GroupQueryAttention rotates internally), the other layer fuses, outputs stay equal."""
+    broken = _rotary_broken(exported.artifact, tmp_path)
+    ctx = context(tmp_path / "f")
+    r = Fuse(expect={"GroupQueryAttention": 2}, allow_partial=True).run(broken, ctx).report
+    assert r["contract"] == "partial" and r["fused.GroupQueryAttention"] == 1
+    assert any(k.startswith("unfused_at.GroupQueryAttention") for k in r), r
+    assert r["parity.max_abs_error"] < 1e-4
+    with pytest.raises(StageError, match="GroupQueryAttention: expected 2, got 1"):
+        Fuse(expect={"GroupQueryAttention": 2}).run(broken, context(tmp_path / "g"))
+
+
+def test_skip_rms_norm_negative_when_skipped(exported, tmp_path):
+    """Negative by request: `skip` leaves the RMSNorms unfused, and the rest still fuses."""
+    r = Fuse(skip=["SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"]).run(exported.artifact, context(tmp_path)).report
+    assert "fused.SkipSimplifiedLayerNormalization" not in r and "fused.SimplifiedLayerNormalization" not in r
+    assert r["parity.max_abs_error"] < 1e-4

@@ -127,18 +127,28 @@ class Fuse(Stage):
         report["unfused.MatMul"] = counts.get("MatMul", 0)
         self._contract(fused, report, ctx)
 
+        self._encoder_parity(artifact, out, report, ctx, "drop compile.fuse or report it with the model's config")
+        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, config), report)
+
+    def _encoder_parity(self, artifact: OnnxModel, out, report: dict, ctx: Context, fix: str) -> None:
+        """Fused vs unfused on random padded batches of several shapes and real texts; fail above atol."""
         run_a, inputs = ort_function(artifact.path, ctx.threads)
         run_b, _ = ort_function(out, ctx.threads)
         texts = ctx.data.calibration[:8] if ctx.load_data else []
-        parity = compare(run_a, run_b, sample_feeds(artifact.tokenizer, inputs, texts))
+        try:
+            parity = compare(run_a, run_b, sample_feeds(artifact.tokenizer, inputs, texts))
+        except Exception as err:  # a fused kernel that refuses these inputs at run time
+            raise StageError(
+                f"compile.fuse: the fused graph fails at run time ({str(err).splitlines()[0][:300]}). A fusion is "
+                f"wrong for these inputs; {fix}."
+            ) from None
         report.update(parity.report())
         if not parity.max_abs_error <= self.atol:
             raise StageError(
                 f"compile.fuse: the fused graph differs from the unfused one by {parity.max_abs_error:.3g} on "
                 f"`{parity.worst_output}` ({parity.worst_case}), above atol={self.atol}. A fusion is wrong for "
-                "these inputs; drop compile.fuse or report it with the model's config."
+                f"these inputs; {fix}."
             )
-        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, config), report)
 
     def _contract(self, fused: dict[str, int], report: dict, ctx: Context, unfused: list[dict] | None = None) -> None:
         """Check ``expect``: a shortfall fails the stage, or warns with ``allow_partial``.
@@ -225,17 +235,7 @@ class Fuse(Stage):
 
     def _run_slimline(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         out, report = self._fuse_with_rules(artifact, ctx)
-        run_a, inputs = ort_function(artifact.path, ctx.threads)
-        run_b, _ = ort_function(out, ctx.threads)
-        texts = ctx.data.calibration[:8] if ctx.load_data else []
-        parity = compare(run_a, run_b, sample_feeds(artifact.tokenizer, inputs, texts))
-        report.update(parity.report())
-        if not parity.max_abs_error <= self.atol:
-            raise StageError(
-                f"compile.fuse: the fused graph differs from the unfused one by {parity.max_abs_error:.3g} on "
-                f"`{parity.worst_output}` ({parity.worst_case}), above atol={self.atol}. A fusion is wrong for "
-                "these inputs; `skip` it or use `engine: ort`, and report it with the model's config."
-            )
+        self._encoder_parity(artifact, out, report, ctx, "`skip` it or use `engine: ort`, and report it with the model's config")
         return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
 
     def _run_decoder(self, artifact: OnnxModel, ctx: Context) -> StageResult:

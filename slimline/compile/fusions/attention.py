@@ -35,7 +35,7 @@ import itertools
 import numpy as np
 
 OP = "Attention"
-ANCHORS = ("Softmax",)
+ANCHORS = ("Softmax", "SDPA")  # SDPA: onnxscript's intermediate op, left when the MHA chain rejects it
 _NAMES = itertools.count()
 MASK_OPS = {"Unsqueeze", "Expand", "Cast", "Sub", "Mul", "Where", "Reshape", "Concat", "Shape", "Gather",
             "ConstantOfShape", "Equal", "Slice", "Squeeze", "Not", "Constant"}

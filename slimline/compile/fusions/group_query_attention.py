@@ -14,7 +14,7 @@ the grouped K/V with past and rotary, and ``packed_qkv_for_gqa`` a packed QKV pr
 from __future__ import annotations
 
 OP = "GroupQueryAttention"
-ANCHORS = ("Softmax",)
+ANCHORS = ("Softmax", "SDPA")  # SDPA: onnxscript's intermediate op, left when gqa rejects it
 
 
 def candidate(node) -> bool:
