@@ -10,7 +10,8 @@ the same graph and prints, for each: fused op counts, node count, parity error a
 graph (max abs over random padded batches and, for the decoder, prefill + 5 decode steps), and
 latency on the ORT CPU EP with 2 threads (encoder: batch 1 and 32 at 128 tokens; decoder: prefill
 of 128 tokens and one decode step over a 128-token KV cache, at batch 1 and 8), medians of
-interleaved runs, in rounds; the ratio of ORT's latency to ours is taken round by round (this
+interleaved runs, in rounds, every session with ORT's thread spinning off (idle sessions' spinning
+threads otherwise take the timed one's cores: see ``slimline.runtime.ort_session``); the ratio of ORT's latency to ours is taken round by round (this
 machine's speed drifts ~1.5x within an hour, so only side-by-side ratios mean anything). slimline's decoder row is what ``compile.fuse`` ships: the rules plus the
 sibling-MatMul merge.
 """
@@ -174,7 +175,7 @@ def minilm(work: Path, repeats: int, rounds: int) -> None:
             rows.append({"name": "ORT optimize_model", "ops": {}, "nodes": "-", "parity": peer})
         else:
             variants["ORT optimize_model"] = peer
-        sessions = {name: ort_session(path, 2) for name, path in variants.items()}
+        sessions = {name: ort_session(path, 2, spinning=False) for name, path in variants.items()}
         ms, ratios = {}, []
         print(f"[{title}] timing; other processes keep {cpu_busy():.0%} of the CPUs busy", flush=True)
         for batch in (1, 32):
@@ -215,7 +216,7 @@ def smollm2(work: Path, repeats: int, rounds: int) -> None:
     sessions = {}
     for name, path in list(variants.items()):
         try:
-            sessions[name] = ort_session(path, 2)
+            sessions[name] = ort_session(path, 2, spinning=False)
         except Exception as err:
             rows.append({"name": name, "ops": counts(path)[0], "nodes": counts(path)[1], "parity": f"does not load: {str(err)[:60]}"})
             del variants[name]

@@ -13,13 +13,23 @@ import numpy as np
 Feeds = dict[str, np.ndarray]
 
 
-def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None):
+def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None, spinning: bool = True):
+    """An ORT session. ``spinning=False`` for timing several sessions side by side in one process.
+
+    ORT's worker threads spin for a while after each run. With several sessions alive, the idle
+    ones' spinning threads take the cores the timed one needs: on this 2-core machine a SmolLM2
+    decode step took ~30 ms with three spinning sessions alive, 13 ms with spinning off, and 9-10
+    ms in a lone spinning session. Serving keeps one session, so spinning stays on by default;
+    side-by-side comparisons turn it off for every variant alike.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads  # 0: ORT picks (all physical cores)
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
