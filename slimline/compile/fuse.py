@@ -57,6 +57,8 @@ FUSED_OPS = (
     "SimplifiedLayerNormalization",
     "RotaryEmbedding",
     "FusedMatMul",
+    "QAttention",  # what dynamic int8 makes of Attention (inspect shows it on quantized files)
+    "QEmbedLayerNormalization",
 )
 
 
