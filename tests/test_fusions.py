@@ -273,3 +273,26 @@ def test_unknown_op_is_left_alone_and_the_rest_fuses(tmp_path):
     result, _, dst = fuse(proto, tmp_path)
     assert result.counts == {"EmbedLayerNormalization": 1}
     assert "MysteryOp" in {n.op_type for n in onnx.load(dst).graph.node}
+
+
+@pytest.mark.parametrize(("start", "end", "folds"), [(-1, 2**63 - 1, True), (2, 3, True), (0, 1, False)], ids=["last-dim", "middle-dim", "dynamic-batch"])
+def test_static_shape_slice_folds_only_static_dims(start, end, folds, tmp_path):
+    from onnxscript.rewriter import RewriteRuleSet
+
+    from slimline.compile.fusions import static_shape
+
+    g = G()
+    dims = g.op("Slice", g.op("Shape", "x"), g.const(np.array([start], np.int64)), g.const(np.array([end], np.int64)))
+    y = g.op("Reshape", "x", g.op("Concat", g.const(np.array([-1], np.int64)), dims, axis=0))
+    proto = g.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, H])], y)
+    onnx.save(proto, tmp_path / "in.onnx")
+    model = ir.load(str(tmp_path / "in.onnx"))
+    import onnx_ir.passes.common as common_passes
+
+    common_passes.ShapeInferencePass()(model)
+    assert RewriteRuleSet(static_shape.rules()).apply_to_model(model) == (1 if folds else 0)
+    assert ("Shape" in {n.op_type for n in model.graph}) != folds
+    ir.save(model, str(tmp_path / "out.onnx"))
+    x = np.random.default_rng(0).standard_normal((2, 3, H)).astype(np.float32)
+    a, b = ort_session(tmp_path / "in.onnx", 1), ort_session(tmp_path / "out.onnx", 1)
+    np.testing.assert_array_equal(a.run(None, {"x": x})[0], b.run(None, {"x": x})[0])
