@@ -186,3 +186,44 @@ def test_dynamo_exported_encoder_fuses_the_same_ops(tiny_bert_dir, tmp_path):
     attention = [n for n in graph.graph.node if n.op_type == "Attention"]
     assert all(len(n.input) == 4 for n in attention)  # the 2-D mask_index, not a float attention_bias
     assert not [n for n in graph.graph.node if n.op_type == "Concat"]  # the packed QKV weights are folded
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta", "electra"])
+def test_bert_family_exports_fuse_or_say_why(family, tiny_bert_dir, tmp_path):
+    """Other BERT-family models, as optimum-onnx exports them: DistilBERT (no token types, its
+    embeddings' shape read twice), RoBERTa (positions offset by padding_idx + 1: EmbedLayerNorm
+    must refuse, and say so) and ELECTRA (eager attention: the context's shape read with Shape())."""
+    import shutil
+
+    import torch
+    from transformers import (
+        DistilBertConfig,
+        DistilBertModel,
+        ElectraConfig,
+        ElectraModel,
+        RobertaConfig,
+        RobertaModel,
+    )
+
+    vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
+    config, cls = {
+        "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=128), DistilBertModel),
+        "roberta": (RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=130, pad_token_id=0), RobertaModel),
+        "electra": (ElectraConfig(vocab_size=vocab, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128), ElectraModel),
+    }[family]
+    folder = tmp_path / family
+    shutil.copytree(tiny_bert_dir, folder)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(folder)
+    ctx = context(tmp_path)
+    exp = Export().run(load_model(str(folder)), ctx)
+    r = Fuse(expect={"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}).run(exp.artifact, ctx).report
+    assert r["contract"] == "met" and r["parity.max_abs_error"] < 1e-4
+    if family == "roberta":
+        assert "fused.EmbedLayerNormalization" not in r
+        (reason,) = [v for k, v in r.items() if k.startswith("unfused_at.EmbedLayerNormalization")]
+        assert "position ids" in reason
+    else:
+        assert r["fused.EmbedLayerNormalization"] == 1
+        graph = onnx.load(str(ctx.stage_dir("fuse") / "model.onnx"))
+        assert not [n for n in graph.graph.node if n.op_type in ("Gather", "Softmax")]  # nothing left computed twice

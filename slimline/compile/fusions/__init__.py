@@ -109,8 +109,9 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
         if module.OP in skip or (module is gelu and "Gelu" in skip):
             continue
         steps[name] = _run(module, runner, model)
-        if steps[name]:  # fused outputs carry their shapes: propagate them to the nodes downstream
-            common_passes.ShapeInferencePass()(model)
+        if steps[name]:
+            common_passes.RemoveUnusedNodesPass()(model)  # blocks a rule replaced but kept (remove_nodes=False)
+            common_passes.ShapeInferencePass()(model)  # fused outputs carry their shapes: propagate them
         if diagnose and diagnosed:
             tracer_runner = attention.apply if module is attention else runner
             unfused += diagnose_step(model, module, tracer_runner)

@@ -73,7 +73,10 @@ def rules() -> list:
 
     class BertSelfAttention(pattern.RewriteRuleClassBase):
         def __init__(self, name, *, scale_mode: str, has_mask: bool):
-            super().__init__(name)
+            # remove_nodes=False: eager-attention exports (ELECTRA, BERT with attn_implementation="eager")
+            # read the context's shape with Shape() for the output Reshape, a second use that would block
+            # the rewrite. The replaced block is left dead and removed right after (see apply()).
+            super().__init__(name, remove_nodes=False)
             self.scale_mode, self.has_mask = scale_mode, has_mask  # scale_mode: "qk", "div", "mul"
 
         def pattern(self, op, x, wq, bq, wk, bk, wv, bv, sq, sk, sv, so, scale, bias):
@@ -180,8 +183,12 @@ def apply(model, tracer=None) -> int:
     from onnxscript.rewriter import RewriteRuleSet
     from onnxscript.rewriter.ort_fusions.sdpa import sdpa_rules
 
+    import onnx_ir.passes.common as common_passes
+
     own = rules()
     count = RewriteRuleSet(own[:-1]).apply_to_model(model, tracer=tracer)
+    if count:
+        common_passes.RemoveUnusedNodesPass()(model)  # the replaced blocks (the rule keeps them, see above)
     if tracer is not None:
         sdpa_rules.apply_to_model(model, tracer=tracer)
     RewriteRuleSet(own[-1:]).apply_to_model(model, tracer=tracer)

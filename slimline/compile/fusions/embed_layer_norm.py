@@ -42,7 +42,9 @@ def rules() -> list:
 
     class EmbedLayerNorm(pattern.RewriteRuleClassBase):
         def __init__(self, name, *, order: str):
-            super().__init__(name)
+            # remove_nodes=False: DistilBERT's export reads the word embeddings' shape (a second use that
+            # would block the rewrite); the engine removes what is left dead after the step
+            super().__init__(name, remove_nodes=False)
             self.order = order  # "wtp": (word + type) + pos; "wpt": (word + pos) + type; "wp": no token types
 
         def pattern(self, op, ids, segment_ids, word, seg, pos_table, pos_ids, gamma, beta):
