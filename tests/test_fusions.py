@@ -49,13 +49,29 @@ IDS = [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "S"]) for n in 
 
 def embeddings(g: G, order="wtp", pos_start=0, segments=True) -> str:
     scope = "/embeddings"
-    seq = g.op("Unsqueeze", g.op("Gather", g.op("Shape", "input_ids", scope=scope), g.const(np.int64(1)), scope=scope, axis=0), g.const(np.array([0], np.int64)), scope=scope)
-    pos_ids = g.op("Slice", g.const(np.arange(P, dtype=np.int64)[None], "position_ids"), g.const(np.array([pos_start], np.int64)), seq if not pos_start else g.op("Add", seq, g.const(np.array([pos_start], np.int64)), scope=scope), g.const(np.array([1], np.int64)), scope=scope)
+    seq = g.op(
+        "Unsqueeze",
+        g.op("Gather", g.op("Shape", "input_ids", scope=scope), g.const(np.int64(1)), scope=scope, axis=0),
+        g.const(np.array([0], np.int64)),
+        scope=scope,
+    )
+    pos_ids = g.op(
+        "Slice",
+        g.const(np.arange(P, dtype=np.int64)[None], "position_ids"),
+        g.const(np.array([pos_start], np.int64)),
+        seq if not pos_start else g.op("Add", seq, g.const(np.array([pos_start], np.int64)), scope=scope),
+        g.const(np.array([1], np.int64)),
+        scope=scope,
+    )
     word = g.op("Gather", g.w(V, H, name="embeddings.word_embeddings.weight"), "input_ids", scope=scope)
     pos = g.op("Gather", g.w(P, H, name="embeddings.position_embeddings.weight"), pos_ids, scope=scope)
     if segments:
         seg = g.op("Gather", g.w(2, H, name="embeddings.token_type_embeddings.weight"), "token_type_ids", scope=scope)
-        total = g.op("Add", g.op("Add", word, seg, scope=scope), pos, scope=scope) if order == "wtp" else g.op("Add", pos, g.op("Add", word, pos and seg, scope=scope), scope=scope)
+        total = (
+            g.op("Add", g.op("Add", word, seg, scope=scope), pos, scope=scope)
+            if order == "wtp"
+            else g.op("Add", pos, g.op("Add", word, pos and seg, scope=scope), scope=scope)
+        )
     else:
         total = g.op("Add", word, pos, scope=scope)
     return g.op("LayerNormalization", total, g.w(H), g.w(H), scope=scope, axis=-1, epsilon=1e-12)
@@ -72,7 +88,12 @@ def attention(g: G, x: str, scale="qk", mask=True, extra=None, bias_first=True) 
     split = g.const(np.array([0, 0, N, D], np.int64))
 
     def head(name, perm):
-        return g.op("Transpose", g.op("Reshape", linear(g, x, H, H, f"encoder.layer.0.attention.self.{name}", bias_first), split, scope=s), scope=s, perm=perm)
+        return g.op(
+            "Transpose",
+            g.op("Reshape", linear(g, x, H, H, f"encoder.layer.0.attention.self.{name}", bias_first), split, scope=s),
+            scope=s,
+            perm=perm,
+        )
 
     q, k, v = head("query", [0, 2, 1, 3]), head("key", [0, 2, 3, 1]), head("value", [0, 2, 1, 3])
     if scale == "qk":
@@ -81,7 +102,12 @@ def attention(g: G, x: str, scale="qk", mask=True, extra=None, bias_first=True) 
     else:
         scores = g.op("Div", g.op("MatMul", q, k, scope=s), g.const(np.float32(D**0.5)), scope=s)
     if mask:
-        m = g.op("Cast", g.op("Unsqueeze", "attention_mask", g.const(np.array([1, 2], np.int64)), scope=s), scope=s, to=TensorProto.FLOAT)
+        m = g.op(
+            "Cast",
+            g.op("Unsqueeze", "attention_mask", g.const(np.array([1, 2], np.int64)), scope=s),
+            scope=s,
+            to=TensorProto.FLOAT,
+        )
         additive = g.op("Mul", g.op("Sub", g.const(np.float32(1.0)), m, scope=s), g.const(np.float32(-10000.0)), scope=s)
         scores = g.op("Add", scores, additive, scope=s)
     probs = g.op("Softmax", scores, scope=s, axis=-1)
@@ -93,7 +119,15 @@ def attention(g: G, x: str, scale="qk", mask=True, extra=None, bias_first=True) 
 
 def skip_ln(g: G, x: str, residual: str, scope: str, bias_first=True) -> str:
     y = linear(g, x, x_dim(x), H, f"{scope}.dense", bias_first)
-    return g.op("LayerNormalization", g.op("Add", y, residual, scope=scope), g.w(H, name=f"{scope}.LayerNorm.weight"), g.w(H, name=f"{scope}.LayerNorm.bias"), scope=scope, axis=-1, epsilon=1e-12)
+    return g.op(
+        "LayerNormalization",
+        g.op("Add", y, residual, scope=scope),
+        g.w(H, name=f"{scope}.LayerNorm.weight"),
+        g.w(H, name=f"{scope}.LayerNorm.bias"),
+        scope=scope,
+        axis=-1,
+        epsilon=1e-12,
+    )
 
 
 _DIMS: dict[str, int] = {}
@@ -106,7 +140,9 @@ def x_dim(x: str) -> int:
 def gelu(g: G, x: str, sqrt2=2**0.5) -> str:
     s = "/encoder/layer.0/intermediate"
     erf = g.op("Erf", g.op("Div", x, g.const(np.float32(sqrt2)), scope=s), scope=s)
-    return g.op("Mul", g.op("Mul", x, g.op("Add", erf, g.const(np.float32(1.0)), scope=s), scope=s), g.const(np.float32(0.5)), scope=s)
+    return g.op(
+        "Mul", g.op("Mul", x, g.op("Add", erf, g.const(np.float32(1.0)), scope=s), scope=s), g.const(np.float32(0.5)), scope=s
+    )
 
 
 def bert(order="wtp", pos_start=0, scale="qk", extra=None, bias_first=True, sqrt2=2**0.5, mask=True) -> onnx.ModelProto:
@@ -222,12 +258,20 @@ def rms_graph(cast=False, axis=-1, with_residual=False) -> onnx.ModelProto:
     if with_residual:
         x = g.op("Add", "x", "r")
     h = g.op("Cast", x, to=TensorProto.FLOAT) if cast else x
-    var = g.op("ReduceMean", g.op("Pow", h, g.const(np.float32(2.0))), g.const(np.array([axis], np.int64)), keepdims=1, noop_with_empty_axes=0)
+    var = g.op(
+        "ReduceMean",
+        g.op("Pow", h, g.const(np.float32(2.0))),
+        g.const(np.array([axis], np.int64)),
+        keepdims=1,
+        noop_with_empty_axes=0,
+    )
     normed = g.op("Mul", h, g.op("Reciprocal", g.op("Sqrt", g.op("Add", var, g.const(np.float32(1e-6))))))
     y = g.op("Mul", g.w(H, name="model.layers.0.input_layernorm.weight"), normed)
     if with_residual:
         y = g.op("Add", g.op("MatMul", y, g.w(H, H)), x)
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "S", H]) for n in (["x", "r"] if with_residual else ["x"])]
+    inputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["B", "S", H]) for n in (["x", "r"] if with_residual else ["x"])
+    ]
     return g.model(inputs, y)
 
 
@@ -275,7 +319,11 @@ def test_unknown_op_is_left_alone_and_the_rest_fuses(tmp_path):
     assert "MysteryOp" in {n.op_type for n in onnx.load(dst).graph.node}
 
 
-@pytest.mark.parametrize(("start", "end", "folds"), [(-1, 2**63 - 1, True), (2, 3, True), (0, 1, False)], ids=["last-dim", "middle-dim", "dynamic-batch"])
+@pytest.mark.parametrize(
+    ("start", "end", "folds"),
+    [(-1, 2**63 - 1, True), (2, 3, True), (0, 1, False)],
+    ids=["last-dim", "middle-dim", "dynamic-batch"],
+)
 def test_static_shape_slice_folds_only_static_dims(start, end, folds, tmp_path):
     from onnxscript.rewriter import RewriteRuleSet
 

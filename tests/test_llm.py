@@ -15,7 +15,7 @@ from slimline.generate import GenerationError, OnnxDecoder, Sampling
 from slimline.models import load_model
 from slimline.quantize.weight_only import WeightOnly
 from tests.models import tiny_llama
-from tests.test_compile import context
+from tests.test_compile import context, insert_after, with_graph
 
 
 @pytest.fixture(scope="module")
@@ -314,21 +314,11 @@ def test_decoder_rules_variant_full_heads(tmp_path):
 
 def _rotary_broken(artifact, tmp_path):
     """The exported decoder with an extra Relu after layer 0's first rotate-half Neg."""
-    import copy
-
     import onnx
-    from onnx import helper
 
     graph = onnx.load(str(artifact.path))
-    neg = next(n for n in graph.graph.node if n.op_type == "Neg")
-    for node in graph.graph.node:
-        node.input[:] = ["broken_relu" if i == neg.output[0] else i for i in node.input]
-    graph.graph.node.insert(list(graph.graph.node).index(neg) + 1, helper.make_node("Relu", [neg.output[0]], ["broken_relu"]))
-    (tmp_path / "broken").mkdir()
-    onnx.save(graph, str(tmp_path / "broken" / "model.onnx"))
-    broken = copy.copy(artifact)
-    broken.path = tmp_path / "broken" / "model.onnx"
-    return broken
+    insert_after(graph, next(n for n in graph.graph.node if n.op_type == "Neg"))
+    return with_graph(artifact, graph, tmp_path / "broken")
 
 
 def test_decoder_rules_negative_broken_rotary_names_what_did_not_fuse(exported, tmp_path):
@@ -346,6 +336,10 @@ def test_decoder_rules_negative_broken_rotary_names_what_did_not_fuse(exported, 
 
 def test_skip_rms_norm_negative_when_skipped(exported, tmp_path):
     """Negative by request: `skip` leaves the RMSNorms unfused, and the rest still fuses."""
-    r = Fuse(skip=["SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"]).run(exported.artifact, context(tmp_path)).report
+    r = (
+        Fuse(skip=["SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"])
+        .run(exported.artifact, context(tmp_path))
+        .report
+    )
     assert "fused.SkipSimplifiedLayerNormalization" not in r and "fused.SimplifiedLayerNormalization" not in r
     assert r["parity.max_abs_error"] < 1e-4

@@ -113,8 +113,13 @@ class Export(Stage):
         try:
             with quiet():
                 program = torch.onnx.export(
-                    artifact.model, (), kwargs=example, dynamo=True, opset_version=self.opset,
-                    input_names=names, output_names=["logits" if artifact.info.task == "text-classification" else "last_hidden_state"],
+                    artifact.model,
+                    (),
+                    kwargs=example,
+                    dynamo=True,
+                    opset_version=self.opset,
+                    input_names=names,
+                    output_names=["logits" if artifact.info.task == "text-classification" else "last_hidden_state"],
                     dynamic_shapes={n: {0: batch, 1: seq} for n in names},
                 )
                 program.save(str(path))

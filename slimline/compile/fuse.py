@@ -69,15 +69,24 @@ class Fuse(Stage):
     consumes = (OnnxModel,)
 
     engine: Literal["slimline", "ort"] = Field(
-        "slimline", description="slimline's fusion rules (encoders and decoders), or ONNX Runtime's transformers optimizer (BERT family)"
+        "slimline",
+        description="slimline's fusion rules (encoders and decoders), or ONNX Runtime's transformers optimizer (BERT family)",
     )
     expect: dict[str, int] = Field(default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}")
     allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
     atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
     skip: list[
         Literal[
-            "Attention", "EmbedLayerNormalization", "SkipLayerNormalization", "BiasGelu", "Gelu", "LayerNormalization",
-            "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding", "GroupQueryAttention",
+            "Attention",
+            "EmbedLayerNormalization",
+            "SkipLayerNormalization",
+            "BiasGelu",
+            "Gelu",
+            "LayerNormalization",
+            "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization",
+            "RotaryEmbedding",
+            "GroupQueryAttention",
         ]
     ] = Field(
         default_factory=list,

@@ -37,8 +37,24 @@ import numpy as np
 OP = "Attention"
 ANCHORS = ("Softmax", "SDPA")  # SDPA: onnxscript's intermediate op, left when the MHA chain rejects it
 _NAMES = itertools.count()
-MASK_OPS = {"Unsqueeze", "Expand", "Cast", "Sub", "Mul", "Where", "Reshape", "Concat", "Shape", "Gather",
-            "ConstantOfShape", "Equal", "Slice", "Squeeze", "Not", "Constant"}
+MASK_OPS = {
+    "Unsqueeze",
+    "Expand",
+    "Cast",
+    "Sub",
+    "Mul",
+    "Where",
+    "Reshape",
+    "Concat",
+    "Shape",
+    "Gather",
+    "ConstantOfShape",
+    "Equal",
+    "Slice",
+    "Squeeze",
+    "Not",
+    "Constant",
+}
 
 
 def mask_source(bias):
@@ -153,7 +169,16 @@ def rules() -> list:
 
         def pattern(self, op, x, w, b, bias):
             return op.Attention(
-                x, w, b, None, None, bias, _domain="com.microsoft", _allow_other_attributes=True, _allow_other_inputs=True, _outputs=["out"]
+                x,
+                w,
+                b,
+                None,
+                None,
+                bias,
+                _domain="com.microsoft",
+                _allow_other_attributes=True,
+                _allow_other_inputs=True,
+                _outputs=["out"],
             )
 
         def check(self, context, bias, out, **_):
@@ -173,17 +198,18 @@ def rules() -> list:
         rule
         for mode in ("qk", "div", "mul")
         for has_mask in (True, False)
-        for rule in BertSelfAttention.rule(f"bert_self_attention_{mode}{'' if has_mask else '_nomask'}", scale_mode=mode, has_mask=has_mask).commute()
+        for rule in BertSelfAttention.rule(
+            f"bert_self_attention_{mode}{'' if has_mask else '_nomask'}", scale_mode=mode, has_mask=has_mask
+        ).commute()
     ]
     return own + [AttentionMaskIndex.rule("attention_mask_index")]
 
 
 def apply(model, tracer=None) -> int:
     """slimline's rule for the legacy exporter's graph, then the mask rewrite (a tracer only records)."""
+    import onnx_ir.passes.common as common_passes
     from onnxscript.rewriter import RewriteRuleSet
     from onnxscript.rewriter.ort_fusions.sdpa import sdpa_rules
-
-    import onnx_ir.passes.common as common_passes
 
     own = rules()
     count = RewriteRuleSet(own[:-1]).apply_to_model(model, tracer=tracer)

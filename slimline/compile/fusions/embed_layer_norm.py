@@ -89,9 +89,7 @@ def rules() -> list:
             return normed_out
 
     return [
-        rule
-        for order in ("wtp", "wpt", "wp")
-        for rule in EmbedLayerNorm.rule(f"embed_layer_norm_{order}", order=order).commute()
+        rule for order in ("wtp", "wpt", "wp") for rule in EmbedLayerNorm.rule(f"embed_layer_norm_{order}", order=order).commute()
     ]
 
 

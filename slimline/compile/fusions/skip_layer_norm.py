@@ -59,7 +59,7 @@ def rules() -> list:
             for what, value in [("input", input), ("skip", skip)]:
                 if value.shape is None or value.shape.rank() != 3 or value.shape[2] != hidden:
                     return result.fail(f"the {what} is not (batch, sequence, {hidden}): {value.shape}", value)
-            for a, b in zip(input.shape, skip.shape):
+            for a, b in zip(input.shape, skip.shape, strict=True):  # ranks checked equal above
                 if isinstance(a, int) and isinstance(b, int) and a != b:
                     return result.fail(f"input {input.shape} and skip {skip.shape} differ", skip)
                 if (a == 1) != (b == 1):  # one side broadcasts (a (1, S, H) position embedding): not a residual

@@ -23,7 +23,13 @@ def rules() -> list:
 
     class FoldStaticShapeSlice(pattern.RewriteRuleClassBase):
         def pattern(self, op, x, starts, ends):
-            return op.Slice(op.Shape(x, _allow_other_attributes=True, _outputs=["shape"]), starts, ends, _allow_other_inputs=True, _outputs=["sliced"])
+            return op.Slice(
+                op.Shape(x, _allow_other_attributes=True, _outputs=["shape"]),
+                starts,
+                ends,
+                _allow_other_inputs=True,
+                _outputs=["sliced"],
+            )
 
         def _dims(self, x, shape, starts, ends, sliced):
             node = sliced.producer()
@@ -75,7 +81,10 @@ def fold_constant_concats(model) -> int:
         if not node.inputs or any(v is None or v.const_value is None for v in node.inputs):
             continue
         arrays = [v.const_value.numpy() for v in node.inputs]
-        value = ir.Value(name=f"{node.outputs[0].name}_folded", const_value=ir.tensor(np.concatenate(arrays, axis=node.attributes.get_int("axis", 0))))
+        value = ir.Value(
+            name=f"{node.outputs[0].name}_folded",
+            const_value=ir.tensor(np.concatenate(arrays, axis=node.attributes.get_int("axis", 0))),
+        )
         value.shape = ir.Shape(value.const_value.shape)
         value.type = ir.TensorType(value.const_value.dtype)
         model.graph.register_initializer(value)
