@@ -39,15 +39,10 @@ def ours(src: Path, out: Path, decoder: bool = False) -> Path:
     import onnx
     import onnx_ir as ir
 
-    from slimline.compile.fusions import fuse_model
-    from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls
+    from slimline.compile.fusions import fuse_to_proto
 
-    model = ir.load(str(src))
     with quiet():
-        fuse_model(model, diagnose=False)
-    proto = ir.to_proto(model)
-    if decoder:
-        merge_sibling_matmuls(proto)
+        proto, _, _ = fuse_to_proto(ir.load(str(src)), decoder, diagnose=False)
     onnx.save_model(proto, str(out))
     return out
 

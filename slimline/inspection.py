@@ -10,18 +10,28 @@ from typing import Any
 from slimline.errors import ModelError
 
 
+def _model_file(path: Path) -> Path:
+    """The ONNX file of ``path`` (a file, or a run folder holding model.onnx); a clear error if none."""
+    if path.is_dir():
+        path = path / "model.onnx"
+    if not path.exists():
+        raise ModelError(f"{path}: not found. Give an ONNX file or a slimline run folder (with model.onnx).")
+    return path
+
+
+def _unreadable(path: Path, err: Exception) -> ModelError:
+    return ModelError(f"{path}: not a readable ONNX model ({type(err).__name__}). Is the file complete?")
+
+
 def inspect_path(path: Path) -> dict[str, Any]:
     import onnx
 
-    folder = None
-    if path.is_dir():
-        folder, path = path, path / "model.onnx"
-    if not path.exists():
-        raise ModelError(f"{path}: not found. Give an ONNX file or a slimline run folder (with model.onnx).")
+    folder = path if path.is_dir() else None
+    path = _model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError, ValueError, ... for a corrupt file
-        raise ModelError(f"{path}: not a readable ONNX model ({type(err).__name__}). Is the file complete?") from None
+        raise _unreadable(path, err) from None
     if not model.graph.node and not model.graph.input:
         raise ModelError(f"{path}: holds no graph (an empty or truncated file). Re-export the model.")
     data_files = [p for p in path.parent.glob(path.name + ".data")]
@@ -69,14 +79,11 @@ def inspect_fusions(path: Path) -> dict[str, Any]:
     from slimline.compile.fusions._base import locate
     from slimline.runtime import quiet
 
-    if path.is_dir():
-        path = path / "model.onnx"
-    if not path.exists():
-        raise ModelError(f"{path}: not found. Give an ONNX file or a slimline run folder (with model.onnx).")
+    path = _model_file(path)
     try:
         model = ir.load(str(path))
     except Exception as err:
-        raise ModelError(f"{path}: not a readable ONNX model ({type(err).__name__}). Is the file complete?") from None
+        raise _unreadable(path, err) from None
     already = fused_counts(model)
     try:
         with quiet():

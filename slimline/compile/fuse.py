@@ -194,7 +194,7 @@ class Fuse(Stage):
         import onnx
         import onnx_ir as ir
 
-        from slimline.compile.fusions import UnsupportedGraph, fuse_model
+        from slimline.compile.fusions import UnsupportedGraph, fuse_to_proto
 
         try:
             model = ir.load(str(artifact.path))
@@ -202,17 +202,10 @@ class Fuse(Stage):
             raise StageError(f"compile.fuse: can't read {artifact.path} ({type(err).__name__}): is the file complete?") from None
         try:
             with quiet():
-                result = fuse_model(model, skip=tuple(self.skip))
+                after, result, rejected = fuse_to_proto(model, artifact.info.task == "text-generation", tuple(self.skip))
         except UnsupportedGraph as err:
             raise StageError(f"compile.fuse: {err}") from None
         out = ctx.stage_dir("fuse") / "model.onnx"
-        after = ir.to_proto(model)
-        if artifact.info.task == "text-generation":
-            from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls
-
-            result.steps["merged_sibling_matmuls"], rejected = merge_sibling_matmuls(after)  # slimline's own rule
-        else:
-            rejected = {}
         large = sum(t.ByteSize() for t in after.graph.initializer) > 1_500_000_000
         onnx.save_model(after, str(out), save_as_external_data=large, location="model.onnx.data" if large else None)
         try:

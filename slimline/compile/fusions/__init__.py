@@ -131,6 +131,20 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
     return FusionResult(model, fused_counts(model), steps, nodes_before, sum(1 for _ in model.graph), unfused)
 
 
+def fuse_to_proto(model: Any, decoder: bool, skip: tuple[str, ...] = (), diagnose: bool = True) -> tuple[Any, FusionResult, dict]:
+    """What compile.fuse ships: the rules, then for decoders slimline's sibling-MatMul merge (on the
+    proto). Returns (ModelProto, result, {input: why its MatMuls were not merged})."""
+    import onnx_ir as ir
+
+    from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls
+
+    result = fuse_model(model, skip=skip, diagnose=diagnose)
+    proto, rejected = ir.to_proto(model), {}
+    if decoder:
+        result.steps["merged_sibling_matmuls"], rejected = merge_sibling_matmuls(proto)
+    return proto, result, rejected
+
+
 def diagnose_step(model: Any, module: Any, runner: Any) -> list[dict]:
     """The candidates ``module`` left unfused, each with its closest rule's reason (changes nothing)."""
     candidate = getattr(module, "candidate", lambda node: True)
