@@ -80,18 +80,13 @@ def save_final(artifact: Any, folder: Path) -> list[str]:
     if isinstance(artifact, OnnxModel):
         import onnx
 
+        from slimline import onnxfile
+
         model = onnx.load(str(artifact.path))
         # Weights in model.onnx.data are memory-mapped by ONNX Runtime; inline ones are parsed and then
         # copied, so a 100 MB decoder peaked at 224 MB RSS inline against 86 MB for the same bytes mapped.
         # (Above 2 GB protobuf can't hold them inline at all.)
-        large = model.ByteSize() > 100_000_000
-        onnx.save_model(
-            model,
-            str(folder / "model.onnx"),
-            save_as_external_data=large,
-            all_tensors_to_one_file=True,
-            location="model.onnx.data",
-        )
+        onnxfile.save(model, folder / "model.onnx", external=model.ByteSize() > 100_000_000)
         artifact.config.save_pretrained(folder)
     elif isinstance(artifact, TorchModel) and artifact.saved is not None:
         shutil.copytree(artifact.saved, folder / "model")

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from slimline import onnxfile
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.quantize import calib, nbits
@@ -91,14 +92,76 @@ def _gather_quantized(inputs: list[str], gather: Any, block_size: int, bits: int
     )
 
 
+def split_wide(model: Any, max_bytes: int) -> dict[str, int]:
+    """Split each MatMulNBits whose packed weights exceed ``max_bytes`` along N into parts + a Concat.
+
+    ONNX Runtime prepacks a weight while its mapped original is still resident, so loading peaks at
+    the steady state plus the largest single weight. An 8-bit SmolLM2 LM head (28 MB) set that peak;
+    in four parts the peak was 7 MB over the steady state. Each part costs a kernel launch and the
+    Concat a copy of the logits, so parts stay as large as ``max_bytes`` allows. Results are identical (each output column
+    is computed from its own row of weights) and the parts keep any view marks, shifted.
+    Returns {node: parts}.
+    """
+    from onnx import helper, numpy_helper
+
+    init = {t.name: t for t in model.graph.initializer}
+    split: dict[str, int] = {}
+    nodes = []
+    for node in model.graph.node:
+        weight = init.get(node.input[1]) if node.op_type == "MatMulNBits" and len(node.input) > 1 else None
+        if weight is None or len(node.input) > 4 or len(weight.raw_data) <= max_bytes:  # no g_idx / bias
+            nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        n = attrs["N"]
+        parts = -(-len(weight.raw_data) // max_bytes)
+        rows = -(-n // parts)
+        bounds = [(r, min(r + rows, n)) for r in range(0, n, rows)]
+        outs = []
+        for j, (lo, hi) in enumerate(bounds):
+            names = []
+            for name in node.input[1:]:
+                source = init[name]
+                values = numpy_helper.to_array(source)
+                per_row = values.reshape(n, -1)
+                rows_of = np.ascontiguousarray(per_row[lo:hi])
+                shape = (-1,) if values.ndim == 1 else (hi - lo, *values.shape[1:])
+                part = numpy_helper.from_array(rows_of.reshape(shape), f"{name}_part{j}")
+                view = onnxfile.view_of(source)
+                if view:
+                    onnxfile.mark_view(part, view[0], view[1] + lo * per_row[0].nbytes)
+                model.graph.initializer.append(part)
+                names.append(part.name)
+            outs.append(f"{node.output[0]}_part{j}")
+            nodes.append(
+                helper.make_node(
+                    "MatMulNBits",
+                    [node.input[0], *names],
+                    [outs[-1]],
+                    name=f"{node.name}_part{j}",
+                    domain="com.microsoft",
+                    **{**attrs, "N": hi - lo},
+                )
+            )
+        nodes.append(helper.make_node("Concat", outs, list(node.output), name=f"{node.name}_concat", axis=-1))
+        split[node.name] = len(bounds)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return split
+
+
 def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, Any] | None = None) -> dict[str, float | str]:
     """Token-embedding Gathers (a constant ``[vocab, hidden]`` table, axis 0) -> GatherBlockQuantized.
 
     Blocks run along the hidden dimension, asymmetric, with integer zero points. Returns each
     table's relative reconstruction error. ``tied`` maps a table to the MatMulNBits node of an LM
     head that reads the same table (tied embeddings) and was quantized with the same bits: the
-    Gather then reads that node's packed weights, scales and zero points (through a Reshape), so
-    the table is stored once.
+    Gather then gets the head's packed weights, scales and zero points as its own initializers,
+    marked as views of the same bytes, so the saved artifact stores the table once
+    (``slimline.onnxfile``). Separate initializers keep the Gather's table memory-mapped and mostly
+    untouched at run time, while ONNX Runtime prepacks the head's copy and releases it; a shared
+    initializer (or a Reshape of it, which ONNX Runtime constant-folds into a heap copy) kept 28 MB
+    resident for SmolLM2.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -113,12 +176,16 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             continue
         head = (tied or {}).get(node.input[0])
         if head is not None:
-            vocab, hidden = table.dims
-            shape = numpy_helper.from_array(np.array([vocab, hidden * bits // 8], np.int64), f"{node.name}_packed_shape")
-            model.graph.initializer.append(shape)
-            packed = f"{node.name}_packed"
-            nodes.append(helper.make_node("Reshape", [head.input[1], shape.name], [packed], name=f"{node.name}_share"))
-            nodes.append(_gather_quantized([packed, node.input[1], head.input[2], *head.input[3:4]], node, block_size, bits))
+            vocab = table.dims[0]
+            own = []
+            for role, name in zip(("table", "scales", "zero"), head.input[1:4], strict=False):
+                source = init[name]
+                values = numpy_helper.to_array(source)
+                copy = numpy_helper.from_array(values.reshape(vocab, -1), f"{node.name}_{role}")
+                model.graph.initializer.append(copy)
+                onnxfile.mark_view(source, copy.name)  # stored once: the head's tensor is these bytes
+                own.append(copy.name)
+            nodes.append(_gather_quantized([own[0], node.input[1], *own[1:]], node, block_size, bits))
             errors[node.name] = "shared with the LM head"  # its error is the head's, among the layers
             continue
         e = numpy_helper.to_array(table)
@@ -163,17 +230,33 @@ class WeightOnly(OnnxQuantizer):
     head_bits: Literal[4, 8] | None = Field(
         None, description="bits for the MatMul producing the `logits` output (the LM head); default: `bits`"
     )
+    block_size_8bit: Literal[16, 32, 64, 128, 256] | None = Field(
+        None,
+        description="block size for the 8-bit weights (bits/head_bits/fallback_bits/embedding_bits 8); default: "
+        "block_size. 8-bit codes lose little to longer blocks, and each block costs a float scale (and, once "
+        "ONNX Runtime prepacks it, a float block sum): SmolLM2's 8-bit layers at 64 instead of 32 took 10 MB off peak RSS",
+    )
+    max_weight_mb: float | None = Field(
+        16.0,
+        gt=0,
+        description="split a MatMulNBits with more packed weight bytes than this along N (identical results; "
+        "bounds ONNX Runtime's load-time peak, which holds one weight twice while prepacking it); null: never",
+    )
     embedding_bits: Literal[4, 8] | None = Field(
         None, description="quantize the token-embedding Gather into GatherBlockQuantized (4 or 8 bits); default: float"
     )
 
+    def block_for(self, bits: int) -> int:
+        return self.block_size_8bit if bits == 8 and self.block_size_8bit else self.block_size
+
     def quantize_weight(self, w: np.ndarray, gram: np.ndarray | None, bits: int | None = None) -> nbits.Blocked:
         bits = bits or self.bits
+        block = self.block_for(bits)
         if self.algorithm == "gptq":
-            return nbits.gptq(w, gram, bits, self.block_size, self.symmetric, self.damp, self.act_order)
+            return nbits.gptq(w, gram, bits, block, self.symmetric, self.damp, self.act_order)
         if self.algorithm == "hqq":
-            return nbits.hqq(w, bits, self.block_size)
-        return nbits.rtn(w, bits, self.block_size, self.symmetric)
+            return nbits.hqq(w, bits, block)
+        return nbits.rtn(w, bits, block, self.symmetric)
 
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
@@ -199,6 +282,8 @@ class WeightOnly(OnnxQuantizer):
                 "Weight-only quantization replaces MatMul nodes; fused Attention weights are not MatMuls."
             )
         report: dict[str, Any] = {"algorithm": self.algorithm, "bits": self.bits, "block_size": self.block_size}
+        if self.block_size_8bit:
+            report["block_size_8bit"] = self.block_size_8bit
         model_heads = [n for n in model.graph.node if n.name in layers and "logits" in n.output]
         heads = {n.name for n in model_heads}
         if heads and self.head_bits:
@@ -253,9 +338,13 @@ class WeightOnly(OnnxQuantizer):
             if head_bits == self.embedding_bits:  # a tied LM head: the Gather reads the head's packed weights
                 sources = {n.name: n.input[1] for n in model_heads}
                 tied = {sources[n.name]: n for n in quantized.graph.node if n.op_type == "MatMulNBits" and n.name in sources}
-            for name, err in quantize_embeddings(quantized, self.embedding_bits, self.block_size, tied).items():
+            embedding_block = self.block_for(self.embedding_bits)
+            for name, err in quantize_embeddings(quantized, self.embedding_bits, embedding_block, tied).items():
                 report[f"embedding_error.{name}"] = err if isinstance(err, str) else round(err, 5)
-            replace_matmuls(quantized, {}, self.accuracy_level)  # drops the float tables no node reads now
+        if self.max_weight_mb:
+            for name, parts in split_wide(quantized, int(self.max_weight_mb * 2**20)).items():
+                report[f"split.{name}"] = f"{parts} parts (load-time peak memory)"
+        replace_matmuls(quantized, {}, self.accuracy_level)  # drops the tables no node reads now
         out = ctx.stage_dir("quantize_weight_only") / "model.onnx"
         onnx.save_model(quantized, str(out))
         loads_in_ort(out, self.kind)
