@@ -4,6 +4,13 @@
 feeds one token per sequence. Greedy or sampled (temperature, top-k, top-p), streaming each token to
 a callback, stopping at EOS or the context limit. Batches share one prompt length (no padding), the
 case the evaluation times; a prompt longer than the context is refused before any compute.
+
+Two things keep a decode step cheap:
+- the prefill asks for the last position's logits only (``logits_to_keep``, when the graph has it);
+- with GroupQueryAttention, the KV cache lives in preallocated buffers bound (ONNX Runtime IO
+  binding) as both the past input and the present output, so the kernel appends each step's keys
+  and values in place instead of returning a fresh copy of the whole cache (SmolLM2: +5% tokens/s).
+  The buffers hold the prompt plus ``max_new_tokens`` and double if a caller steps past them.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class OnnxDecoder:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        # graphs from compile.export can skip the LM head for all but the last prompt position
+        self.can_keep_last = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
         if not self.past_names or "logits" not in self.outputs:
             raise GenerationError(
                 f"{path}: not a decoder graph with a KV cache (inputs past_key_values.*, output logits). "
@@ -52,8 +61,15 @@ class OnnxDecoder:
         self.max_context = max_context
         self.past: dict[str, np.ndarray] = {}
         self.length = 0
+        # GroupQueryAttention reads the past length from the positions, not from the cache's shape, so
+        # the cache can live in fixed buffers that the kernel appends to in place (bound as both the
+        # past input and the present output); other attention ops concatenate and need exact shapes.
+        self.in_place = in_place_cache(Path(path), self.past_names)
+        self._binding: Any = None
+        self._buffers: dict[str, np.ndarray] = {}
+        self.reserve = 0  # decode steps to allocate for at prefill (generate() sets it)
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
+    def _run(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         batch, new = ids.shape
         total = self.length + new
         if self.max_context and total > self.max_context:
@@ -64,8 +80,11 @@ class OnnxDecoder:
             "position_ids": np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, new)).copy(),
             **self.past,
         }
+        feeds = {k: v for k, v in feeds.items() if k in self.inputs}
+        if last_only and self.can_keep_last and new > 1:
+            feeds["logits_to_keep"] = np.array([1], np.int64)
         try:
-            values = self.session.run(self.outputs, {k: v for k, v in feeds.items() if k in self.inputs})
+            values = self.session.run(self.outputs, feeds)
         except Exception as e:  # noqa: BLE001 - ORT's own exception types
             shapes = {k: v.shape for k, v in feeds.items() if k.startswith("past_key_values.0.")}
             raise GenerationError(
@@ -80,24 +99,88 @@ class OnnxDecoder:
         self.length = total
         return out["logits"]
 
-    def prefill(self, ids: np.ndarray) -> np.ndarray:
-        """Reset the cache, run the prompt ``[batch, seq]``; returns all logits ``[batch, seq, vocab]``."""
+    def _bind_cache(self, capacity: int) -> None:
+        """Move the cache into buffers of ``capacity`` positions, bound as past input and present output."""
+        import onnxruntime as ort
+
+        source = self._buffers or self.past
+        binding = self.session.io_binding()
+        binding.bind_output("logits")  # first, so that get_outputs()[0] is the logits
+        buffers = {}
+        for name in self.past_names:
+            old = source[name]
+            buf = np.zeros((old.shape[0], self.kv_heads, capacity, self.head_dim), np.float32)
+            buf[:, :, : self.length] = old[:, :, : self.length]
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+            buffers[name] = buf
+        batch = buffers[self.past_names[0]].shape[0]
+        # the step's small inputs live in arrays bound once and rewritten in place before each run
+        self._ids, self._positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
+        self._mask = np.ones((batch, capacity), np.int64)
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
+        binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
+        self._binding, self._buffers, self.past = binding, buffers, {}
+
+    def _step_in_place(self, tokens: np.ndarray) -> np.ndarray:
+        batch = tokens.shape[0]
+        cached = next(iter((self._buffers or self.past).values())).shape[0]
+        if batch != cached:
+            raise GenerationError(
+                f"{batch} tokens for a KV cache of {cached} sequences: the cache must hold "
+                "[batch, kv_heads, past, head_dim] for the same batch as input_ids."
+            )
+        total = self.length + 1
+        if self.max_context and total > self.max_context:
+            raise GenerationError(f"the sequence would reach {total} tokens, over the model's context of {self.max_context}.")
+        if self._binding is None or total > self._buffers[self.past_names[0]].shape[2]:
+            self._bind_cache(max(2 * total, total + self.reserve, 16))
+        b = self._binding
+        self._ids[:] = tokens.reshape(batch, 1)
+        self._positions[:] = self.length
+        if "attention_mask" in self.inputs:
+            b.bind_cpu_input("attention_mask", self._mask[:, :total])
+        b.bind_output("logits")  # unallocated: its shape is the step's
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as e:  # noqa: BLE001 - ORT's own exception types
+            raise GenerationError(f"the decoder rejected a decode step ({str(e).splitlines()[0][:200]}).") from None
+        self.length = total
+        return b.get_outputs()[0].numpy()
+
+    def cache(self) -> dict[str, np.ndarray]:
+        """The KV cache as ``[batch, kv_heads, length, head_dim]`` arrays (views of the buffers in place)."""
+        if self._buffers:
+            return {n: b[:, :, : self.length] for n, b in self._buffers.items()}
+        return dict(self.past)
+
+    def prefill(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        """Reset the cache, run the prompt ``[batch, seq]``; returns all logits ``[batch, seq, vocab]``,
+        or with ``last_only`` those of the last position ``[batch, 1, vocab]`` (computed alone when the
+        graph has a ``logits_to_keep`` input)."""
         ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
         zero = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), np.float32)
         self.past = {n: zero for n in self.past_names}
+        self._binding, self._buffers = None, {}
         self.length = 0
-        return self._run(ids)
+        logits = self._run(ids, last_only)
+        return logits[:, -1:] if last_only else logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One new token per sequence; returns its logits ``[batch, vocab]``."""
-        if not self.past:
+        if not self.past and not self._buffers:
             raise GenerationError("step() before prefill(): there is no KV cache to extend. Run the prompt first.")
-        return self._run(np.asarray(tokens, dtype=np.int64).reshape(-1, 1))[:, -1]
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if self.in_place:
+            return self._step_in_place(tokens)[:, -1]
+        return self._run(tokens)[:, -1]
 
     def generate(self, ids: np.ndarray, sampling: Sampling, on_token: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
         """New tokens ``[batch, n]`` (n <= max_new_tokens); a finished sequence keeps emitting its EOS."""
         rng = np.random.default_rng(sampling.seed)
-        logits = self.prefill(ids)[:, -1]
+        self.reserve = sampling.max_new_tokens
+        logits = self.prefill(ids, last_only=True)[:, -1]
         done = np.zeros(logits.shape[0], bool)
         out = []
         for i in range(sampling.max_new_tokens):
@@ -112,6 +195,19 @@ class OnnxDecoder:
                 break
             logits = self.step(token)
         return np.stack(out, axis=1) if out else np.zeros((len(done), 0), np.int64)
+
+
+def in_place_cache(path: Path, past_names: list[str]) -> bool:
+    """Whether every reader of the past KV inputs is GroupQueryAttention (which can append in place)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - ORT loaded it; a proto we can't read just keeps the copying path
+        return False
+    wanted = set(past_names)
+    readers = [n for n in graph.node if wanted & set(n.input)]
+    return bool(readers) and all(n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft" for n in readers)
 
 
 def kv_dims(shape: list, folder: Path) -> tuple[int, int]:

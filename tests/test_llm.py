@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
 
+from slimline import onnxfile
 from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
 from slimline.errors import ModelError, StageError
@@ -75,6 +77,14 @@ def test_decoder_fusions_fire_and_keep_parity(fused):
     r = fused.report
     assert r["fused.GroupQueryAttention"] == 2 and r["fused.SkipSimplifiedLayerNormalization"] >= 3
     assert r["rules.merged_sibling_matmuls"] == 4  # Q/K/V and gate/up in each of 2 layers
+    assert r["rules.dropped_unused_outputs"] > 0  # the norms' mean / inv_std_var, never read
+    assert r["rules.packed_qkv_attention"] == 2  # GQA reads the merged Q/K/V output, no Split between
+    import onnx
+
+    graph = onnx.load(str(fused.artifact.path)).graph
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    for gqa in (n for n in graph.node if n.op_type == "GroupQueryAttention"):
+        assert made_by[gqa.input[0]] == "MatMul" and gqa.input[1] == gqa.input[2] == ""
     assert r["contract"] == "met" and r["parity.max_abs_error"] < 1e-4
     assert r["nodes_after"] < r["nodes_before"] / 2
 
@@ -206,9 +216,19 @@ def test_tied_embedding_shares_the_lm_head_weights(fused, tmp_path, bits):
     m = onnx.load(str(r.artifact.path))
     gbq = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in m.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
-    reshape = next(n for n in m.graph.node if n.output[0] == gbq.input[0])
-    assert reshape.input[0] == head.input[1] and gbq.input[2] == head.input[2]
+    init = {t.name: t for t in m.graph.initializer}
+    # the Gather has its own initializers, marked as views of the head's bytes (stored once when saved)
+    for mine, theirs in zip(gbq.input[:1] + gbq.input[2:], head.input[1:], strict=True):
+        assert onnxfile.view_of(init[theirs]) == (mine, 0)
+        assert numpy_helper.to_array(init[mine]).tobytes() == numpy_helper.to_array(init[theirs]).tobytes()
     assert not any(t.name == "model.lm_head.weight" for t in m.graph.initializer)  # the float table is gone
+    sizes = [len(init[n].raw_data) for n in head.input[1:]]
+    shared = sum(n for n in sizes if n >= onnxfile.THRESHOLD)
+    (tmp_path / "saved").mkdir()
+    stats = onnxfile.save(m, tmp_path / "saved" / "model.onnx", external=True)  # moves the weights out of `m`
+    assert stats["shared"] == shared > 0  # the head's weights point into the Gather's table
+    saved = onnx_stepper(tmp_path / "saved" / "model.onnx")(np.array([[5, 17, 42, 8]]), reset=True)
+    np.testing.assert_array_equal(saved, onnx_stepper(r.artifact.path)(np.array([[5, 17, 42, 8]]), reset=True))
     # the shared table must decode to the real embeddings: compare with a float-embedding model, same head
     float_embedding = WeightOnly(bits=4, block_size=16, head_bits=bits, min_cosine=0.5).run(
         fused.artifact, context(tmp_path / "f")
@@ -217,6 +237,76 @@ def test_tied_embedding_shares_the_lm_head_weights(fused, tmp_path, bits):
     a = onnx_stepper(r.artifact.path)(ids, reset=True)
     b = onnx_stepper(float_embedding.artifact.path)(ids, reset=True)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < (0.02 if bits == 8 else 0.3)  # misread scales: ~1
+
+
+def test_wide_matmulnbits_split_into_parts_gives_identical_logits(fused, tmp_path):
+    """max_weight_mb splits the LM head along N (the load-time peak); the parts keep their view marks."""
+    import onnx
+
+    from slimline.compile.export_llm import onnx_stepper
+
+    common = {"bits": 4, "block_size": 16, "head_bits": 8, "embedding_bits": 8, "min_cosine": 0.5}
+    whole = WeightOnly(**common, max_weight_mb=None).run(fused.artifact, context(tmp_path / "whole"))
+    parts = WeightOnly(**common, max_weight_mb=0.001).run(fused.artifact, context(tmp_path / "parts"))
+    split = {k: v for k, v in parts.report.items() if k.startswith("split.")}
+    assert split and not any(k.startswith("split.") for k in whole.report)
+    m = onnx.load(str(parts.artifact.path))
+    concat = next(n for n in m.graph.node if "logits" in n.output)
+    assert concat.op_type == "Concat" and len(concat.input) > 1
+    init = {t.name: t for t in m.graph.initializer}
+    gbq = next(n for n in m.graph.node if n.op_type == "GatherBlockQuantized")
+    table = numpy_helper.to_array(init[gbq.input[0]]).tobytes()
+    heads = [n for n in m.graph.node if n.output[0] in concat.input]
+    for node in heads:  # each part's packed weights are a range of the Gather's table
+        base, at = onnxfile.view_of(init[node.input[1]])
+        weights = numpy_helper.to_array(init[node.input[1]]).tobytes()
+        assert base == gbq.input[0] and table[at : at + len(weights)] == weights
+    ids = np.array([[5, 17, 42, 8, 61]])
+    a = onnx_stepper(whole.artifact.path)(ids, reset=True)
+    np.testing.assert_array_equal(onnx_stepper(parts.artifact.path)(ids, reset=True), a)
+
+
+def test_in_place_kv_cache_matches_the_copying_loop_and_grows(fused, exported):
+    """GroupQueryAttention appends to fixed, bound buffers; the result is the concatenating loop's."""
+    assert not OnnxDecoder(exported.artifact.path, 1).in_place  # unfused attention concatenates
+    a, b = OnnxDecoder(fused.artifact.path, 1), OnnxDecoder(fused.artifact.path, 1)
+    assert a.in_place
+    b.in_place = False
+    ids = np.array([[5, 17, 42, 8], [9, 3, 77, 31]])
+    la, lb = a.prefill(ids)[:, -1], b.prefill(ids)[:, -1]
+    for _ in range(20):  # past the first buffer (16 positions), so it is re-allocated once
+        np.testing.assert_allclose(la, lb, atol=1e-5)
+        token = lb.argmax(-1)
+        la, lb = a.step(token), b.step(token)
+    assert a._buffers[a.past_names[0]].shape[2] > 16 and a.length == b.length == 24
+    for name, cached in a.cache().items():
+        np.testing.assert_allclose(cached, b.cache()[name], atol=1e-5)
+
+
+def test_8bit_weights_take_their_own_block_size(fused, tmp_path):
+    import onnx
+    from onnx import helper
+
+    r = WeightOnly(bits=4, block_size=16, head_bits=8, embedding_bits=8, block_size_8bit=32, min_cosine=0.5).run(
+        fused.artifact, context(tmp_path)
+    )
+    assert r.report["block_size_8bit"] == 32
+    seen = set()
+    for node in onnx.load(str(r.artifact.path)).graph.node:
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            seen.add((node.op_type, a["bits"], a["block_size"]))
+    assert seen == {("MatMulNBits", 4, 16), ("MatMulNBits", 8, 32), ("GatherBlockQuantized", 8, 32)}
+
+
+def test_logits_to_keep_defaults_to_every_position_and_prefill_can_keep_the_last(fused):
+    decoder = OnnxDecoder(fused.artifact.path, 1)
+    ids = np.array([[5, 17, 42, 8, 99]])
+    assert decoder.can_keep_last  # compile.export added it and compile.fuse kept it an input
+    every = decoder.prefill(ids)
+    last = decoder.prefill(ids, last_only=True)
+    assert every.shape[1] == 5 and last.shape[1] == 1
+    np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-5)
 
 
 def test_sibling_matmul_merge_positive_variant_and_negative(tmp_path):

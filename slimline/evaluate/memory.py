@@ -121,7 +121,11 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
                 kv, hd = kv_dims(i.shape, Path(path).parent)
                 feeds[i.name] = np.zeros((batch, kv, 0, hd), np.float32)
         names = [i.name for i in session.get_inputs()]
-        session.run(None, {k: feeds[k] for k in names})
+        feeds = {k: feeds[k] for k in names}
+        if any(i.name == "logits_to_keep" for i in session.get_overridable_initializers()):
+            feeds["logits_to_keep"] = np.array([1], np.int64)  # a prefill before generation, as `generate` runs it
+            result["logits"] = "last position"
+        session.run(None, feeds)
     else:
         import torch
         from transformers import AutoModel, AutoModelForSequenceClassification
@@ -138,8 +142,12 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
         if not getattr(model, "is_quantized", False):  # bitsandbytes models refuse .to() and load in place
             model = model.to(device)
         accepted = set(inspect.signature(model.forward).parameters)
+        extra = {}
+        if task == "text-generation" and "logits_to_keep" in accepted:
+            extra["logits_to_keep"] = 1  # the same prefill as the ONNX side's
+            result["logits"] = "last position"
         with torch.inference_mode():
-            model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items() if k in accepted})
+            model(**{k: torch.from_numpy(v).to(device) for k, v in feeds.items() if k in accepted}, **extra)
         if device == "cuda":
             torch.cuda.synchronize()
             result["gpu_allocator_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
