@@ -433,3 +433,32 @@ def test_skip_rms_norm_negative_when_skipped(exported, tmp_path):
     )
     assert "fused.SkipSimplifiedLayerNormalization" not in r and "fused.SimplifiedLayerNormalization" not in r
     assert r["parity.max_abs_error"] < 1e-4
+
+
+def test_wanda_2_4_prunes_the_decoder_and_the_pattern_survives_export_and_fusion(llama, tmp_path):
+    """Weight pruners work on the decoder's Linear layers (the tied LM head left alone); the pruned model
+    exports with its KV cache, fuses, and generates, and its fused MatMul weights are still 2:4."""
+    import onnx
+    from onnx import numpy_helper
+
+    from slimline.prune.unstructured import Wanda
+
+    pruned = Wanda(pattern="nm").run(llama, context(tmp_path / "p"))
+    assert pruned.report["sparsity.overall"] == 0.5
+    assert not any("lm_head" in k or "embed" in k for k in pruned.report if k.startswith("sparsity."))
+    exported = Export().run(pruned.artifact, context(tmp_path / "e"))
+    fused = Fuse(expect={"GroupQueryAttention": 2}).run(exported.artifact, context(tmp_path / "f"))
+    graph = onnx.load(str(fused.artifact.path)).graph
+    init = {t.name: t for t in graph.initializer}
+    checked = 0
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in init and "logits" not in node.output:
+            w = numpy_helper.to_array(init[node.input[1]])  # [K, N]: 2:4 along K, the input dimension
+            if min(w.shape) < 16:  # the rotary frequency table, not a layer
+                continue
+            groups = (w.T.reshape(w.shape[1], -1, 4) != 0).sum(-1)
+            assert (groups <= 2).all()
+            checked += 1
+    assert checked >= 4  # merged Q/K/V, o, merged gate/up, down in each layer
+    out = OnnxDecoder(fused.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=4))
+    assert out.shape == (1, 4)

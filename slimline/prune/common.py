@@ -44,9 +44,12 @@ def linear_layers(model: Any, include: list[str], exclude: list[str], kind: str,
 def calibration_batches(artifact: TorchModel, texts: list[str], batch: int = 16, max_length: int = 128) -> list[dict]:
     if not texts:
         raise StageError("This pruner needs calibration text, and the recipe's evaluate.data gave none.")
+    tokenizer = artifact.tokenizer
+    if tokenizer.pad_token is None:  # decoders ship without one; padded positions are masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
     out = []
     for i in range(0, len(texts), batch):
-        enc = artifact.tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         out.append(dict(enc))
     return out
 
