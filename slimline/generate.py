@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from slimline.compile.export_llm import LOGITS_TO_KEEP
 from slimline.errors import SlimlineError
 
 
@@ -51,7 +52,7 @@ class OnnxDecoder:
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         # graphs from compile.export can skip the LM head for all but the last prompt position
-        self.can_keep_last = any(i.name == "logits_to_keep" for i in self.session.get_overridable_initializers())
+        self.can_keep_last = keeps_last_logits(self.session)
         if not self.past_names or "logits" not in self.outputs:
             raise GenerationError(
                 f"{path}: not a decoder graph with a KV cache (inputs past_key_values.*, output logits). "
@@ -69,11 +70,14 @@ class OnnxDecoder:
         self._buffers: dict[str, np.ndarray] = {}
         self.reserve = 0  # decode steps to allocate for at prefill (generate() sets it)
 
+    def _check_context(self, total: int) -> None:
+        if self.max_context and total > self.max_context:
+            raise GenerationError(f"the sequence would reach {total} tokens, over the model's context of {self.max_context}.")
+
     def _run(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         batch, new = ids.shape
         total = self.length + new
-        if self.max_context and total > self.max_context:
-            raise GenerationError(f"the sequence would reach {total} tokens, over the model's context of {self.max_context}.")
+        self._check_context(total)
         feeds = {
             "input_ids": ids.astype(np.int64),
             "attention_mask": np.ones((batch, total), np.int64),
@@ -82,7 +86,7 @@ class OnnxDecoder:
         }
         feeds = {k: v for k, v in feeds.items() if k in self.inputs}
         if last_only and self.can_keep_last and new > 1:
-            feeds["logits_to_keep"] = np.array([1], np.int64)
+            feeds[LOGITS_TO_KEEP] = np.array([1], np.int64)
         try:
             values = self.session.run(self.outputs, feeds)
         except Exception as e:  # noqa: BLE001 - ORT's own exception types
@@ -132,8 +136,7 @@ class OnnxDecoder:
                 "[batch, kv_heads, past, head_dim] for the same batch as input_ids."
             )
         total = self.length + 1
-        if self.max_context and total > self.max_context:
-            raise GenerationError(f"the sequence would reach {total} tokens, over the model's context of {self.max_context}.")
+        self._check_context(total)
         if self._binding is None or total > self._buffers[self.past_names[0]].shape[2]:
             self._bind_cache(max(2 * total, total + self.reserve, 16))
         b = self._binding
@@ -195,6 +198,11 @@ class OnnxDecoder:
                 break
             logits = self.step(token)
         return np.stack(out, axis=1) if out else np.zeros((len(done), 0), np.int64)
+
+
+def keeps_last_logits(session: Any) -> bool:
+    """Whether the graph has compile.export's ``logits_to_keep`` input (an overridable initializer)."""
+    return any(i.name == LOGITS_TO_KEEP for i in session.get_overridable_initializers())
 
 
 def in_place_cache(path: Path, past_names: list[str]) -> bool:

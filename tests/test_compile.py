@@ -213,31 +213,17 @@ def test_bert_family_exports_fuse_or_say_why(family, tiny_bert_dir, tmp_path):
     )
 
     vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
+    bert_like = {
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+    }
     config, cls = {
         "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=128), DistilBertModel),
-        "roberta": (
-            RobertaConfig(
-                vocab_size=vocab,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                max_position_embeddings=130,
-                pad_token_id=0,
-            ),
-            RobertaModel,
-        ),
-        "electra": (
-            ElectraConfig(
-                vocab_size=vocab,
-                embedding_size=32,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-            ),
-            ElectraModel,
-        ),
+        "roberta": (RobertaConfig(**bert_like, max_position_embeddings=130, pad_token_id=0), RobertaModel),
+        "electra": (ElectraConfig(**bert_like, embedding_size=32), ElectraModel),
     }[family]
     folder = tmp_path / family
     shutil.copytree(tiny_bert_dir, folder)

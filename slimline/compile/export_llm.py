@@ -122,7 +122,7 @@ def export_decoder(model: Any, path: Any, opset: int) -> None:
         onnx.save_model(graph, str(path))
 
 
-KEEP = "logits_to_keep"
+LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def add_logits_to_keep(model: Any) -> bool:
@@ -137,23 +137,28 @@ def add_logits_to_keep(model: Any) -> bool:
 
     graph = model.graph
     head = next((n for n in graph.node if "logits" in n.output), None)
-    if head is None or head.op_type != "MatMul" or any(i.name == KEEP for i in graph.input):
+    if head is None or head.op_type != "MatMul" or any(i.name == LOGITS_TO_KEEP for i in graph.input):
         return False
-    graph.input.append(helper.make_tensor_value_info(KEEP, TensorProto.INT64, [1]))
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     graph.initializer.extend(
         [
-            numpy_helper.from_array(np.array([0], np.int64), KEEP),
-            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{KEEP}_end"),
-            numpy_helper.from_array(np.array([1], np.int64), f"{KEEP}_axis"),
+            numpy_helper.from_array(np.array([0], np.int64), LOGITS_TO_KEEP),
+            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), f"{LOGITS_TO_KEEP}_end"),
+            numpy_helper.from_array(np.array([1], np.int64), f"{LOGITS_TO_KEEP}_axis"),
         ]
     )
     kept = f"{head.input[0]}_kept"
     at = list(graph.node).index(head)
     graph.node.insert(
         at,
-        helper.make_node("Slice", [head.input[0], f"{KEEP}_start", f"{KEEP}_end", f"{KEEP}_axis"], [kept], name=f"{KEEP}_slice"),
+        helper.make_node(
+            "Slice",
+            [head.input[0], f"{LOGITS_TO_KEEP}_start", f"{LOGITS_TO_KEEP}_end", f"{LOGITS_TO_KEEP}_axis"],
+            [kept],
+            name=f"{LOGITS_TO_KEEP}_slice",
+        ),
     )
-    graph.node.insert(at, helper.make_node("Neg", [KEEP], [f"{KEEP}_start"], name=f"{KEEP}_neg"))
+    graph.node.insert(at, helper.make_node("Neg", [LOGITS_TO_KEEP], [f"{LOGITS_TO_KEEP}_start"], name=f"{LOGITS_TO_KEEP}_neg"))
     head.input[0] = kept
     return True
 

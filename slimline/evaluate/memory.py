@@ -122,8 +122,10 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
                 feeds[i.name] = np.zeros((batch, kv, 0, hd), np.float32)
         names = [i.name for i in session.get_inputs()]
         feeds = {k: feeds[k] for k in names}
-        if any(i.name == "logits_to_keep" for i in session.get_overridable_initializers()):
-            feeds["logits_to_keep"] = np.array([1], np.int64)  # a prefill before generation, as `generate` runs it
+        from slimline.generate import LOGITS_TO_KEEP, keeps_last_logits
+
+        if keeps_last_logits(session):
+            feeds[LOGITS_TO_KEEP] = np.array([1], np.int64)  # a prefill before generation, as `generate` runs it
             result["logits"] = "last position"
         session.run(None, feeds)
     else:

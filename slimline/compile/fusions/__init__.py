@@ -125,7 +125,9 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
     rewrite(model, ORT_PATTERN_REWRITE_RULES)
     # initializers listed as inputs can't be folded, so they leave the inputs; an intended one stays
     # (compile.export's `logits_to_keep`, a default the caller may override)
-    overridable = [v for v in model.graph.inputs if v.name == "logits_to_keep" and v.const_value is not None]
+    from slimline.compile.export_llm import LOGITS_TO_KEEP
+
+    overridable = [v for v in model.graph.inputs if v.name == LOGITS_TO_KEEP and v.const_value is not None]
     ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
         common_passes.RemoveInitializersFromInputsPass(),
