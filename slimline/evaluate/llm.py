@@ -70,12 +70,16 @@ def score(logits_fn: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, contex
 
 
 def torch_logits(model: Any, last_only: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """All positions' logits, or (``last_only``, what a prefill before generation needs) the last one's."""
+    """All positions' logits, or (``last_only``, what a prefill before generation needs) the last one's,
+    computed where the model's weights are (CPU or GPU) and returned on the host."""
     import torch
+
+    device = next(model.parameters()).device
 
     def fn(ids: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(ids), logits_to_keep=1 if last_only else 0).logits.float().numpy()
+            out = model(torch.from_numpy(ids).to(device), logits_to_keep=1 if last_only else 0).logits
+            return out.float().cpu().numpy()
 
     return fn
 
@@ -91,16 +95,21 @@ def torch_generate(model: Any, eos: int | None) -> Callable[[np.ndarray, int], i
     """Greedy HF generate with its KV cache, never stopping early; returns tokens generated."""
     import torch
 
+    device = next(model.parameters()).device
+
     def fn(ids: np.ndarray, new: int) -> int:
+        t = torch.from_numpy(ids).to(device)
         with torch.inference_mode():
             out = model.generate(
-                torch.from_numpy(ids),
-                attention_mask=torch.ones_like(torch.from_numpy(ids)),
+                t,
+                attention_mask=torch.ones_like(t),
                 max_new_tokens=new,
                 min_new_tokens=new,
                 do_sample=False,
                 pad_token_id=eos,
             )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
     return fn
@@ -138,17 +147,23 @@ def median(xs: list[float]) -> float:
 # -- the run's evaluation ------------------------------------------------------------------------
 
 
+PROVIDERS = {"ort-cpu": ["CPUExecutionProvider"], "ort-cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
 def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: Any, name: str | None = None) -> dict[str, Any]:
-    """Perplexity, agreement, prefill/decode speed and memory of a decoder artifact against torch fp32."""
+    """Perplexity, agreement, prefill/decode speed and memory of a decoder artifact against torch fp32.
+
+    Each target (``ort-cpu``, ``ort-cuda``) runs the artifact with slimline's loop on its execution
+    provider, timed against torch fp32 on the same device (the CPU, or the GPU for ``ort-cuda``).
+    The reference perplexity is torch fp32's, computed once; each target scores the artifact again,
+    since the CUDA kernels round differently from the CPU ones."""
     import os
 
-    from slimline.evaluate import memory
     from slimline.evaluate import speed as enc_speed
     from slimline.evaluate.budgets import check_budgets
     from slimline.evaluate.report import finish_report, report_header
     from slimline.evaluate.runner import folder_size_mb, weight_files
-    from slimline.evaluate.targets import available
-    from slimline.generate import OnnxDecoder, eos_ids
+    from slimline.evaluate.targets import available, gpu_name
 
     spec, g = recipe.evaluate, recipe.evaluate.generation
     reference = ctx.reference
@@ -157,120 +172,82 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     skipped, targets = [], []
     for target in spec.targets:
         ok, why = available(target)
-        if ok and target != "ort-cpu":
-            ok, why = False, "text-generation is evaluated on ort-cpu here (the CUDA loop with IO binding is not built yet)"
+        if ok and target not in PROVIDERS:
+            ok, why = False, "a text-generation artifact is ONNX: it runs on ort-cpu or ort-cuda"
         (targets if ok else skipped).append(target if ok else {"target": target, "reason": why})
         if not ok:
             reporter.warn(f"evaluate: target {target} skipped: {why}")
-    decoder = OnnxDecoder(folder / "model.onnx", threads, max_context=getattr(model.config, "max_position_embeddings", None))
 
     ids = token_stream(tokenizer, ctx.data.evaluation, g.perplexity_tokens)
-    with reporter.task("perplexity (torch fp32 and artifact)"):
+    with reporter.task("perplexity (torch fp32)"):
         base_ppl, base_pred = score(torch_logits(model), ids, g.context, g.stride)
-        ppl, pred = score(onnx_logits(decoder), ids, g.context, g.stride)
     base_acc = {"perplexity": round(base_ppl, 4), "next_token_agreement": 1.0}
-    acc = {"perplexity": round(ppl, 4), "next_token_agreement": round(float((pred == base_pred).mean()), 5)}
-
-    rng = np.random.default_rng(0)
-
-    def prompt(batch: int, length: int) -> np.ndarray:
-        return np.stack([ids[s : s + length] for s in rng.integers(0, max(len(ids) - length, 1), size=batch)])
-
-    rows: list[dict[str, Any]] = []
-    busy = enc_speed.cpu_busy() if spec.speed.enabled else None
-    if spec.speed.enabled:
-        torch_gen, onnx_gen = torch_generate(model, next(iter(eos_ids(tokenizer, model.config)), None)), onnx_generate(decoder)
-        repeats = max(1, min(spec.speed.repeats, 5))
-        for length in g.prompt_lengths:
-            p = prompt(1, length)
-            # time to first token: both sides compute the last position's logits only
-            fns = {
-                "baseline": lambda p=p: torch_logits(model, last_only=True)(p),
-                "compressed": lambda p=p: decoder.prefill(p, last_only=True),
-            }
-            with reporter.task(f"prefill {length} tokens"):
-                t = time_interleaved(fns, repeats)
-            for variant in ("baseline", "compressed"):
-                rows.append(_row(variant, "prefill", 1, length, length / median(t[variant]), median(t[variant]) * 1000, t))
-        for batch in g.decode_batch_sizes:
-            p = prompt(batch, g.decode_prompt)
-            fns = {"baseline": lambda p=p: torch_gen(p, g.new_tokens), "compressed": lambda p=p: onnx_gen(p, g.new_tokens)}
-            with reporter.task(f"decode b{batch}, {g.new_tokens} new tokens"):
-                t = time_interleaved(fns, max(1, min(repeats, 3)))
-            for variant in ("baseline", "compressed"):
-                rows.append(_row(variant, "decode", batch, g.decode_prompt, batch * g.new_tokens / median(t[variant]), None, t))
-        for r in rows:
-            base = next(
-                b
-                for b in rows
-                if b["variant"] == "baseline"
-                and b["mode"] == r["mode"]
-                and b["batch_size"] == r["batch_size"]
-                and b["seq_len"] == r["seq_len"]
-            )
-            r["speedup"] = round(r["throughput_per_s"] / base["throughput_per_s"], 3)
-    probes = {}
-    if spec.memory:
-        with reporter.task("peak memory (fresh processes)"):
-            probes["baseline"] = memory.measure("torch", reference.info.path, task="text-generation", threads=threads)
-            probes["compressed"] = memory.measure("onnx", folder / "model.onnx", task="text-generation", threads=threads)
-        for k, v in probes.items():
-            if "error" in v:
-                reporter.warn(f"evaluate: {k}: {v['error']}")
     base_size = folder_size_mb([p for p in weight_files(reference.info.path) if p.suffix != ".onnx"])
     art_size = folder_size_mb(weight_files(folder))
-    if not rows:
-        rows = [_row(v, "accuracy", None, None, None, None, {}) for v in ("baseline", "compressed")]
-    for r in rows:
-        r.update(
-            {
-                "peak_rss_mb": probes.get(r["variant"], {}).get("peak_rss_mb"),
-                "size_mb": base_size if r["variant"] == "baseline" else art_size,
-                "accuracy": base_acc if r["variant"] == "baseline" else acc,
-            }
+    busy = enc_speed.cpu_busy() if spec.speed.enabled else None
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, dict[str, Any]] = {}
+    details: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        t_rows, acc, probes = _evaluate_target(
+            target, model, tokenizer, reference.info.path, folder, ids, base_pred, spec, threads, reporter
         )
-    decode_b1 = next((r for r in rows if r["variant"] == "compressed" and r["mode"] == "decode" and r["batch_size"] == 1), None)
-    summary = {
-        t: {
+        for r in t_rows:
+            r.update(
+                {
+                    "peak_rss_mb": probes.get(r["variant"], {}).get("peak_rss_mb"),
+                    "peak_gpu_mb": probes.get(r["variant"], {}).get("gpu_device_mb"),
+                    "size_mb": base_size if r["variant"] == "baseline" else art_size,
+                    "accuracy": base_acc if r["variant"] == "baseline" else acc,
+                }
+            )
+        rows += t_rows
+        mine = [r for r in t_rows if r["variant"] == "compressed"]
+        decode_b1 = next((r for r in mine if r["mode"] == "decode" and r["batch_size"] == 1), None)
+        summary[target] = {
             "accuracy": acc,
             "baseline_accuracy": base_acc,
-            "perplexity_increase": round(ppl / base_ppl - 1, 5),
+            "perplexity_increase": round(acc["perplexity"] / base_ppl - 1, 5),
             "speedup": decode_b1["speedup"] if decode_b1 else None,
             "speedup_batch_size": 1 if decode_b1 else None,
-            "decode_tokens_per_s": {
-                str(r["batch_size"]): r["throughput_per_s"]
-                for r in rows
-                if r["variant"] == "compressed" and r["mode"] == "decode"
-            },
-            "prefill_tokens_per_s": {
-                str(r["seq_len"]): r["throughput_per_s"] for r in rows if r["variant"] == "compressed" and r["mode"] == "prefill"
-            },
-            "time_to_first_token_ms": {
-                str(r["seq_len"]): r["latency_ms_p50"] for r in rows if r["variant"] == "compressed" and r["mode"] == "prefill"
-            },
+            "decode_tokens_per_s": {str(r["batch_size"]): r["throughput_per_s"] for r in mine if r["mode"] == "decode"},
+            "prefill_tokens_per_s": {str(r["seq_len"]): r["throughput_per_s"] for r in mine if r["mode"] == "prefill"},
+            "time_to_first_token_ms": {str(r["seq_len"]): r["latency_ms_p50"] for r in mine if r["mode"] == "prefill"},
             "size_mb": art_size,
             "peak_rss_mb": probes.get("compressed", {}).get("peak_rss_mb"),
+            "peak_gpu_mb": probes.get("compressed", {}).get("gpu_device_mb"),
         }
-        for t in targets
-    }
+        cuda = target == "ort-cuda"
+        details[f"baseline@{'torch-cuda' if cuda else 'torch-cpu'}"] = {
+            "library": "torch fp32 (HF generate, KV cache)",
+            **({"device": gpu_name()} if cuda else {}),
+        }
+        details[f"compressed@{target}"] = {
+            "library": "onnxruntime + slimline generate loop",
+            "provider": PROVIDERS[target][0],
+            **({"device": gpu_name(), "cache": "KV cache in GPU memory (IO binding)"} if cuda else {}),
+        }
+    if not rows:
+        rows = [_row(v, "-", "accuracy", None, None, None, None, {}) for v in ("baseline", "compressed")]
+        for r in rows:  # no target ran: the artifact was never scored
+            base = r["variant"] == "baseline"
+            r.update({"size_mb": base_size if base else art_size, "accuracy": base_acc if base else None})
     budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
         **report_header(recipe, name, folder, reference.info.source, "text-generation", ctx.data, threads),
-        "targets": {
-            "baseline@torch-cpu": {"library": "torch (HF generate, KV cache)"},
-            "compressed@ort-cpu": {"library": "onnxruntime + slimline generate loop"},
-        },
+        "targets": details,
         "skipped_targets": skipped,
         "measurement": {
             "perplexity": f"{len(ids)} held-out tokens, windows of {g.context} every {g.stride} (only new tokens scored)",
             "next_token_agreement": "share of scored positions whose top-1 token equals torch fp32's",
             "prefill": f"batch 1, prompts of {g.prompt_lengths} tokens; throughput = prompt tokens / median time; latency p50 = time to first token",
             "decode": f"greedy, {g.new_tokens} new tokens after a {g.decode_prompt}-token prompt, prefill included, batch sizes {g.decode_batch_sizes}; throughput = generated tokens / median time",
-            "speed": "same process, baseline and compressed interleaved (ABBA); throughput_per_s is tokens/s",
+            "speed": "same process, baseline and compressed interleaved (ABBA) on each target's device; throughput_per_s is tokens/s",
             "threads": threads,
             "cpu_busy_by_others_before": busy,
             "memory": "peak RSS (VmHWM) of a fresh process that loads the model and runs a 128-token prefill "
-            "(last position's logits only, as before generation)",
+            "(last position's logits only, as before generation); on a GPU also the device memory the driver "
+            "shows for that process",
         },
         "results": rows,
         "summary": summary,
@@ -278,14 +255,115 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     return finish_report(report, spec, budgets, folder)
 
 
+def _evaluate_target(
+    target: str,
+    model: Any,
+    tokenizer: Any,
+    reference_path: Any,
+    folder: Any,
+    ids: np.ndarray,
+    base_pred: np.ndarray,
+    spec: Any,
+    threads: int,
+    reporter: Any,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """One target's rows (speed against torch fp32 on the same device), accuracy and memory probes."""
+    from slimline.evaluate import memory
+    from slimline.generate import OnnxDecoder, eos_ids
+
+    g = spec.generation
+    cuda = target == "ort-cuda"
+    decoder = OnnxDecoder(
+        folder / "model.onnx", threads, PROVIDERS[target], max_context=getattr(model.config, "max_position_embeddings", None)
+    )
+    if cuda and decoder.device != "cuda":
+        raise RuntimeError(f"ONNX Runtime fell back to {decoder.session.get_providers()} instead of the CUDA EP")
+    with reporter.task(f"perplexity ({target})"):
+        ppl, pred = score(onnx_logits(decoder), ids, g.context, g.stride)
+    acc = {"perplexity": round(ppl, 4), "next_token_agreement": round(float((pred == base_pred).mean()), 5)}
+    rng = np.random.default_rng(0)
+
+    def prompt(batch: int, length: int) -> np.ndarray:
+        return np.stack([ids[s : s + length] for s in rng.integers(0, max(len(ids) - length, 1), size=batch)])
+
+    rows: list[dict[str, Any]] = []
+    base_target = "torch-cuda" if cuda else "torch-cpu"
+    home = next(model.parameters()).device
+    if spec.speed.enabled:
+        if cuda:
+            model.to("cuda")
+        try:
+            torch_gen, onnx_gen = (
+                torch_generate(model, next(iter(eos_ids(tokenizer, model.config)), None)),
+                onnx_generate(decoder),
+            )
+            repeats = max(1, min(spec.speed.repeats, 5))
+            first = torch_logits(model, last_only=True)  # time to first token: the last position's logits only
+            for length in g.prompt_lengths:
+                p = prompt(1, length)
+                fns = {"baseline": lambda p=p: first(p), "compressed": lambda p=p: decoder.prefill(p, last_only=True)}
+                with reporter.task(f"prefill {length} tokens ({target})"):
+                    t = time_interleaved(fns, repeats)
+                for variant in ("baseline", "compressed"):
+                    where = base_target if variant == "baseline" else target
+                    rows.append(
+                        _row(variant, where, "prefill", 1, length, length / median(t[variant]), median(t[variant]) * 1000, t)
+                    )
+            for batch in g.decode_batch_sizes:
+                p = prompt(batch, g.decode_prompt)
+                fns = {"baseline": lambda p=p: torch_gen(p, g.new_tokens), "compressed": lambda p=p: onnx_gen(p, g.new_tokens)}
+                with reporter.task(f"decode b{batch}, {g.new_tokens} new tokens ({target})"):
+                    t = time_interleaved(fns, max(1, min(repeats, 3)))
+                for variant in ("baseline", "compressed"):
+                    where = base_target if variant == "baseline" else target
+                    rows.append(
+                        _row(variant, where, "decode", batch, g.decode_prompt, batch * g.new_tokens / median(t[variant]), None, t)
+                    )
+        finally:
+            model.to(home)
+        for r in rows:
+            base = next(
+                b
+                for b in rows
+                if b["variant"] == "baseline"
+                and (b["mode"], b["batch_size"], b["seq_len"]) == (r["mode"], r["batch_size"], r["seq_len"])
+            )
+            r["speedup"] = round(r["throughput_per_s"] / base["throughput_per_s"], 3)
+    else:
+        rows = [
+            _row(v, base_target if v == "baseline" else target, "accuracy", None, None, None, None, {})
+            for v in ("baseline", "compressed")
+        ]
+    probes = {}
+    if spec.memory:
+        with reporter.task(f"peak memory ({target}, fresh processes)"):
+            probes["baseline"] = memory.measure(
+                "torch-cuda" if cuda else "torch", reference_path, task="text-generation", threads=threads
+            )
+            probes["compressed"] = memory.measure(
+                "onnx-cuda" if cuda else "onnx", folder / "model.onnx", task="text-generation", threads=threads
+            )
+        for k, v in probes.items():
+            if "error" in v:
+                reporter.warn(f"evaluate: {target} {k}: {v['error']}")
+    return rows, acc, probes
+
+
 def _row(
-    variant: str, mode: str, batch: int | None, seq_len: int | None, throughput: float | None, ttft_ms: float | None, times: dict
+    variant: str,
+    target: str,
+    mode: str,
+    batch: int | None,
+    seq_len: int | None,
+    throughput: float | None,
+    ttft_ms: float | None,
+    times: dict,
 ) -> dict[str, Any]:
     secs = times.get(variant, [])
     return {
         "variant": variant,
-        "target": "torch-cpu" if variant == "baseline" else "ort-cpu",
-        "device": "cpu",
+        "target": target,
+        "device": "cuda" if target.endswith("cuda") else "cpu",
         "mode": mode,
         "batch_size": batch,
         "seq_len": seq_len,

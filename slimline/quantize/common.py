@@ -60,8 +60,9 @@ def loads_in_ort(path: Path, stage: str) -> None:
         ) from e
 
 
-def refuse_quantized(model: Any, stage: str) -> None:
-    already = sorted({n.op_type for n in model.graph.node} & QUANTIZED_OPS)
+def refuse_quantized(model: Any, stage: str, allow: frozenset[str] = frozenset()) -> None:
+    """Refuse a graph quantized before; ``allow`` lists quantized ops this stage can build on."""
+    already = sorted({n.op_type for n in model.graph.node} & (QUANTIZED_OPS - allow))
     if already:
         raise StageError(
             f"{stage}: the model is already quantized (it has {', '.join(already)} nodes). "

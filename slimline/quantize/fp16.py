@@ -13,6 +13,8 @@ here, and the ``ort-cuda`` target is where the speed is.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections import Counter
 from typing import Any
 
@@ -21,6 +23,8 @@ from pydantic import Field
 from slimline.artifact import OnnxModel
 from slimline.quantize.common import fidelity_guard, refuse_quantized
 from slimline.stage import Context, Stage, StageResult
+
+WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 
 UNSTABLE_OPS = [
     "LayerNormalization",
@@ -50,10 +54,23 @@ class Fp16(Stage):
         from slimline.runtime import quiet
 
         model = onnx.load(str(artifact.path))
-        refuse_quantized(model, self.kind)
+        # weight-only int4/int8 (MatMulNBits, GatherBlockQuantized) then fp16 activations is the usual GPU
+        # build: the kernels take fp16 inputs and scales; int8 activation quantization is refused
+        refuse_quantized(model, self.kind, allow=WEIGHT_ONLY_OPS)
+        casts_before = sum(1 for n in model.graph.node if n.op_type == "Cast")  # OrtModel edits model in place
         ort_model = OrtModel(model)
-        with quiet():
-            ort_model.convert_float_to_float16(keep_io_types=True, op_block_list=list(self.keep_float))
+        # A decoder's KV cache stays fp16 at the graph's edge: a cast there would hand GroupQueryAttention
+        # a fresh copy each step instead of the bound buffers it appends to in place (slimline.generate).
+        names = [v.name for v in (*model.graph.input, *model.graph.output)]
+        cache = [n for n in names if n.startswith(("past_key_values.", "present."))]
+        keep_io: bool | list[str] = [n for n in names if n not in cache] if cache else True
+        if cache:
+            ort_model.disable_shape_inference()
+        with quiet(), contextlib.redirect_stdout(io.StringIO()):  # ORT prints its shape-inference failures
+            # (ORT's symbolic shape inference can't type the decoder's contrib ops; ONNX's own can)
+            ort_model.convert_float_to_float16(
+                use_symbolic_shape_infer=not cache, keep_io_types=keep_io, op_block_list=list(self.keep_float)
+            )
         out = ctx.stage_dir("quantize_fp16") / "model.onnx"
         onnx.save_model(ort_model.model, str(out))
         counts = Counter(n.op_type for n in ort_model.model.graph.node)
@@ -61,8 +78,10 @@ class Fp16(Stage):
         kept = sorted(op for op in self.keep_float if counts.get(op))
         report: dict[str, Any] = {
             "fp16_initializers": fp16,
-            "casts_inserted": counts["Cast"] - Counter(n.op_type for n in model.graph.node)["Cast"],
+            "casts_inserted": counts["Cast"] - casts_before,
             "fp32_islands": ", ".join(f"{op} x{counts[op]}" for op in kept) or "none",
         }
+        if cache:
+            report["kv_cache"] = f"fp16 ({len(cache)} inputs and outputs)"
         fidelity_guard(self, artifact, out, ctx, report, [], hint="Keep more op types in fp32 with `keep_float`.")
         return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
