@@ -85,6 +85,26 @@ def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, 
 
 
 @main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override the run's recipe, e.g. evaluate.targets=[ort-cuda]"
+)
+def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
+    """Evaluate RUN_DIR's artifact again on this machine (built elsewhere with `run --no-eval`)."""
+    from slimline.pipeline import evaluate_folder
+    from slimline.progress import RichReporter
+
+    try:
+        with RichReporter(err_console) as reporter:
+            report = evaluate_folder(run_dir, overrides, reporter)
+    except SlimlineError as err:
+        _fail(err)
+    click.echo((run_dir / "report.md").read_text())
+    if not report["passed"]:
+        sys.exit(1)
+
+
+@main.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:

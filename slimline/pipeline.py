@@ -191,6 +191,64 @@ def run_recipe(
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Reporter | None = None) -> dict[str, Any]:
+    """Evaluate a run folder's ONNX artifact again, here: build on one machine (``run --no-eval``),
+    measure on the target machine (a GPU host). The recipe comes from the folder's manifest, with
+    ``overrides`` (``evaluate.targets=[ort-cuda]``); the reference model is loaded from its source.
+    Writes report.* into the folder and appends the evaluation to its manifest."""
+    from slimline import recipe as recipe_mod
+    from slimline.artifact import OnnxModel
+    from slimline.errors import RecipeError
+    from slimline.evaluate.data import load_data
+    from slimline.evaluate.runner import evaluate_run
+    from slimline.models import load_model
+
+    reporter = reporter or Reporter()
+    run_dir = Path(run_dir)
+    manifest_path = run_dir / "manifest.json"
+    if not manifest_path.is_file() or not (run_dir / "model.onnx").is_file():
+        raise RecipeError(
+            f"{run_dir}: not a run folder with an ONNX artifact (manifest.json and model.onnx). Give a folder written by `slimline run`."
+        )
+    manifest = json.loads(manifest_path.read_text())
+    raw = json.loads(json.dumps(manifest["recipe"]))  # the manifest keeps the recipe the artifact was built with
+    for text in overrides:
+        recipe_mod.apply_override(raw, text)
+    recipe = recipe_mod.from_dict(raw, f"{manifest_path}:recipe")
+    threads = recipe.evaluate.threads
+    _set_torch_threads(threads)
+    scratch = Path(tempfile.mkdtemp(prefix="slimline-"))
+    try:
+        data_spec = recipe.evaluate.data
+        ctx = Context(workdir=scratch, reporter=reporter, threads=threads, load_data=lambda: load_data(data_spec))
+        spec = recipe.model
+        reporter.info(f"loading model {spec.source}")
+        reference = load_model(spec.source, spec.task, spec.pooling, spec.revision, spec.trust_remote_code)
+        ctx.reference = reference
+        artifact = OnnxModel(run_dir / "model.onnx", reference.tokenizer, reference.info, reference.config)
+        t0 = time.perf_counter()
+        if spec.task == "text-generation":
+            from slimline.evaluate.llm import evaluate_llm
+
+            report = evaluate_llm(recipe, ctx, artifact, run_dir, reporter, name=run_dir.name)
+        else:
+            report = evaluate_run(recipe, ctx, artifact, run_dir, reporter, name=run_dir.name)
+        manifest.setdefault("stages", []).append(
+            {
+                "kind": "evaluate",
+                "command": " ".join(sys.argv),
+                "overrides": list(overrides),
+                "host": host_info(threads),
+                "wall_s": round(time.perf_counter() - t0, 2),
+                "report": {"passed": report["passed"]},
+            }
+        )
+        manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+        return report
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _set_torch_threads(threads: int) -> None:
     import torch
 

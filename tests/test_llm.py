@@ -511,3 +511,45 @@ def test_wanda_2_4_prunes_the_decoder_and_the_pattern_survives_export_and_fusion
     assert checked >= 4  # merged Q/K/V, o, merged gate/up, down in each layer
     out = OnnxDecoder(fused.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=4))
     assert out.shape == (1, 4)
+
+
+def test_evaluate_command_measures_a_folder_built_without_evaluation(llama, tmp_path):
+    """Build on one machine (`run --no-eval`), measure on another (`slimline evaluate RUN_DIR`): the
+    manifest's recipe is used with --set overrides, which do not rewrite the recipe it records."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from slimline.cli import main
+
+    recipe = {
+        "name": "tiny-llm",
+        "model": {"source": str(llama.info.path), "task": "text-generation"},
+        "stages": [{"compile.export": {}}, {"compile.fuse": {}}],
+        "evaluate": {
+            "data": {"source": "builtin:shakespeare", "calibration_size": 8, "evaluation_size": 40},
+            "targets": ["ort-cuda"],
+            "required_targets": ["ort-cuda"],
+            "memory": False,
+            "speed": {"enabled": False},
+            "generation": {"perplexity_tokens": 256, "context": 64, "stride": 32},
+            "budgets": {"max_accuracy_drop": {"perplexity": "1%"}},
+        },
+    }
+    path, run = tmp_path / "r.yaml", tmp_path / "run"
+    path.write_text(yaml.safe_dump(recipe))
+    built = CliRunner().invoke(main, ["run", str(path), "--out", str(run), "--no-eval"])
+    assert built.exit_code == 0, built.output
+    assert not (run / "report.json").exists()
+    result = CliRunner().invoke(
+        main, ["evaluate", str(run), "--set", "evaluate.targets=[ort-cpu]", "--set", "evaluate.required_targets=[]"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "report.json").read_text())
+    assert report["passed"] and report["summary"]["ort-cpu"]["perplexity_increase"] < 0.01
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["recipe"]["evaluate"]["targets"] == ["ort-cuda"]  # as built
+    assert manifest["stages"][-1]["kind"] == "evaluate" and manifest["stages"][-1]["overrides"][0] == "evaluate.targets=[ort-cpu]"
+    missing = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "not a run folder" in missing.output and "Traceback" not in missing.output
