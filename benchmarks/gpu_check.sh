@@ -12,6 +12,9 @@
 # Python that already has them (with PYTHONPATH exported as needed).
 # Each step gets STEP_TIMEOUT seconds (default 900); the steps run in order of what they prove, so a
 # short lease still gets the first ones.
+# PREBUILT=DIR: evaluate the run folders DIR/<recipe> (built elsewhere with `slimline run RECIPE
+# --no-eval`) with `slimline evaluate` instead of building them here. The decoder recipes need it
+# where the GPU image's PyTorch can't export the model (2.11 can't trace SmolLM2's mask; 2.13 can).
 # Exit codes: 0 all budgets held, 1 a budget or step failed, 3 no GPU here (nothing was checked).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,7 +54,13 @@ run nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 status=0
 for recipe in "${RECIPES[@]}"; do
   set +e
-  run timeout "$STEP_TIMEOUT" "$PY" -m slimline.cli run "$recipe" --out "$OUT/$recipe" --force
+  if [[ -n "${PREBUILT:-}" && -d "$PREBUILT/$recipe" ]]; then
+    run rm -rf "$OUT/$recipe"
+    run cp -r "$PREBUILT/$recipe" "$OUT/$recipe"
+    run timeout "$STEP_TIMEOUT" "$PY" -m slimline.cli evaluate "$OUT/$recipe"
+  else
+    run timeout "$STEP_TIMEOUT" "$PY" -m slimline.cli run "$recipe" --out "$OUT/$recipe" --force
+  fi
   rc=$?
   set -e
   if [[ $rc -ne 0 ]]; then status=1; fi

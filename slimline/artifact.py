@@ -6,6 +6,7 @@ can build inputs and read shapes without going back to the source.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,8 @@ class TorchModel:
     tokenizer: PreTrainedTokenizerBase
     info: ModelInfo
     saved: Path | None = None  # a folder where a stage already wrote this model with save_pretrained
+    # rebuilds the model on a device ("cuda"), for models that can't be moved once built (bitsandbytes)
+    load_on: Callable[[str], Any] | None = None
 
     @property
     def config(self) -> PretrainedConfig:

@@ -79,6 +79,11 @@ class OnnxDecoder:
         self._buffers: dict[str, Any] = {}  # numpy arrays on the CPU, OrtValues on the GPU
         self._capacity = 0
         self.reserve = 0  # decode steps to allocate for at prefill (generate() sets it)
+        self._step_bound = False
+        # On the GPU the prompt runs against the bound buffers too: the CUDA GroupQueryAttention refuses
+        # an empty past tensor ("total sequence length must be positive"), and the prompt's keys and
+        # values land in the buffers directly.
+        self.prefill_in_place = self.in_place and self.device == "cuda"
 
     def _check_context(self, total: int) -> None:
         if self.max_context and total > self.max_context:
@@ -135,32 +140,50 @@ class OnnxDecoder:
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
         batch = source[self.past_names[0]].shape[0]
-        # the step's small inputs live in host arrays bound once and rewritten in place before each run
-        # (on the GPU, ORT copies these few bytes up with the run)
-        self._ids, self._positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
+        self._ids = np.zeros((batch, 1), np.int64)
         self._mask = np.ones((batch, capacity), np.int64)
-        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
-        binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
         self._binding, self._buffers, self.past, self._capacity = binding, buffers, {}, capacity
+        self._bind_step_inputs()
 
-    def _step_in_place(self, tokens: np.ndarray) -> np.ndarray:
-        batch = tokens.shape[0]
+    def _bind_step_inputs(self) -> None:
+        """A decode step's small inputs live in host arrays bound once and rewritten in place before each
+        run (on the GPU, ORT copies these few bytes up with the run)."""
+        import onnxruntime as ort
+
+        batch = self._ids.shape[0]
+        self._ids, self._positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
+        self._binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
+        self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
+        self._step_bound = True
+
+    def _step_in_place(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids [batch, new]`` against the bound buffers (a decode step, or a whole prompt when
+        ``prefill_in_place``); returns the logits of every new position."""
+        batch, new = ids.shape
         cached = self._ids.shape[0] if self._buffers else next(iter(self.past.values())).shape[0]
         if batch != cached:
             raise GenerationError(
                 f"{batch} tokens for a KV cache of {cached} sequences: the cache must hold "
                 "[batch, kv_heads, past, head_dim] for the same batch as input_ids."
             )
-        total = self.length + 1
+        total = self.length + new
         self._check_context(total)
         if self._binding is None or total > self._capacity:
             self._bind_cache(max(2 * total, total + self.reserve, 16))
         b = self._binding
-        self._ids[:] = tokens.reshape(batch, 1)
-        self._positions[:] = self.length
+        positions = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, new))
+        if new == 1:
+            if not self._step_bound:  # after a prompt: the step's own arrays, bound once more
+                self._bind_step_inputs()
+            self._ids[:] = ids
+            self._positions[:] = positions
+        else:  # a prompt: its ids and positions copied in for this run only
+            b.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
+            b.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+            self._step_bound = False
         if "attention_mask" in self.inputs:
             b.bind_cpu_input("attention_mask", self._mask[:, :total])
-        b.bind_output("logits", "cpu")  # unallocated: its shape is the step's; on the GPU, copied back
+        b.bind_output("logits", "cpu")  # unallocated: its shape is the run's; on the GPU, copied back
         try:
             self.session.run_with_iobinding(b)
         except Exception as e:  # noqa: BLE001 - ORT's own exception types
@@ -185,7 +208,10 @@ class OnnxDecoder:
         self.past = {n: zero for n in self.past_names}
         self._binding, self._buffers, self._capacity = None, {}, 0
         self.length = 0
-        logits = self._run(ids, last_only)
+        if self.in_place and self.prefill_in_place:
+            logits = self._step_in_place(ids)  # every position's logits: a bound run can't set logits_to_keep
+        else:
+            logits = self._run(ids, last_only)
         return logits[:, -1:] if last_only else logits
 
     def step(self, tokens: np.ndarray) -> np.ndarray:

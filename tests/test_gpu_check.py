@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,11 +24,23 @@ def test_dry_run_plans_every_cuda_recipe_check_and_compare(tmp_path):
     out = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     plan = out.stdout
-    for recipe in ("minilm-fused-cuda", "minilm-torch-cuda"):
+    for recipe in ("smollm2-fp16-cuda", "minilm-fused-cuda", "minilm-fp16-cuda", "minilm-torch-cuda", "smollm2-int4-cuda"):
         assert f"slimline.cli run {recipe} --out {tmp_path}/{recipe}" in plan
         assert f"slimline.cli check {tmp_path}/{recipe} --junit" in plan
         R.load(builtin_recipes()[recipe])  # every recipe the script runs is valid
-    assert "slimline.cli compare" in plan
+    assert "slimline.cli compare" in plan and "benchmarks/sparse_gpu.py" in plan
+
+
+def test_dry_run_evaluates_prebuilt_folders_instead_of_building_them(tmp_path):
+    (tmp_path / "pre" / "smollm2-fp16-cuda").mkdir(parents=True)
+    env = {**os.environ, "PREBUILT": str(tmp_path / "pre")}
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "--dry-run", str(tmp_path / "o")], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"slimline.cli evaluate {tmp_path}/o/smollm2-fp16-cuda" in out.stdout
+    assert "slimline.cli run smollm2-fp16-cuda" not in out.stdout
+    assert "slimline.cli run smollm2-int4-cuda" in out.stdout  # not prebuilt: built here
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")
@@ -60,3 +73,22 @@ def test_required_cuda_target_fails_the_run_on_a_cpu_machine(tiny_bert_dir, tmp_
     assert report["passed"] is False and report["summary"]["torch-cpu"]["mean_cosine"] > 0.999
     failed = [b for b in report["budgets"] if not b["passed"]]
     assert [(b["name"], b["target"]) for b in failed] == [("target_available", "torch-cuda")]
+
+
+def test_torch_cuda_target_rebuilds_a_bitsandbytes_model_on_the_gpu(monkeypatch):
+    """A bitsandbytes model refuses .to("cuda") (seen on an H200: minilm-bnb-int8's torch-cuda target
+    crashed); the runner asks the artifact to build it again on the GPU, and leaves CPU targets alone."""
+    from types import SimpleNamespace
+
+    from slimline.evaluate import runner
+
+    seen = []
+    monkeypatch.setattr(runner, "torch_runner", lambda model, name, threads, target: seen.append((model, target)))
+
+    class Quantized:
+        is_quantized = True
+
+    art = SimpleNamespace(model=Quantized(), load_on=lambda device: f"rebuilt on {device}")
+    runner._compressed_runner("torch-cuda", art, Path("."), 1)
+    runner._compressed_runner("torch-cpu", art, Path("."), 1)
+    assert seen[0] == ("rebuilt on cuda", "torch-cuda") and isinstance(seen[1][0], Quantized)

@@ -284,11 +284,16 @@ def test_in_place_kv_cache_matches_the_copying_loop_and_grows(fused, exported):
 
 
 def test_gpu_cache_path_runs_on_the_cpu_and_matches_the_copying_loop(fused):
-    """The CUDA loop's cache (OrtValues owned by ORT, read back by copy, regrown through the host),
+    """The CUDA loop's cache (OrtValues owned by ORT, read back by copy, regrown through the host), and
+    its prompt run against the bound buffers (CUDA's GroupQueryAttention rejects an empty past),
     exercised on the CPU EP by allocating those OrtValues on the CPU."""
     a, b = OnnxDecoder(fused.artifact.path, 1), OnnxDecoder(fused.artifact.path, 1)
-    a.buffer_device, b.in_place = ("cpu", 0), False
+    assert not a.prefill_in_place  # the CPU default: the prompt goes through session.run
+    a.buffer_device, a.prefill_in_place, b.in_place = ("cpu", 0), True, False
     ids = np.array([[5, 17, 42, 8], [9, 3, 77, 31]])
+    pa, pb = a.prefill(ids), b.prefill(ids)
+    np.testing.assert_allclose(pa, pb, atol=1e-5)  # every position of the prompt
+    np.testing.assert_allclose(a.prefill(ids[:, :3], last_only=True), b.prefill(ids[:, :3], last_only=True), atol=1e-5)
     la, lb = a.prefill(ids)[:, -1], b.prefill(ids)[:, -1]
     for _ in range(20):
         np.testing.assert_allclose(la, lb, atol=1e-5)

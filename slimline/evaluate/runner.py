@@ -17,7 +17,7 @@ from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory, speed
 from slimline.evaluate.budgets import check_budgets
 from slimline.evaluate.report import finish_report, report_header
-from slimline.evaluate.targets import Runner, available, ort_runner, torch_runner
+from slimline.evaluate.targets import TARGET_DEVICE, Runner, available, ort_runner, torch_runner
 from slimline.stage import Context, Reporter
 
 WEIGHT_FILES = (".safetensors", ".bin", ".onnx", ".data", ".pt")
@@ -36,7 +36,10 @@ def _compressed_runner(target: str, artifact: Any, folder: Path, threads: int) -
     name = f"compressed@{target}"
     if target.startswith("ort"):
         return ort_runner(folder / "model.onnx", name, threads, target)
-    return torch_runner(artifact.model, name, threads, target)
+    model = artifact.model
+    if TARGET_DEVICE[target] == "cuda" and getattr(artifact, "load_on", None) and getattr(model, "is_quantized", False):
+        model = artifact.load_on("cuda")  # bitsandbytes: built again on the GPU, since it can't be moved
+    return torch_runner(model, name, threads, target)
 
 
 def _accuracy(

@@ -66,10 +66,10 @@ class BitsAndBytes(Stage):
         artifact.model.save_pretrained(float_dir)
         cls = type(artifact.model)
 
-        def load() -> Any:
+        def load(device: str = "cpu") -> Any:
             with _quiet_bnb():
                 return cls.from_pretrained(
-                    float_dir, quantization_config=self.config(), device_map="cpu", dtype=torch.float32
+                    float_dir, quantization_config=self.config(), device_map=device, dtype=torch.float32
                 ).eval()
 
         model = load()
@@ -126,7 +126,9 @@ class BitsAndBytes(Stage):
         unmatched = [p for p in self.exclude if not any(fnmatch.fnmatchcase(n, f"*{p}*") for n in reference)]
         for p in unmatched:
             ctx.warn(f"{self.kind}: exclude `{p}` matches no module.")
-        return StageResult(TorchModel(model, artifact.tokenizer, artifact.info, saved=saved), report)
+        # a bitsandbytes model refuses .to(): the torch-cuda target quantizes the float weights again on
+        # the GPU, as a user deploying there would (from_pretrained with device_map="cuda")
+        return StageResult(TorchModel(model, artifact.tokenizer, artifact.info, saved=saved, load_on=load), report)
 
     def _reload_check(self, copy: Any, folder: Path, batch: dict, out: Any, ctx: Context) -> dict[str, Any]:
         """Save a second quantized instance and reload it; a mismatch is reported, not hidden.
