@@ -558,3 +558,31 @@ def test_evaluate_command_measures_a_folder_built_without_evaluation(llama, tmp_
     assert manifest["stages"][-1]["kind"] == "evaluate" and manifest["stages"][-1]["overrides"][0] == "evaluate.targets=[ort-cpu]"
     missing = CliRunner().invoke(main, ["evaluate", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "not a run folder" in missing.output and "Traceback" not in missing.output
+
+
+def test_fallback_tries_smaller_blocks_before_more_bits(fused, tmp_path):
+    """fallback: auto's ladder: a layer over max_layer_error first gets `bits` in smaller blocks, and
+    goes to fallback_bits only if that is still over; each rung is reported with its error."""
+    import onnx
+    from onnx import helper
+
+    base = WeightOnly(bits=4, block_size=32, min_cosine=0.5).run(fused.artifact, context(tmp_path / "b"))
+    limit = base.report["layer_error.median"]  # about half the layers are over it at blocks of 32
+    r = WeightOnly(
+        bits=4, block_size=32, fallback="auto", max_layer_error=limit, fallback_block_size=16, fallback_bits=8, min_cosine=0.5
+    ).run(fused.artifact, context(tmp_path / "l"))
+    finer = {k[len("fallback.") :]: v for k, v in r.report.items() if k.startswith("fallback.") and "blocks of 16" in v}
+    eight = {k[len("fallback.") :] for k, v in r.report.items() if k.startswith("fallback.") and "8-bit" in v}
+    assert finer and r.report["fallback_block_16"] == len(finer)
+    assert all(float(v.rsplit("(", 1)[1].rstrip(")")) <= limit for v in finer.values())
+    nodes = {
+        n.name: {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        for n in onnx.load(str(r.artifact.path)).graph.node
+        if n.op_type == "MatMulNBits"
+    }
+    for name in finer:
+        assert (nodes[name]["bits"], nodes[name]["block_size"]) == (4, 16)
+    for name in eight:
+        assert nodes[name]["bits"] == 8
+    with pytest.raises(StageError, match="fallback_block_size 32 needs fallback: auto and a block_size larger"):
+        WeightOnly(bits=4, block_size=32, fallback="auto", fallback_block_size=32).run(fused.artifact, context(tmp_path / "x"))

@@ -227,6 +227,12 @@ class WeightOnly(OnnxQuantizer):
     fallback_bits: Literal[8] | None = Field(
         None, description="fallback: auto puts layers over max_layer_error in this many bits instead of float"
     )
+    fallback_block_size: Literal[16, 32, 64] | None = Field(
+        None,
+        description="fallback: auto first retries a layer over max_layer_error at `bits` in blocks of this size "
+        "(smaller than block_size); only a layer still over it goes to fallback_bits (or float). A 4-bit layer in "
+        "blocks of 16 reads ~5.3 bits per weight, against ~8.3 in 8 bits",
+    )
     head_bits: Literal[4, 8] | None = Field(
         None, description="bits for the MatMul producing the `logits` output (the LM head); default: `bits`"
     )
@@ -249,9 +255,11 @@ class WeightOnly(OnnxQuantizer):
     def block_for(self, bits: int) -> int:
         return self.block_size_8bit if bits == 8 and self.block_size_8bit else self.block_size
 
-    def quantize_weight(self, w: np.ndarray, gram: np.ndarray | None, bits: int | None = None) -> nbits.Blocked:
+    def quantize_weight(
+        self, w: np.ndarray, gram: np.ndarray | None, bits: int | None = None, block: int | None = None
+    ) -> nbits.Blocked:
         bits = bits or self.bits
-        block = self.block_for(bits)
+        block = block or self.block_for(bits)
         if self.algorithm == "gptq":
             return nbits.gptq(w, gram, bits, block, self.symmetric, self.damp, self.act_order)
         if self.algorithm == "hqq":
@@ -261,6 +269,11 @@ class WeightOnly(OnnxQuantizer):
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
 
+        if self.fallback_block_size and (self.fallback_block_size >= self.block_size or self.fallback != "auto"):
+            raise StageError(
+                f"{self.kind}: fallback_block_size {self.fallback_block_size} needs fallback: auto and a block_size larger "
+                f"than it (block_size is {self.block_size}). Use a smaller fallback_block_size or remove it."
+            )
         if self.algorithm == "hqq" and self.symmetric:
             raise StageError("quantize.weight_only: HQQ fits asymmetric zero points; set symmetric: false or algorithm: rtn.")
         model = onnx.load(str(artifact.path))
@@ -315,9 +328,20 @@ class WeightOnly(OnnxQuantizer):
 
         shapes = {name: w.shape for name, (_, w) in layers.items()}
         kept = choose_fallback(self, errors, shapes, self._quantize_file, ctx, ctx.stage_dir("weight_only_kernels"))
-        promoted = {}
+        promoted, finer = {}, {}
         for name in list(kept):
-            if self.fallback_bits and "slower" not in kept[name] and "not faster" not in kept[name]:
+            by_error = "slower" not in kept[name] and "not faster" not in kept[name]
+            if self.fallback_block_size and by_error and captured and name not in heads:
+                # the cheaper rung first: the same bits in smaller blocks, kept only if that is enough
+                act, w = layers[name]
+                c = captured[act]
+                trial = self.quantize_weight(w, c.gram, None, self.fallback_block_size)
+                err = calib.relative_error(c.sample @ w, c.sample @ trial.dequantize())
+                if err <= self.max_layer_error:
+                    blocks[name], errors[name] = trial, err
+                    finer[name] = f"{kept.pop(name)}: {self.bits}-bit in blocks of {self.fallback_block_size} instead ({err:.4f})"
+                    continue
+            if self.fallback_bits and by_error:
                 # mixed precision: an error-driven fallback goes to fallback_bits, not all the way to float
                 act, w = layers[name]
                 c = captured[act] if captured else None
@@ -359,6 +383,9 @@ class WeightOnly(OnnxQuantizer):
         if small:
             report["skipped_small"] = ", ".join(small)  # constant MatMuls with K or N < 16, kept float
         report_fallback(report, kept)
+        if finer:
+            report[f"fallback_block_{self.fallback_block_size}"] = len(finer)
+            report.update({f"fallback.{name}": why for name, why in finer.items()})
         if promoted:
             report[f"fallback_{self.fallback_bits}bit"] = len(promoted)
             for name, why in promoted.items():
