@@ -253,7 +253,13 @@ if __name__ == "__main__":
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", required=True, help="the text to continue")
+@click.option(
+    "--prompt",
+    "prompts",
+    required=True,
+    multiple=True,
+    help="the text to continue; give it several times for one batch of prompts (of any lengths)",
+)
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--sample", is_flag=True, help="sample instead of greedy decoding")
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True))
@@ -264,7 +270,7 @@ if __name__ == "__main__":
 @click.option("--threads", default=0, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores)")
 def generate(
     run_dir: Path,
-    prompt: str,
+    prompts: tuple[str, ...],
     max_new_tokens: int,
     sample: bool,
     temperature: float,
@@ -276,6 +282,8 @@ def generate(
 ) -> None:
     """Generate text with RUN_DIR's ONNX decoder and its KV cache, streaming tokens as they come."""
     import time
+
+    import numpy as np
 
     from slimline.generate import GenerationError, OnnxDecoder, Sampling, eos_ids
 
@@ -292,13 +300,15 @@ def generate(
             config = AutoConfig.from_pretrained(run_dir)
         except (OSError, ValueError) as e:
             raise GenerationError(f"{run_dir}: no tokenizer/config beside model.onnx ({str(e).splitlines()[0][:200]}).") from None
-        if chat and tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = prompt
-        ids = tokenizer(text, return_tensors="np", add_special_tokens=not chat)["input_ids"]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            if chat and tokenizer.chat_template
+            else p
+            for p in prompts
+        ]
+        rows = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+        lengths = [len(r) for r in rows]
+        ids = np.array([r + [rows[0][0]] * (max(lengths) - len(r)) for r in rows], np.int64)  # right-padded
         context = getattr(config, "max_position_embeddings", None)
         if context and ids.shape[1] + max_new_tokens > context:
             raise GenerationError(
@@ -307,6 +317,15 @@ def generate(
             )
         decoder = OnnxDecoder(path, threads, max_context=context)
         sampling = Sampling(max_new_tokens, sample, temperature, top_k, top_p, seed, eos_ids(tokenizer, config))
+        if len(rows) > 1:  # a batch: no streaming; each continuation printed when all are done
+            t0 = time.perf_counter()
+            out = decoder.generate(ids, sampling, lengths=lengths)
+            wall = time.perf_counter() - t0
+            for i, row in enumerate(out):
+                kept = [int(t) for t in row if int(t) not in sampling.eos_ids]
+                click.echo(f"[{i}] {prompts[i]}{tokenizer.decode(kept, skip_special_tokens=True)}")
+            console.print(f"[dim]{out.size} tokens in {wall:.2f}s ({out.size / wall:.1f} tokens/s, {len(rows)} prompts)[/dim]")
+            return
         emitted: list[int] = []
         shown = ""
 

@@ -2,8 +2,9 @@
 
 ``OnnxDecoder`` holds one session and the cache between calls: ``prefill`` runs the prompt, ``step``
 feeds one token per sequence. Greedy or sampled (temperature, top-k, top-p), streaming each token to
-a callback, stopping at EOS or the context limit. Batches share one prompt length (no padding), the
-case the evaluation times; a prompt longer than the context is refused before any compute.
+a callback, stopping at EOS or the context limit. A batch's prompts may differ in length (right-padded,
+with ``lengths``) on the fused graph, whose GroupQueryAttention reads each row's length off
+``attention_mask``; a prompt longer than the context is refused before any compute.
 
 Two things keep a decode step cheap:
 - the prefill asks for the last position's logits only (``logits_to_keep``, when the graph has it);
@@ -79,6 +80,7 @@ class OnnxDecoder:
         self._buffers: dict[str, Any] = {}  # numpy arrays on the CPU, OrtValues on the GPU
         self._capacity = 0
         self.reserve = 0  # decode steps to allocate for at prefill (generate() sets it)
+        self.rows: np.ndarray | None = None  # each row's length when a batch's prompts differ in length
         self._step_bound = False
         # On the GPU the prompt runs against the bound buffers too: the CUDA GroupQueryAttention refuses
         # an empty past tensor ("total sequence length must be positive"), and the prompt's keys and
@@ -89,13 +91,13 @@ class OnnxDecoder:
         if self.max_context and total > self.max_context:
             raise GenerationError(f"the sequence would reach {total} tokens, over the model's context of {self.max_context}.")
 
-    def _run(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+    def _run(self, ids: np.ndarray, last_only: bool = False, lengths: np.ndarray | None = None) -> np.ndarray:
         batch, new = ids.shape
         total = self.length + new
         self._check_context(total)
         feeds = {
             "input_ids": ids.astype(np.int64),
-            "attention_mask": np.ones((batch, total), np.int64),
+            "attention_mask": _mask(lengths, total) if lengths is not None else np.ones((batch, total), np.int64),
             "position_ids": np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, new)).copy(),
             **self.past,
         }
@@ -156,9 +158,10 @@ class OnnxDecoder:
         self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
         self._step_bound = True
 
-    def _step_in_place(self, ids: np.ndarray) -> np.ndarray:
+    def _step_in_place(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """Run ``ids [batch, new]`` against the bound buffers (a decode step, or a whole prompt when
-        ``prefill_in_place``); returns the logits of every new position."""
+        ``prefill_in_place``, whose rows may end early at ``lengths``); returns the logits of every new
+        position. With rows of different lengths each row's token goes at its own length."""
         batch, new = ids.shape
         cached = self._ids.shape[0] if self._buffers else next(iter(self.past.values())).shape[0]
         if batch != cached:
@@ -166,12 +169,18 @@ class OnnxDecoder:
                 f"{batch} tokens for a KV cache of {cached} sequences: the cache must hold "
                 "[batch, kv_heads, past, head_dim] for the same batch as input_ids."
             )
-        total = self.length + new
+        ragged = self.rows is not None and new == 1
+        total = int(self.rows.max()) + 1 if ragged else self.length + new
         self._check_context(total)
         if self._binding is None or total > self._capacity:
             self._bind_cache(max(2 * total, total + self.reserve, 16))
         b = self._binding
-        positions = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, new))
+        if ragged:  # each row's next position is its own length
+            positions = self.rows[:, None].astype(np.int64)
+            mask = _mask(self.rows + 1, total)
+        else:
+            positions = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, new))
+            mask = _mask(lengths, total) if lengths is not None else self._mask[:, :total]
         if new == 1:
             if not self._step_bound:  # after a prompt: the step's own arrays, bound once more
                 self._bind_step_inputs()
@@ -182,37 +191,64 @@ class OnnxDecoder:
             b.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
             self._step_bound = False
         if "attention_mask" in self.inputs:
-            b.bind_cpu_input("attention_mask", self._mask[:, :total])
+            b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         b.bind_output("logits", "cpu")  # unallocated: its shape is the run's; on the GPU, copied back
         try:
             self.session.run_with_iobinding(b)
         except Exception as e:  # noqa: BLE001 - ORT's own exception types
             raise GenerationError(f"the decoder rejected a decode step ({str(e).splitlines()[0][:200]}).") from None
         self.length = total
+        if ragged:
+            self.rows = self.rows + 1
         return b.get_outputs()[0].numpy()
 
     def cache(self) -> dict[str, np.ndarray]:
         """The KV cache as ``[batch, kv_heads, length, head_dim]`` host arrays (views of the CPU buffers in
-        place; copies of the GPU ones)."""
+        place; copies of the GPU ones). With rows of different lengths, a row's entries past its own
+        length (``rows``) are padding."""
         if self._buffers:
             host = {n: b.numpy() if self.buffer_device else b for n, b in self._buffers.items()}
             return {n: b[:, :, : self.length] for n, b in host.items()}
         return dict(self.past)
 
-    def prefill(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+    def prefill(self, ids: np.ndarray, last_only: bool = False, lengths: Any = None) -> np.ndarray:
         """Reset the cache, run the prompt ``[batch, seq]``; returns all logits ``[batch, seq, vocab]``,
-        or with ``last_only`` those of the last position ``[batch, 1, vocab]`` (computed alone when the
-        graph has a ``logits_to_keep`` input)."""
+        or with ``last_only`` those of each row's last position ``[batch, 1, vocab]`` (computed alone when
+        the graph has a ``logits_to_keep`` input and the rows are whole).
+
+        ``lengths`` gives each row's prompt length when the rows are right-padded to ``seq`` (prompts of
+        different lengths in one batch); the padding's logits are meaningless. That needs the fused
+        graph (GroupQueryAttention reads each row's length off ``attention_mask``)."""
         ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
-        zero = np.zeros((ids.shape[0], self.kv_heads, 0, self.head_dim), self.cache_dtype)
+        batch, seq = ids.shape
+        rows = self._row_lengths(lengths, batch, seq)
+        zero = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.cache_dtype)
         self.past = {n: zero for n in self.past_names}
         self._binding, self._buffers, self._capacity = None, {}, 0
-        self.length = 0
+        self.length, self.rows = 0, rows
         if self.in_place and self.prefill_in_place:
-            logits = self._step_in_place(ids)  # every position's logits: a bound run can't set logits_to_keep
+            logits = self._step_in_place(ids, rows)  # every position's logits: a bound run can't set logits_to_keep
         else:
-            logits = self._run(ids, last_only)
+            logits = self._run(ids, last_only and rows is None, rows)
+        if rows is not None:
+            return logits[np.arange(batch), rows - 1][:, None] if last_only else logits
         return logits[:, -1:] if last_only else logits
+
+    def _row_lengths(self, lengths: Any, batch: int, seq: int) -> np.ndarray | None:
+        """Per-row prompt lengths, or None when every row is whole."""
+        if lengths is None:
+            return None
+        rows = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if rows.shape[0] != batch or rows.min() < 1 or rows.max() > seq:
+            raise GenerationError(f"lengths {rows.tolist()} must give each of the {batch} rows a length in 1..{seq}.")
+        if (rows == seq).all():
+            return None
+        if not self.in_place or "attention_mask" not in self.inputs:
+            raise GenerationError(
+                "prompts of different lengths in one batch need the fused graph (compile.fuse: GroupQueryAttention "
+                "reads each row's length off attention_mask). Run them one by one, or fuse the model."
+            )
+        return rows
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         """One new token per sequence; returns its logits ``[batch, vocab]``."""
@@ -223,11 +259,18 @@ class OnnxDecoder:
             return self._step_in_place(tokens)[:, -1]
         return self._run(tokens)[:, -1]
 
-    def generate(self, ids: np.ndarray, sampling: Sampling, on_token: Callable[[np.ndarray], Any] | None = None) -> np.ndarray:
-        """New tokens ``[batch, n]`` (n <= max_new_tokens); a finished sequence keeps emitting its EOS."""
+    def generate(
+        self,
+        ids: np.ndarray,
+        sampling: Sampling,
+        on_token: Callable[[np.ndarray], Any] | None = None,
+        lengths: Any = None,
+    ) -> np.ndarray:
+        """New tokens ``[batch, n]`` (n <= max_new_tokens); a finished sequence keeps emitting its EOS.
+        ``lengths``: each row's prompt length when the prompts are right-padded (see ``prefill``)."""
         rng = np.random.default_rng(sampling.seed)
         self.reserve = sampling.max_new_tokens
-        logits = self.prefill(ids, last_only=True)[:, -1]
+        logits = self.prefill(ids, last_only=True, lengths=lengths)[:, -1]
         done = np.zeros(logits.shape[0], bool)
         out = []
         for i in range(sampling.max_new_tokens):
@@ -242,6 +285,11 @@ class OnnxDecoder:
                 break
             logits = self.step(token)
         return np.stack(out, axis=1) if out else np.zeros((len(done), 0), np.int64)
+
+
+def _mask(lengths: np.ndarray, total: int) -> np.ndarray:
+    """``[batch, total]`` ones over each row's first ``lengths`` positions (right padding)."""
+    return (np.arange(total)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
 
 
 def keeps_last_logits(session: Any) -> bool:

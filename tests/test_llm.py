@@ -198,6 +198,12 @@ def test_generate_cli_streams_from_a_run_folder(llama, tmp_path):
     result = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--prompt", "the king", "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output
+    batch = CliRunner().invoke(
+        main,
+        ["generate", str(tmp_path / "run"), "--prompt", "the king", "--prompt", "now is the winter of", "--max-new-tokens", "4"],
+    )
+    assert batch.exit_code == 0, batch.output
+    assert "[0] the king" in batch.output and "[1] now is the winter of" in batch.output and "2 prompts" in batch.output
     too_long = CliRunner().invoke(main, ["generate", str(tmp_path / "run"), "--prompt", "the king", "--max-new-tokens", "999"])
     assert too_long.exit_code == 2 and "context of 256" in too_long.output
 
@@ -586,3 +592,30 @@ def test_fallback_tries_smaller_blocks_before_more_bits(fused, tmp_path):
         assert nodes[name]["bits"] == 8
     with pytest.raises(StageError, match="fallback_block_size 32 needs fallback: auto and a block_size larger"):
         WeightOnly(bits=4, block_size=32, fallback="auto", fallback_block_size=32).run(fused.artifact, context(tmp_path / "x"))
+
+
+@pytest.mark.parametrize("on_bound_buffers", [False, True])
+def test_prompts_of_different_lengths_generate_what_each_generates_alone(fused, exported, on_bound_buffers):
+    """Right-padded prompts with `lengths`: the fused graph takes each row's length off attention_mask
+    (compile.fuse's lengths-from-mask rewrite), so every row decodes exactly as it does alone."""
+    import onnx
+
+    graph = onnx.load(str(fused.artifact.path), load_external_data=False).graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[5] == "slimline_mask_seqlens_k" and n.input[6] == "slimline_mask_total_seq_len" for n in gqa)
+    assert not any(n.op_type == "ReduceMax" for n in graph.node)  # positions no longer give the lengths
+    prompts = [[5, 17, 42, 8, 9, 11, 3], [9, 3, 77], [1, 2, 3, 4, 5]]
+    width = max(map(len, prompts))
+    ids = np.array([p + [0] * (width - len(p)) for p in prompts])
+    d = OnnxDecoder(fused.artifact.path, 1)
+    d.prefill_in_place = on_bound_buffers
+    together = d.generate(ids, Sampling(max_new_tokens=20), lengths=[len(p) for p in prompts])  # past 16: regrows
+    for row, p in enumerate(prompts):
+        alone = OnnxDecoder(fused.artifact.path, 1).generate(np.array([p]), Sampling(max_new_tokens=20))
+        assert together[row].tolist() == alone[0].tolist()
+    first = d.prefill(ids, last_only=True, lengths=[7, 3, 5])
+    np.testing.assert_allclose(first[1, 0], OnnxDecoder(fused.artifact.path, 1).prefill(np.array([prompts[1]]))[0, -1], atol=1e-4)
+    with pytest.raises(GenerationError, match="need the fused graph"):
+        OnnxDecoder(exported.artifact.path, 1).generate(ids, Sampling(max_new_tokens=2), lengths=[7, 3, 5])
+    with pytest.raises(GenerationError, match="must give each of the 3 rows a length in 1..7"):
+        d.prefill(ids, lengths=[7, 0, 5])

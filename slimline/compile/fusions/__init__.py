@@ -175,6 +175,7 @@ def fuse_to_proto(model: Any, decoder: bool, skip: tuple[str, ...] = (), diagnos
     Q/K/V into GroupQueryAttention (on the proto). Returns (ModelProto, result, {input: why its MatMuls were not merged})."""
     import onnx_ir as ir
 
+    from slimline.compile.fusions.gqa_lengths import lengths_from_mask
     from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls, pack_attention_inputs
 
     result = fuse_model(model, skip=skip, diagnose=diagnose)
@@ -183,6 +184,7 @@ def fuse_to_proto(model: Any, decoder: bool, skip: tuple[str, ...] = (), diagnos
     if decoder:
         result.steps["merged_sibling_matmuls"], rejected = merge_sibling_matmuls(proto)
         result.steps["packed_qkv_attention"] = pack_attention_inputs(proto)
+        result.steps["gqa_lengths_from_mask"] = lengths_from_mask(proto)
     return proto, result, rejected
 
 
