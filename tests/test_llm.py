@@ -619,3 +619,30 @@ def test_prompts_of_different_lengths_generate_what_each_generates_alone(fused, 
         OnnxDecoder(exported.artifact.path, 1).generate(ids, Sampling(max_new_tokens=2), lengths=[7, 3, 5])
     with pytest.raises(GenerationError, match="must give each of the 3 rows a length in 1..7"):
         d.prefill(ids, lengths=[7, 0, 5])
+
+
+def test_structured_ffn_pruning_shrinks_the_decoder_and_it_still_exports_and_fuses(llama, tmp_path):
+    """prune.structured on a Llama: FFN channels go from gate/up (rows) and down (columns), down is refit,
+    the config says the new size, and the smaller graph still exports, fuses and generates. Heads are refused."""
+    from slimline.prune.structured import Structured
+
+    ctx = context(tmp_path / "p")
+    r = Structured(ffn_sparsity=0.25, samples=16).run(llama, ctx)
+    ffn = llama.model.config.intermediate_size
+    mlp = r.artifact.model.model.layers[0].mlp
+    assert (
+        r.artifact.model.config.intermediate_size
+        == ffn - round(0.25 * ffn)
+        == mlp.gate_proj.out_features
+        == mlp.down_proj.in_features
+    )
+    assert r.report["params_after"] < r.report["params_before"] and r.report["calibration.in_sample.mean_cosine"] > 0.5
+    assert llama.model.model.layers[0].mlp.gate_proj.out_features == ffn  # the input model is untouched
+    exported = Export().run(r.artifact, context(tmp_path / "e"))
+    fused = Fuse(expect={"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 3}).run(
+        exported.artifact, context(tmp_path / "f")
+    )
+    out = OnnxDecoder(fused.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=4))
+    assert out.shape == (1, 4)
+    with pytest.raises(StageError, match="whole key/value group"):
+        Structured(head_sparsity=0.25, samples=16).run(llama, ctx)

@@ -26,16 +26,28 @@ from slimline.prune.common import calibration_batches, clone, count_params, forw
 from slimline.stage import Context, Stage, StageResult
 
 
-def bert_blocks(model) -> list:
-    """The encoder layers of a BERT-family model, or a clear error for other architectures."""
+def bert_blocks(model) -> list | None:
+    """The encoder layers of a BERT-family model, or None."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if layers is None or not hasattr(layers[0], "intermediate"):
-        raise StageError(
-            f"prune.structured: model_type `{model.config.model_type}` is not supported yet (BERT-family "
-            "encoders are: bert, roberta, xlm-roberta, electra, ...). Use prune.magnitude or prune.wanda instead."
-        )
-    return list(layers)
+    return list(layers) if layers is not None and hasattr(layers[0], "intermediate") else None
+
+
+def gated_mlp_blocks(model) -> list | None:
+    """The decoder layers of a Llama-style model (``mlp.gate_proj``/``up_proj``/``down_proj``), or None."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    layers = getattr(base, "layers", None)
+    ok = layers is not None and all(
+        hasattr(getattr(layer, "mlp", None), n) for layer in layers for n in ("gate_proj", "up_proj", "down_proj")
+    )
+    return list(layers) if ok else None
+
+
+def unsupported(model) -> StageError:
+    return StageError(
+        f"prune.structured: model_type `{model.config.model_type}` is not supported yet (BERT-family encoders: heads "
+        "and FFN channels; Llama-style decoders with a gated MLP: FFN channels). Use prune.magnitude or prune.wanda instead."
+    )
 
 
 class Structured(Stage):
@@ -62,6 +74,10 @@ class Structured(Stage):
         out = clone(artifact)
         model, config = out.model, out.model.config
         blocks = bert_blocks(model)
+        if blocks is None:
+            if gated_mlp_blocks(model) is None:
+                raise unsupported(model)
+            return self._run_gated(artifact, out, ctx)
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
         n_heads_cut = int(round(self.head_sparsity * heads))
@@ -125,18 +141,69 @@ class Structured(Stage):
             report.update({f"{k} (in-sample)": v for k, v in output_error(artifact.model, model, batches[:8]).items()})
         return StageResult(out, report)
 
+    def _run_gated(self, artifact: TorchModel, out: TorchModel, ctx: Context) -> StageResult:
+        """A Llama-style decoder: FFN channels only. A channel is a row of gate_proj and up_proj and a
+        column of down_proj; down_proj (no bias) is refit on the kept channels. Heads are refused:
+        with grouped-query attention a head can only go with its whole key/value group."""
+        import torch
+        from transformers.pytorch_utils import prune_linear_layer
+
+        model, config = out.model, out.model.config
+        if self.head_sparsity:
+            raise StageError(
+                f"prune.structured: head_sparsity on `{config.model_type}` is not supported: with grouped-query "
+                "attention a head can only go with its whole key/value group. Set head_sparsity: 0 and use ffn_sparsity."
+            )
+        blocks = gated_mlp_blocks(model)
+        ffn = config.intermediate_size
+        n_cut = int(round(self.ffn_sparsity * ffn))
+        if n_cut >= ffn:
+            raise StageError(
+                f"prune.structured: ffn_sparsity={self.ffn_sparsity} leaves no FFN channel of {ffn}. Use a value below 1."
+            )
+        batches = calibration_batches(out, ctx.data.calibration[: self.samples])
+        report: dict = {"params_before": count_params(model), "refit": self.refit, "pruned": "FFN channels (gated MLP)"}
+        with torch.no_grad():
+            for b in blocks:  # in order: each layer compensates the error arriving from the pruned ones before it
+                mlp = b.mlp
+                g = _input_gram(model, mlp.down_proj, batches, constant=False)
+                cut, new_w, _ = _select(mlp.down_proj, g, [[c] for c in range(ffn)], n_cut, self.selection, self.damp)
+                keep = torch.tensor(sorted(set(range(ffn)) - set(cut)))
+                mlp.gate_proj = prune_linear_layer(mlp.gate_proj, keep, dim=0)
+                mlp.up_proj = prune_linear_layer(mlp.up_proj, keep, dim=0)
+                if self.refit:
+                    mlp.down_proj.weight.copy_(new_w)
+                mlp.down_proj = prune_linear_layer(mlp.down_proj, keep, dim=1)
+                mlp.intermediate_size = ffn - n_cut
+        config.intermediate_size = ffn - n_cut
+        report.update(
+            {
+                "params_after": count_params(model),
+                "intermediate_size": ffn - n_cut,
+                "shapes.layer0.gate_proj": list(blocks[0].mlp.gate_proj.weight.shape),
+                "shapes.layer0.down_proj": list(blocks[0].mlp.down_proj.weight.shape),
+            }
+        )
+        report["params_removed"] = round(1 - report["params_after"] / report["params_before"], 4)
+        unseen = ctx.data.calibration[self.samples : self.samples + 64]
+        check = calibration_batches(out, unseen) if unseen else batches[:8]
+        err = output_error(artifact.model, model, check)
+        report.update({k.replace("calibration.", "held_out." if unseen else "calibration.in_sample."): v for k, v in err.items()})
+        return StageResult(out, report)
+
 
 class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layer of interest has been seen."""
 
 
-def _input_gram(model, linear, batches):
-    """Sum over real calibration tokens of [x 1]^T [x 1], x the input of ``linear`` (float64)."""
+def _input_gram(model, linear, batches, constant: bool = True):
+    """Sum over real calibration tokens of [x 1]^T [x 1] (x x^T without ``constant``), x the input of
+    ``linear`` (float64)."""
 
     state: dict = {"gram": 0}
 
     def hook(module, inputs, output):
-        state["gram"] = state["gram"] + token_gram(inputs[0], state["mask"], constant=True)
+        state["gram"] = state["gram"] + token_gram(inputs[0], state["mask"], constant=constant)
         raise _Stop
 
     handle = linear.register_forward_hook(hook)
@@ -161,12 +228,18 @@ def _select(linear, gram, groups: list[list[int]], n_cut: int, selection: str, d
     weights, W -= W_G [H^-1]_GG^-1 [H^-1]_G:. The cheapest group goes first, then H^-1 is downdated
     and costs are recomputed. The end state is the least-squares refit on the kept inputs.
     ``energy`` ranks by E[a^2] * ||w||^2 once, then refits the kept inputs by least squares.
-    Returns (cut group indices, weight with cut columns zeroed, bias).
+    Returns (cut group indices, weight with cut columns zeroed, bias). A Linear without a bias is fit
+    without the constant input (``gram`` then has no constant row) and returns bias None.
     """
     import torch
 
+    if linear.bias is None:  # no constant input: append a dead one so the code below is shared
+        gram = torch.nn.functional.pad(gram, (0, 1, 0, 1))
+        gram[-1, -1] = 1.0
+        w = torch.cat([linear.weight.double(), torch.zeros(linear.weight.shape[0], 1, dtype=torch.float64)], 1)
+    else:
+        w = torch.cat([linear.weight.double(), linear.bias.double()[:, None]], 1)  # (out, in + 1)
     n_in = gram.shape[0] - 1  # the last row/column is the constant input that carries the bias
-    w = torch.cat([linear.weight.double(), linear.bias.double()[:, None]], 1)  # (out, in + 1)
     h = gram + damp * gram.diagonal()[:-1].mean() * torch.eye(n_in + 1, dtype=gram.dtype)
     alive = list(range(len(groups)))
     cut: list[int] = []
@@ -204,4 +277,5 @@ def _select(linear, gram, groups: list[list[int]], n_cut: int, selection: str, d
             removed[g] = True
             alive.remove(best)
             cut.append(best)
-    return cut, w[:, :-1].to(linear.weight.dtype), w[:, -1].to(linear.bias.dtype)
+    bias = None if linear.bias is None else w[:, -1].to(linear.bias.dtype)
+    return cut, w[:, :-1].to(linear.weight.dtype), bias
