@@ -637,6 +637,7 @@ def test_structured_ffn_pruning_shrinks_the_decoder_and_it_still_exports_and_fus
         == mlp.down_proj.in_features
     )
     assert r.report["params_after"] < r.report["params_before"] and r.report["calibration.in_sample.mean_cosine"] > 0.5
+    assert 0 <= r.report["calibration.in_sample.top1_agreement"] <= 1
     assert llama.model.model.layers[0].mlp.gate_proj.out_features == ffn  # the input model is untouched
     exported = Export().run(r.artifact, context(tmp_path / "e"))
     fused = Fuse(expect={"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 3}).run(

@@ -188,7 +188,15 @@ class Structured(Stage):
         unseen = ctx.data.calibration[self.samples : self.samples + 64]
         check = calibration_batches(out, unseen) if unseen else batches[:8]
         err = output_error(artifact.model, model, check)
-        report.update({k.replace("calibration.", "held_out." if unseen else "calibration.in_sample."): v for k, v in err.items()})
+        where = "held_out." if unseen else "calibration.in_sample."
+        report.update({k.replace("calibration.", where): v for k, v in err.items()})
+        # pooled logits hide what matters to a language model: whether its next-token choice survives
+        agree = []
+        for batch in check:
+            real = batch["attention_mask"].bool()
+            a, p = forward(artifact.model, batch)[0], forward(model, batch)[0]
+            agree.append((a.argmax(-1)[real] == p.argmax(-1)[real]).double())
+        report[f"{where}top1_agreement"] = round(float(torch.cat(agree).mean()), 5)
         return StageResult(out, report)
 
 
