@@ -57,19 +57,42 @@ def _pad(wt: np.ndarray, block_size: int) -> np.ndarray:
     return np.pad(wt, ((0, 0), (0, pad))) if pad else wt
 
 
-def block_params(groups: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+CLIP_GRID = np.linspace(1.0, 0.75, 11)  # range shrink factors tried by clip search (1.0 = plain min/max)
+
+
+def block_params(groups: np.ndarray, bits: int, symmetric: bool, clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Scale and integer zero point per row of ``groups`` (``[..., block_size]``), RTN style.
 
     Symmetric uses codes ``1 .. 2**bits - 1`` around ``2**(bits-1)`` so that no weight is clipped and
-    every rounding error stays within half a scale.
+    every rounding error stays within half a scale. With ``clip``, each block's range is also shrunk by
+    the factors in ``CLIP_GRID`` and the one with the least squared rounding error kept: clipping a
+    rare outlier can buy a finer step for the rest. The factor 1.0 is among them, so a block never
+    ends up with more error than without the search.
     """
+    if clip:
+        best_err = best = None
+        for f in CLIP_GRID:
+            scale, zero = _range_params(groups, bits, symmetric, f)
+            deq = (_codes(groups, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
+            err = np.square(groups - deq).sum(axis=-1)
+            if best is None:
+                best_err, best = err, (scale, zero)
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best = (np.where(better, scale, best[0]), np.where(better, zero, best[1]))
+        return best
+    return _range_params(groups, bits, symmetric, 1.0)
+
+
+def _range_params(groups: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
     qmax = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
-        scale = np.abs(groups).max(axis=-1) / (half - 1)
+        scale = shrink * np.abs(groups).max(axis=-1) / (half - 1)
         zero = np.full(scale.shape, float(half))
     else:
-        lo, hi = groups.min(axis=-1), groups.max(axis=-1)
+        lo, hi = shrink * groups.min(axis=-1), shrink * groups.max(axis=-1)
         scale = (hi - lo) / qmax
         zero = np.clip(np.round(-lo / np.where(scale > 0, scale, 1)), 0, qmax)
     scale = np.where(scale > 0, scale, 1.0)  # an all-zero block: any scale reproduces it
@@ -80,12 +103,12 @@ def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.
     return np.clip(np.round(w / scale + zero), 0, 2**bits - 1)
 
 
-def rtn(weight: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False) -> Blocked:
+def rtn(weight: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False, clip: bool = False) -> Blocked:
     """Round-to-nearest group-wise quantization of a ``[K, N]`` weight."""
     k, n = weight.shape
     wt = _pad(weight.T.astype(np.float32), block_size)
     groups = wt.reshape(n, -1, block_size)
-    scale, zero = block_params(groups, bits, symmetric)
+    scale, zero = block_params(groups, bits, symmetric, clip)
     q = _codes(groups, scale[..., None], zero[..., None], bits).reshape(n, -1)
     return Blocked(q.astype(np.uint8), scale, zero, bits, block_size, k, symmetric)
 
@@ -134,6 +157,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = True,
     chunk: int = 128,
+    clip: bool = False,
 ) -> Blocked:
     """GPTQ of a ``[K, N]`` weight given the ``[K, K]`` Hessian ``X^T X`` of its calibration inputs.
 
@@ -157,7 +181,7 @@ def gptq(
     zero = np.zeros((n, n_blocks), np.float32)
     static = act_order
     if static:
-        scale[:], zero[:] = block_params(w.numpy().reshape(n, n_blocks, block_size), bits, symmetric)
+        scale[:], zero[:] = block_params(w.numpy().reshape(n, n_blocks, block_size), bits, symmetric, clip)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(kp)
     w, h = w[:, perm], h[perm][:, perm]
     h += damp * torch.mean(torch.diag(h)) * torch.eye(kp, dtype=torch.float64)
@@ -177,7 +201,7 @@ def gptq(
             col = int(perm[i1 + i])
             g = col // block_size
             if not static and col % block_size == 0:  # first column of its block: fit the block now
-                scale[:, g], zero[:, g] = block_params(w1[:, i : i + block_size].numpy(), bits, symmetric)
+                scale[:, g], zero[:, g] = block_params(w1[:, i : i + block_size].numpy(), bits, symmetric, clip)
             s = torch.from_numpy(scale[:, g]).double()
             z = torch.from_numpy(zero[:, g]).double()
             codes = torch.clamp(torch.round(w1[:, i] / s + z), 0, qmax)

@@ -223,6 +223,11 @@ class WeightOnly(OnnxQuantizer):
     )
     damp: float = Field(0.01, gt=0, le=1, description="GPTQ: fraction of the mean Hessian diagonal added to it")
     act_order: bool = Field(True, description="GPTQ: quantize columns in order of decreasing activation energy")
+    clip_search: bool = Field(
+        False,
+        description="RTN/GPTQ: per block, shrink the range by up to 25% where that lowers the squared rounding error "
+        "(clips rare outliers for a finer step)",
+    )
     calibration_texts: int = Field(128, ge=8, description="calibration texts for GPTQ and the per-layer error")
     fallback_bits: Literal[8] | None = Field(
         None, description="fallback: auto puts layers over max_layer_error in this many bits instead of float"
@@ -261,10 +266,10 @@ class WeightOnly(OnnxQuantizer):
         bits = bits or self.bits
         block = block or self.block_for(bits)
         if self.algorithm == "gptq":
-            return nbits.gptq(w, gram, bits, block, self.symmetric, self.damp, self.act_order)
+            return nbits.gptq(w, gram, bits, block, self.symmetric, self.damp, self.act_order, clip=self.clip_search)
         if self.algorithm == "hqq":
             return nbits.hqq(w, bits, block)
-        return nbits.rtn(w, bits, block, self.symmetric)
+        return nbits.rtn(w, bits, block, self.symmetric, clip=self.clip_search)
 
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
