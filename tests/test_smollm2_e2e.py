@@ -35,7 +35,7 @@ def test_smollm2_int4_recipe_runs_and_passes_its_perplexity_budget(tmp_path):
     quant = stages["quantize.weight_only"]
     assert quant["quantized.MatMulNBits"] == 121 and quant["quantized.GatherBlockQuantized"] == 1  # QKV, gate/up merged
     assert quant["embedding_error.node_embedding"] < 0.01  # its own 8-bit table (the head is 4-bit)
-    assert fuse["rules.packed_qkv_attention"] == 30
+    assert fuse["rules.packed_qkv_attention"] == 30 and fuse["rules.gqa_lengths_from_mask"] == 30
     summary = report["summary"]["ort-cpu"]
     assert summary["perplexity_increase"] < 0.03
     ppl = next(b for b in report["budgets"] if b["name"] == "max_accuracy_drop.perplexity")
