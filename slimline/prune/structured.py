@@ -85,11 +85,7 @@ class Structured(Stage):
             n_heads_cut = heads - 1
             ctx.warn(f"prune.structured: head_sparsity={self.head_sparsity} would remove every head; keeping 1 per layer.")
         ffn = config.intermediate_size
-        n_ffn_cut = int(round(self.ffn_sparsity * ffn))
-        if n_ffn_cut >= ffn:
-            raise StageError(
-                f"prune.structured: ffn_sparsity={self.ffn_sparsity} leaves no FFN channel of {ffn}. Use a value below 1."
-            )
+        n_ffn_cut = self._ffn_cut(ffn)
 
         batches = calibration_batches(out, ctx.data.calibration[: self.samples])
         report: dict = {"params_before": count_params(model), "refit": self.refit}
@@ -141,6 +137,15 @@ class Structured(Stage):
             report.update({f"{k} (in-sample)": v for k, v in output_error(artifact.model, model, batches[:8]).items()})
         return StageResult(out, report)
 
+    def _ffn_cut(self, ffn: int) -> int:
+        """FFN channels to remove per layer; refuses a sparsity that would leave none."""
+        n_cut = int(round(self.ffn_sparsity * ffn))
+        if n_cut >= ffn:
+            raise StageError(
+                f"prune.structured: ffn_sparsity={self.ffn_sparsity} leaves no FFN channel of {ffn}. Use a value below 1."
+            )
+        return n_cut
+
     def _run_gated(self, artifact: TorchModel, out: TorchModel, ctx: Context) -> StageResult:
         """A Llama-style decoder: FFN channels only. A channel is a row of gate_proj and up_proj and a
         column of down_proj; down_proj (no bias) is refit on the kept channels. Heads are refused:
@@ -156,11 +161,7 @@ class Structured(Stage):
             )
         blocks = gated_mlp_blocks(model)
         ffn = config.intermediate_size
-        n_cut = int(round(self.ffn_sparsity * ffn))
-        if n_cut >= ffn:
-            raise StageError(
-                f"prune.structured: ffn_sparsity={self.ffn_sparsity} leaves no FFN channel of {ffn}. Use a value below 1."
-            )
+        n_cut = self._ffn_cut(ffn)
         batches = calibration_batches(out, ctx.data.calibration[: self.samples])
         report: dict = {"params_before": count_params(model), "refit": self.refit, "pruned": "FFN channels (gated MLP)"}
         with torch.no_grad():

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from slimline.compile.fusions.sibling_matmul import drop_unread_initializers
+
 PREFIX = "slimline_mask"
 
 
@@ -95,7 +97,4 @@ def _remove_dead(model: Any) -> None:
             break
         del model.graph.node[:]
         model.graph.node.extend(keep)
-    read = {i for n in model.graph.node for i in n.input}
-    inits = [t for t in model.graph.initializer if t.name in read]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
+    drop_unread_initializers(model)

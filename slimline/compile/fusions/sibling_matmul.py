@@ -86,11 +86,16 @@ def merge_sibling_matmuls(model: Any) -> tuple[int, dict[str, str]]:
                 nodes.append(node)
         del model.graph.node[:]
         model.graph.node.extend(nodes)
-        used = {i for n in model.graph.node for i in n.input}
-        keep = [t for t in model.graph.initializer if t.name in used]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
+        drop_unread_initializers(model)
     return merged, rejected
+
+
+def drop_unread_initializers(model: Any) -> None:
+    """Remove the initializers no node reads any more (a proto edit leaves them behind)."""
+    used = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 def pack_attention_inputs(model: Any) -> int:
