@@ -50,7 +50,7 @@ class OnnxDecoder:
     """A decoder ONNX graph (``input_ids, attention_mask, position_ids, past_key_values.*``) with its cache."""
 
     def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None, max_context: int | None = None):
-        from slimline.runtime import ort_session
+        from slimline.runtime import float_dtype, ort_session
 
         self.session = ort_session(Path(path), threads, providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
@@ -64,7 +64,7 @@ class OnnxDecoder:
                 "Export it with compile.export and model.task: text-generation."
             )
         self.kv_heads, self.head_dim = kv_dims(self.inputs[self.past_names[0]].shape, Path(path).parent)
-        self.cache_dtype = np.float16 if self.inputs[self.past_names[0]].type == "tensor(float16)" else np.float32
+        self.cache_dtype = float_dtype(self.inputs[self.past_names[0]])
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         # where the in-place cache lives: numpy arrays shared with ORT on the CPU, else OrtValues
         # allocated on (device, id); tests run the OrtValue path on the CPU by setting ("cpu", 0)
@@ -72,7 +72,7 @@ class OnnxDecoder:
         self.max_context = max_context
         self.past: dict[str, np.ndarray] = {}
         self.length = 0
-        # GroupQueryAttention reads the past length from the positions, not from the cache's shape, so
+        # GroupQueryAttention reads each row's length from attention_mask, not from the cache's shape, so
         # the cache can live in fixed buffers that the kernel appends to in place (bound as both the
         # past input and the present output); other attention ops concatenate and need exact shapes.
         self.in_place = in_place_cache(Path(path), self.past_names)
@@ -142,23 +142,21 @@ class OnnxDecoder:
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
         batch = source[self.past_names[0]].shape[0]
-        self._ids = np.zeros((batch, 1), np.int64)
         self._mask = np.ones((batch, capacity), np.int64)
         self._binding, self._buffers, self.past, self._capacity = binding, buffers, {}, capacity
-        self._bind_step_inputs()
+        self._bind_step_inputs(batch)
 
-    def _bind_step_inputs(self) -> None:
+    def _bind_step_inputs(self, batch: int) -> None:
         """A decode step's small inputs live in host arrays bound once and rewritten in place before each
         run (on the GPU, ORT copies these few bytes up with the run)."""
         import onnxruntime as ort
 
-        batch = self._ids.shape[0]
         self._ids, self._positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
         self._binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
         self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
         self._step_bound = True
 
-    def _step_in_place(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    def _run_bound(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """Run ``ids [batch, new]`` against the bound buffers (a decode step, or a whole prompt when
         ``prefill_in_place``, whose rows may end early at ``lengths``); returns the logits of every new
         position. With rows of different lengths each row's token goes at its own length."""
@@ -183,7 +181,7 @@ class OnnxDecoder:
             mask = _mask(lengths, total) if lengths is not None else self._mask[:, :total]
         if new == 1:
             if not self._step_bound:  # after a prompt: the step's own arrays, bound once more
-                self._bind_step_inputs()
+                self._bind_step_inputs(batch)
             self._ids[:] = ids
             self._positions[:] = positions
         else:  # a prompt: its ids and positions copied in for this run only
@@ -227,7 +225,7 @@ class OnnxDecoder:
         self._binding, self._buffers, self._capacity = None, {}, 0
         self.length, self.rows = 0, rows
         if self.in_place and self.prefill_in_place:
-            logits = self._step_in_place(ids, rows)  # every position's logits: a bound run can't set logits_to_keep
+            logits = self._run_bound(ids, rows)  # every position's logits: a bound run can't set logits_to_keep
         else:
             logits = self._run(ids, last_only and rows is None, rows)
         if rows is not None:
@@ -256,7 +254,7 @@ class OnnxDecoder:
             raise GenerationError("step() before prefill(): there is no KV cache to extend. Run the prompt first.")
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
         if self.in_place:
-            return self._step_in_place(tokens)[:, -1]
+            return self._run_bound(tokens)[:, -1]
         return self._run(tokens)[:, -1]
 
     def generate(

@@ -99,6 +99,17 @@ def save_final(artifact: Any, folder: Path) -> list[str]:
 # -- the runner ------------------------------------------------------------------------------------
 
 
+def evaluate_artifact(recipe: Recipe, ctx: Context, artifact: Any, folder: Path, reporter: Reporter, name: str) -> dict[str, Any]:
+    """The evaluation for the recipe's task (decoder LLMs or encoders); writes report.* into ``folder``."""
+    if recipe.model.task == "text-generation":
+        from slimline.evaluate.llm import evaluate_llm
+
+        return evaluate_llm(recipe, ctx, artifact, folder, reporter, name=name)
+    from slimline.evaluate.runner import evaluate_run
+
+    return evaluate_run(recipe, ctx, artifact, folder, reporter, name=name)
+
+
 def run_recipe(
     recipe: Recipe,
     out: Path,
@@ -110,7 +121,6 @@ def run_recipe(
 ) -> dict[str, Any]:
     """Run every stage, save the artifact, evaluate it, and publish the folder. Returns the report."""
     from slimline.evaluate.data import load_data
-    from slimline.evaluate.runner import evaluate_run
     from slimline.models import load_model
 
     reporter = reporter or Reporter()
@@ -159,12 +169,7 @@ def run_recipe(
         report = None
         if evaluate:
             t0 = time.perf_counter()
-            if recipe.model.task == "text-generation":
-                from slimline.evaluate.llm import evaluate_llm
-
-                report = evaluate_llm(recipe, ctx, artifact, staging, reporter, name=out.name)
-            else:
-                report = evaluate_run(recipe, ctx, artifact, staging, reporter, name=out.name)
+            report = evaluate_artifact(recipe, ctx, artifact, staging, reporter, name=out.name)
             stages_log.append(
                 {"kind": "evaluate", "wall_s": round(time.perf_counter() - t0, 2), "report": {"passed": report["passed"]}}
             )
@@ -200,7 +205,6 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
     from slimline.artifact import OnnxModel
     from slimline.errors import RecipeError
     from slimline.evaluate.data import load_data
-    from slimline.evaluate.runner import evaluate_run
     from slimline.models import load_model
 
     reporter = reporter or Reporter()
@@ -227,12 +231,7 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
         ctx.reference = reference
         artifact = OnnxModel(run_dir / "model.onnx", reference.tokenizer, reference.info, reference.config)
         t0 = time.perf_counter()
-        if spec.task == "text-generation":
-            from slimline.evaluate.llm import evaluate_llm
-
-            report = evaluate_llm(recipe, ctx, artifact, run_dir, reporter, name=run_dir.name)
-        else:
-            report = evaluate_run(recipe, ctx, artifact, run_dir, reporter, name=run_dir.name)
+        report = evaluate_artifact(recipe, ctx, artifact, run_dir, reporter, name=run_dir.name)
         manifest.setdefault("stages", []).append(
             {
                 "kind": "evaluate",

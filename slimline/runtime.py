@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,11 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def float_dtype(arg: Any) -> type:
+    """The numpy float type of an ORT session input or output (fp16 or fp32)."""
+    return np.float16 if arg.type == "tensor(float16)" else np.float32
 
 
 def ort_function(path: Path, threads: int = 0) -> tuple[Callable[[Feeds], dict[str, np.ndarray]], list[str]]:

@@ -108,7 +108,7 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
     feeds = _inputs(Path(path), batch, seq_len)
     result: dict = {}
     if kind in ("onnx", "onnx-cuda"):
-        from slimline.runtime import ort_session
+        from slimline.runtime import float_dtype, ort_session
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if kind == "onnx-cuda" else None
         session = ort_session(Path(path), threads, providers)
@@ -119,7 +119,7 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
                 from slimline.generate import kv_dims
 
                 kv, hd = kv_dims(i.shape, Path(path).parent)
-                feeds[i.name] = np.zeros((batch, kv, 0, hd), np.float16 if i.type == "tensor(float16)" else np.float32)
+                feeds[i.name] = np.zeros((batch, kv, 0, hd), float_dtype(i))
         names = [i.name for i in session.get_inputs()]
         feeds = {k: feeds[k] for k in names}
         from slimline.generate import LOGITS_TO_KEEP, keeps_last_logits
