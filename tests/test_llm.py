@@ -645,5 +645,56 @@ def test_structured_ffn_pruning_shrinks_the_decoder_and_it_still_exports_and_fus
     )
     out = OnnxDecoder(fused.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=4))
     assert out.shape == (1, 4)
-    with pytest.raises(StageError, match="whole key/value group"):
-        Structured(head_sparsity=0.25, samples=16).run(llama, ctx)
+    # 4 query heads on 2 key/value heads: per_group can't cut 1 of 2 without leaving a lone head per group
+    with pytest.raises(StageError, match="keep at least 2 per group, or set gqa_heads: whole_groups"):
+        Structured(head_sparsity=0.5, samples=16).run(llama, ctx)
+    with pytest.raises(StageError, match="removes no key/value group of 2"):
+        Structured(head_sparsity=0.2, gqa_heads="whole_groups", samples=16).run(llama, ctx)
+    with pytest.raises(StageError, match="would remove all 2 key/value groups"):
+        Structured(head_sparsity=0.9, gqa_heads="whole_groups", samples=16).run(llama, ctx)
+
+
+@pytest.mark.parametrize(
+    ("gqa_heads", "heads", "kv_heads"),
+    [("per_group", 4, 2), ("whole_groups", 3, 1)],  # from 6 query heads on 2 key/value heads
+)
+def test_structured_head_pruning_of_a_gqa_decoder(gqa_heads, heads, kv_heads, tmp_path):
+    """Query heads go under grouped-query attention: the same number from every key/value group (the KV
+    cache keeps its size), or whole groups (the cache shrinks). Each layer's q/k/v/o shrink to match, the
+    config says so, the model still computes what it computes with the cut heads' weights zeroed and
+    o_proj refit, and the export still fuses to GroupQueryAttention and matches torch."""
+    import torch
+
+    from slimline.prune.structured import Structured
+
+    model = load_model(str(tiny_llama(tmp_path / "m", hidden=96, heads=6, kv_heads=2)), task="text-generation")
+    r = Structured(head_sparsity=1 / 3 if gqa_heads == "per_group" else 0.5, gqa_heads=gqa_heads, samples=16).run(
+        model, context(tmp_path / "p")
+    )
+    pruned, config = r.artifact.model, r.artifact.model.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (heads, kv_heads, 16)
+    for i, layer in enumerate(pruned.model.layers):
+        a = layer.self_attn
+        assert a.q_proj.out_features == a.o_proj.in_features == heads * 16
+        assert a.k_proj.out_features == a.v_proj.out_features == kv_heads * 16
+        assert a.num_key_value_groups == heads // kv_heads
+        gone = [int(h) for h in r.report[f"pruned_heads.layer{i}"].split(",")]
+        assert len(gone) == 6 - heads
+        if gqa_heads == "per_group":  # one from each key/value group (heads 0-2 read kv 0, 3-5 kv 1)
+            assert sorted(h // 3 for h in gone) == [0, 1]
+        else:  # a whole group: three consecutive heads
+            assert gone in ([0, 1, 2], [3, 4, 5])
+    assert r.report["heads_per_layer"] == heads and r.report["kv_heads_per_layer"] == kv_heads
+    assert r.report["params_after"] < r.report["params_before"]
+    assert model.model.config.num_attention_heads == 6  # the input is untouched
+    # the smaller torch model and its fused export agree
+    exported = Export().run(r.artifact, context(tmp_path / "e"))
+    fused = Fuse(expect={"GroupQueryAttention": 2}).run(exported.artifact, context(tmp_path / "f"))
+    ids = np.array([[5, 17, 42, 8, 9]])
+    with torch.no_grad():
+        want = pruned(torch.tensor(ids)).logits.numpy()
+    got = OnnxDecoder(fused.artifact.path, 1).prefill(ids)
+    np.testing.assert_allclose(got, want, atol=2e-4)
+    d = OnnxDecoder(fused.artifact.path, 1)
+    assert d.kv_heads == kv_heads
+    assert d.generate(ids, Sampling(max_new_tokens=4)).shape == (1, 4)

@@ -12,6 +12,11 @@ projection's inputs); ``energy`` ranks units once by E[a^2] * ||w||^2. Either wa
 reads the pruned units (W_down, W_o) ends up refit by ridge least squares (``refit: true``), so the
 kept units plus a bias reproduce the full layer's output. The same fraction goes from every layer, so
 shapes stay uniform and the config can say so. docs/prune.md has the measured effect of each choice.
+
+Llama-style decoders (gated MLP, grouped-query attention) lose FFN channels (rows of gate/up, columns
+of down) and query heads. Query heads share key/value heads, so ``gqa_heads`` says how they go: the
+same number from every key/value group (``num_attention_heads`` shrinks, the KV cache stays), or
+whole groups (``num_key_value_heads`` shrinks too, and with it the KV cache). docs/llm.md has SmolLM2's figures.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ def gated_mlp_blocks(model) -> list | None:
 def unsupported(model) -> StageError:
     return StageError(
         f"prune.structured: model_type `{model.config.model_type}` is not supported yet (BERT-family encoders: heads "
-        "and FFN channels; Llama-style decoders with a gated MLP: FFN channels). Use prune.magnitude or prune.wanda instead."
+        "and FFN channels; Llama-style decoders with a gated MLP: heads and FFN channels). Use prune.magnitude or "
+        "prune.wanda instead."
     )
 
 
@@ -61,6 +67,12 @@ class Structured(Stage):
     samples: int = Field(4000, ge=1, description="calibration texts used to score and refit (more generalizes better)")
     refit: bool = Field(True, description="refit the projections that read pruned units by least squares")
     damp: float = Field(0.01, gt=0, description="ridge damping for the refit, relative to the mean Gram diagonal")
+    gqa_heads: Literal["per_group", "whole_groups"] = Field(
+        "per_group",
+        description="decoders with grouped-query attention: per_group removes the same number of query heads from every "
+        "key/value group (the KV cache keeps its size); whole_groups removes whole key/value groups with their query heads "
+        "(the KV cache shrinks too)",
+    )
     selection: Literal["obs", "energy"] = Field(
         "obs", description="obs: remove the unit whose loss, after compensating the others, is smallest; energy: E[a^2]*||w||^2"
     )
@@ -147,40 +159,52 @@ class Structured(Stage):
         return n_cut
 
     def _run_gated(self, artifact: TorchModel, out: TorchModel, ctx: Context) -> StageResult:
-        """A Llama-style decoder: FFN channels only. A channel is a row of gate_proj and up_proj and a
-        column of down_proj; down_proj (no bias) is refit on the kept channels. Heads are refused:
-        with grouped-query attention a head can only go with its whole key/value group."""
+        """A Llama-style decoder. Heads: under grouped-query attention query heads share key/value heads,
+        so ``gqa_heads`` says how they go (see the field). FFN channels: a channel is a row of gate_proj
+        and up_proj and a column of down_proj. o_proj and down_proj (no bias) are refit on what is kept."""
         import torch
         from transformers.pytorch_utils import prune_linear_layer
 
         model, config = out.model, out.model.config
-        if self.head_sparsity:
-            raise StageError(
-                f"prune.structured: head_sparsity on `{config.model_type}` is not supported: with grouped-query "
-                "attention a head can only go with its whole key/value group. Set head_sparsity: 0 and use ffn_sparsity."
-            )
         blocks = gated_mlp_blocks(model)
         ffn = config.intermediate_size
-        n_cut = self._ffn_cut(ffn)
+        n_cut = self._ffn_cut(ffn) if self.ffn_sparsity else 0
+        plan = self._gqa_plan(config) if self.head_sparsity else None
         batches = calibration_batches(out, ctx.data.calibration[: self.samples])
-        report: dict = {"params_before": count_params(model), "refit": self.refit, "pruned": "FFN channels (gated MLP)"}
+        pruned = [
+            p
+            for p, on in (
+                ("query heads per key/value group" if plan and plan["per_group"] else "key/value groups", plan),
+                ("FFN channels (gated MLP)", n_cut),
+            )
+            if on
+        ]
+        report: dict = {"params_before": count_params(model), "refit": self.refit, "pruned": ", ".join(pruned)}
         with torch.no_grad():
-            for b in blocks:  # in order: each layer compensates the error arriving from the pruned ones before it
-                mlp = b.mlp
-                g = _input_gram(model, mlp.down_proj, batches, constant=False)
-                cut, new_w, _ = _select(mlp.down_proj, g, [[c] for c in range(ffn)], n_cut, self.selection, self.damp)
-                keep = torch.tensor(sorted(set(range(ffn)) - set(cut)))
-                mlp.gate_proj = prune_linear_layer(mlp.gate_proj, keep, dim=0)
-                mlp.up_proj = prune_linear_layer(mlp.up_proj, keep, dim=0)
-                if self.refit:
-                    mlp.down_proj.weight.copy_(new_w)
-                mlp.down_proj = prune_linear_layer(mlp.down_proj, keep, dim=1)
-                mlp.intermediate_size = ffn - n_cut
-        config.intermediate_size = ffn - n_cut
+            for i, b in enumerate(blocks):  # in order: each layer compensates the error arriving from the pruned ones before it
+                if plan:
+                    report[f"pruned_heads.layer{i}"] = ",".join(map(str, self._cut_heads(model, b.self_attn, batches, plan)))
+                if n_cut:
+                    mlp = b.mlp
+                    g = _input_gram(model, mlp.down_proj, batches, constant=False)
+                    cut, new_w, _ = _select(mlp.down_proj, g, [[c] for c in range(ffn)], n_cut, self.selection, self.damp)
+                    keep = torch.tensor(sorted(set(range(ffn)) - set(cut)))
+                    mlp.gate_proj = prune_linear_layer(mlp.gate_proj, keep, dim=0)
+                    mlp.up_proj = prune_linear_layer(mlp.up_proj, keep, dim=0)
+                    if self.refit:
+                        mlp.down_proj.weight.copy_(new_w)
+                    mlp.down_proj = prune_linear_layer(mlp.down_proj, keep, dim=1)
+                    mlp.intermediate_size = ffn - n_cut
+        config.intermediate_size = ffn - n_cut  # uniform across layers, so the config stays true
+        if plan:
+            config.num_attention_heads, config.num_key_value_heads = plan["heads"], plan["kv_heads"]
+            report.update({"heads_per_layer": plan["heads"], "kv_heads_per_layer": plan["kv_heads"]})
         report.update(
             {
                 "params_after": count_params(model),
                 "intermediate_size": ffn - n_cut,
+                "shapes.layer0.q_proj": list(blocks[0].self_attn.q_proj.weight.shape),
+                "shapes.layer0.k_proj": list(blocks[0].self_attn.k_proj.weight.shape),
                 "shapes.layer0.gate_proj": list(blocks[0].mlp.gate_proj.weight.shape),
                 "shapes.layer0.down_proj": list(blocks[0].mlp.down_proj.weight.shape),
             }
@@ -199,6 +223,69 @@ class Structured(Stage):
             agree.append((a.argmax(-1)[real] == p.argmax(-1)[real]).double())
         report[f"{where}top1_agreement"] = round(float(torch.cat(agree).mean()), 5)
         return StageResult(out, report)
+
+    def _gqa_plan(self, config) -> dict:
+        """How many heads go, and from where, under grouped-query attention (``gqa_heads``)."""
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        rep = heads // kv  # query heads per key/value head; head h reads key/value head h // rep
+        if self.gqa_heads == "per_group":
+            cut = int(round(self.head_sparsity * rep))
+            if cut == 0:
+                raise StageError(
+                    f"prune.structured: head_sparsity={self.head_sparsity} removes no query head: `{config.model_type}` has "
+                    f"{rep} per key/value group, and per_group removes the same number from each. Raise head_sparsity to "
+                    f"at least {0.5 / rep:.2f}, or set gqa_heads: whole_groups."
+                )
+            if rep - cut < 2:
+                raise StageError(
+                    f"prune.structured: head_sparsity={self.head_sparsity} would leave {rep - cut} query head per key/value "
+                    f"group (of {rep}). Grouped-query attention needs 2 or more to stay grouped (the GroupQueryAttention "
+                    "fusion matches the K/V expansion), so keep at least 2 per group, or set gqa_heads: whole_groups."
+                )
+            return {"per_group": True, "rep": rep, "kv": kv, "cut": cut, "heads": (rep - cut) * kv, "kv_heads": kv}
+        cut = int(round(self.head_sparsity * kv))
+        if cut == 0:
+            raise StageError(
+                f"prune.structured: head_sparsity={self.head_sparsity} removes no key/value group of {kv}. Raise it to at "
+                f"least {0.5 / kv:.2f}, or set gqa_heads: per_group."
+            )
+        if cut >= kv:
+            raise StageError(
+                f"prune.structured: head_sparsity={self.head_sparsity} would remove all {kv} key/value groups. Use a value "
+                f"that keeps at least one (below {(kv - 0.5) / kv:.2f})."
+            )
+        return {"per_group": False, "rep": rep, "kv": kv, "cut": cut, "heads": rep * (kv - cut), "kv_heads": kv - cut}
+
+    def _cut_heads(self, model, attn, batches, plan: dict) -> list[int]:
+        """Remove one layer's query heads (and with whole groups its key/value heads): OBS on o_proj's
+        input Gram, o_proj refit on the kept heads. Returns the removed query heads."""
+        import torch
+        from transformers.pytorch_utils import prune_linear_layer
+
+        o, dim, rep = attn.o_proj, attn.head_dim, plan["rep"]
+        g = _input_gram(model, o, batches, constant=o.bias is not None)
+        if plan["per_group"]:  # one group per query head; each key/value group gives up the same number
+            groups = [list(range(h * dim, (h + 1) * dim)) for h in range(rep * plan["kv"])]
+            buckets = [h // rep for h in range(len(groups))]
+            cut, new_w, new_b = _select(o, g, groups, plan["cut"] * plan["kv"], self.selection, self.damp, buckets, plan["cut"])
+            gone = sorted(cut)
+        else:  # one group per key/value head: the query heads that read it
+            groups = [list(range(j * rep * dim, (j + 1) * rep * dim)) for j in range(plan["kv"])]
+            cut, new_w, new_b = _select(o, g, groups, plan["cut"], self.selection, self.damp)
+            gone = sorted(h for j in cut for h in range(j * rep, (j + 1) * rep))
+            kv_keep = torch.tensor([c for j in range(plan["kv"]) if j not in cut for c in range(j * dim, (j + 1) * dim)])
+            attn.k_proj = prune_linear_layer(attn.k_proj, kv_keep, dim=0)
+            attn.v_proj = prune_linear_layer(attn.v_proj, kv_keep, dim=0)
+        keep = torch.tensor([c for h in range(rep * plan["kv"]) if h not in gone for c in range(h * dim, (h + 1) * dim)])
+        if self.refit:
+            o.weight.copy_(new_w)
+            if o.bias is not None:
+                o.bias.copy_(new_b)
+        attn.q_proj = prune_linear_layer(attn.q_proj, keep, dim=0)
+        attn.o_proj = prune_linear_layer(o, keep, dim=1)
+        attn.num_key_value_groups = plan["heads"] // plan["kv_heads"]
+        return gone
 
 
 class _Stop(Exception):
@@ -228,7 +315,16 @@ def _input_gram(model, linear, batches, constant: bool = True):
     return state["gram"]
 
 
-def _select(linear, gram, groups: list[list[int]], n_cut: int, selection: str, damp: float):
+def _select(
+    linear,
+    gram,
+    groups: list[list[int]],
+    n_cut: int,
+    selection: str,
+    damp: float,
+    buckets: list[int] | None = None,
+    per_bucket: int = 0,
+):
     """Choose ``n_cut`` input groups (heads or channels) of ``linear`` to remove, and the weights and
     bias that let the rest reproduce the full output on the calibration inputs.
 
@@ -237,6 +333,8 @@ def _select(linear, gram, groups: list[list[int]], n_cut: int, selection: str, d
     weights, W -= W_G [H^-1]_GG^-1 [H^-1]_G:. The cheapest group goes first, then H^-1 is downdated
     and costs are recomputed. The end state is the least-squares refit on the kept inputs.
     ``energy`` ranks by E[a^2] * ||w||^2 once, then refits the kept inputs by least squares.
+    With ``buckets`` (a bucket per group), no more than ``per_bucket`` groups go from any one bucket
+    (query heads of one key/value group under grouped-query attention).
     Returns (cut group indices, weight with cut columns zeroed, bias). A Linear without a bias is fit
     without the constant input (``gram`` then has no constant row) and returns bias None.
     """
@@ -252,10 +350,16 @@ def _select(linear, gram, groups: list[list[int]], n_cut: int, selection: str, d
     h = gram + damp * gram.diagonal()[:-1].mean() * torch.eye(n_in + 1, dtype=gram.dtype)
     alive = list(range(len(groups)))
     cut: list[int] = []
+
+    def open_(i: int) -> bool:  # whether group i may still go, under the per-bucket quota
+        return buckets is None or sum(buckets[c] == buckets[i] for c in cut) < per_bucket
+
     if selection == "energy":
         energy = gram.diagonal()[:-1] * w[:, :-1].pow(2).sum(0)
         score = torch.stack([energy[g].sum() for g in groups])
-        cut = torch.topk(score, n_cut, largest=False).indices.tolist()
+        for i in torch.argsort(score).tolist():
+            if len(cut) < n_cut and open_(i):
+                cut.append(i)
         keep = torch.tensor(sorted({c for i, g in enumerate(groups) if i not in cut for c in g}) + [n_in])
         solved = torch.linalg.solve(h[keep][:, keep], h[keep] @ w.T).T  # ridge least squares on kept inputs
         w = torch.zeros_like(w)
@@ -273,11 +377,12 @@ def _select(linear, gram, groups: list[list[int]], n_cut: int, selection: str, d
                 c = int(cost.argmin())
                 best, g = group_of[c], [c]
             else:
+                candidates = [i for i in alive if open_(i)]
                 costs = [
                     torch.einsum("og,gk,ok->", w[:, groups[i]], torch.linalg.inv(hinv[groups[i]][:, groups[i]]), w[:, groups[i]])
-                    for i in alive
+                    for i in candidates
                 ]
-                best = alive[int(torch.stack(costs).argmin())]
+                best = candidates[int(torch.stack(costs).argmin())]
                 g = groups[best]
             block = torch.linalg.inv(hinv[g][:, g])
             w -= w[:, g] @ block @ hinv[g]  # compensate the remaining weights
