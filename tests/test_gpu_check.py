@@ -29,6 +29,7 @@ def test_dry_run_plans_every_cuda_recipe_check_and_compare(tmp_path):
         assert f"slimline.cli check {tmp_path}/{recipe} --junit" in plan
         R.load(builtin_recipes()[recipe])  # every recipe the script runs is valid
     assert "slimline.cli compare" in plan and "benchmarks/sparse_gpu.py" in plan
+    assert plan.index("benchmarks/gqa_probe.py") < plan.index("slimline.cli run")  # the probe goes first
 
 
 def test_dry_run_evaluates_prebuilt_folders_instead_of_building_them(tmp_path):
@@ -41,6 +42,7 @@ def test_dry_run_evaluates_prebuilt_folders_instead_of_building_them(tmp_path):
     assert f"slimline.cli evaluate {tmp_path}/o/smollm2-fp16-cuda" in out.stdout
     assert "slimline.cli run smollm2-fp16-cuda" not in out.stdout
     assert "slimline.cli run smollm2-int4-cuda" in out.stdout  # not prebuilt: built here
+    assert f"gqa_probe.py --out {tmp_path}/o/gqa_probe.json --artifact {tmp_path}/pre/smollm2-fp16-cuda" in out.stdout
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi")

@@ -698,3 +698,29 @@ def test_structured_head_pruning_of_a_gqa_decoder(gqa_heads, heads, kv_heads, tm
     d = OnnxDecoder(fused.artifact.path, 1)
     assert d.kv_heads == kv_heads
     assert d.generate(ids, Sampling(max_new_tokens=4)).shape == (1, 4)
+
+
+def test_gqa_probe_reference_matches_the_cpu_ep_and_bisect_runs(fused):
+    """benchmarks/gqa_probe.py, the CUDA diagnostic: on the CPU EP every GroupQueryAttention form (packed
+    or not, rotary or not; prompt with an empty past, prompt into a shared buffer, decode step) matches
+    its numpy reference, so a mismatch on a GPU is the GPU's. The node-by-node bisection runs on a
+    fused decoder and flags exactly the outputs that differ."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "gqa_probe.py"
+    spec = importlib.util.spec_from_file_location("gqa_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rows = probe.probe_op("CPUExecutionProvider")
+    assert len(rows) == 12 and not [r for r in rows if "error" in r]
+    assert max(max(r["output"], r["present"]) for r in rows) < 2e-3
+    folder = Path(fused.artifact.path).parent
+    assert probe.bisect(folder, ("CPU", "CPU")) == []
+    assert not list(folder.glob("bisect*"))  # its temporary model is gone
+    x = np.ones(4, np.float32)
+    node = type("N", (), {"op_type": "Mul", "name": "m"})
+    found = probe.disagreements(
+        ["a", "b", "c"], {"a": x, "b": x, "c": x}, {"a": x, "b": x * 1.5, "c": x * 2}, {o: node for o in "abc"}, top=1
+    )
+    assert [r["output"] for r in found] == ["b"]
