@@ -105,3 +105,27 @@ def output_error(reference: Any, pruned: Any, batches: list[dict]) -> dict[str, 
 
 def count_params(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def next_token_fidelity(reference: Any, model: Any, batches: list[dict]) -> dict[str, float]:
+    """For a language model: how often its next-token choice matches the reference's (top-1 agreement)
+    and the mean KL(reference || model) of the next-token distributions, over real tokens."""
+    import torch
+
+    agree, kl = [], []
+    with torch.no_grad():
+        for batch in batches:
+            real = batch["attention_mask"].bool()
+            a, p = forward(reference, batch)[0], forward(model, batch)[0]
+            agree.append((a.argmax(-1)[real] == p.argmax(-1)[real]).double())
+            kl.append(token_kl(a, p)[real].double())
+    return {"top1_agreement": round(float(torch.cat(agree).mean()), 5), "token_kl": round(float(torch.cat(kl).mean()), 5)}
+
+
+def token_kl(teacher_logits: Any, student_logits: Any) -> Any:
+    """KL(teacher || student) of each position's next-token distribution, ``[B, T]``."""
+    import torch
+
+    t = torch.log_softmax(teacher_logits.float(), -1)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return (t.exp() * (t - s)).sum(-1)

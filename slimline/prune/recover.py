@@ -1,20 +1,23 @@
 """``prune.recover``: a short distillation from the original model, on CPU, after pruning.
 
 The pruned model (student) learns to reproduce the original's (teacher's) outputs on the recipe's
-calibration text: loss = token_weight * MSE over real tokens (relative to the teacher's scale) +
-pooled_weight * (1 - cosine) of the pooled embeddings.
+calibration text. For an encoder (``loss: embedding``): token_weight * MSE over real tokens (relative
+to the teacher's scale) + pooled_weight * (1 - cosine) of the pooled embeddings. For a language model
+(``loss: kl``, the default for text-generation): the KL divergence of the student's next-token
+distribution from the teacher's, averaged over real tokens.
 No labels are needed, and the report says how much it helped on held-back calibration texts.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from pydantic import Field
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
-from slimline.prune.common import calibration_batches, clone, forward, output_error
+from slimline.prune.common import calibration_batches, clone, forward, next_token_fidelity, output_error, token_kl
 from slimline.stage import Context, Stage, StageResult
 
 
@@ -31,6 +34,9 @@ class Recover(Stage):
     held_out: int = Field(64, ge=1, description="calibration texts kept out of training to measure the effect")
     pooled_weight: float = Field(10.0, ge=0, description="weight of (1 - cosine) of pooled embeddings in the loss")
     token_weight: float = Field(1.0, ge=0, description="weight of the token-state MSE (normalized by the teacher's scale)")
+    loss: Literal["auto", "embedding", "kl"] = Field(
+        "auto", description="embedding: token MSE + pooled cosine; kl: next-token KL; auto: kl for text-generation"
+    )
     seed: int = 0
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
@@ -49,7 +55,10 @@ class Recover(Stage):
         student = out.model
         held = calibration_batches(out, texts[: self.held_out], max_length=self.max_length)
         train_texts = texts[self.held_out :]
+        kl = self.loss == "kl" or (self.loss == "auto" and artifact.info.task == "text-generation")
         before = output_error(teacher, student, held)
+        if kl:
+            before.update(next_token_fidelity(teacher, student, held))
 
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
@@ -67,11 +76,14 @@ class Recover(Stage):
                 with torch.no_grad():
                     target = forward(teacher, batch)[0]
                 pred = forward(student, batch)[0]
-                scale = ((target**2) * mask).sum() / (mask.sum() * pred.shape[-1])  # teacher's mean square
-                mse = (((pred - target) ** 2) * mask).sum() / (mask.sum() * pred.shape[-1]) / scale
-                pooled_p, pooled_t = (pred * mask).sum(1) / mask.sum(1), (target * mask).sum(1) / mask.sum(1)
-                cos = torch.nn.functional.cosine_similarity(pooled_p, pooled_t, dim=-1).mean()
-                loss = self.token_weight * mse + self.pooled_weight * (1 - cos)
+                if kl:
+                    loss = (token_kl(target, pred) * mask[..., 0]).sum() / mask.sum()
+                else:
+                    scale = ((target**2) * mask).sum() / (mask.sum() * pred.shape[-1])  # teacher's mean square
+                    mse = (((pred - target) ** 2) * mask).sum() / (mask.sum() * pred.shape[-1]) / scale
+                    pooled_p, pooled_t = (pred * mask).sum(1) / mask.sum(1), (target * mask).sum(1) / mask.sum(1)
+                    cos = torch.nn.functional.cosine_similarity(pooled_p, pooled_t, dim=-1).mean()
+                    loss = self.token_weight * mse + self.pooled_weight * (1 - cos)
                 optim.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -81,7 +93,10 @@ class Recover(Stage):
                 step.advance()
         student.eval()
         after = output_error(teacher, student, held)
+        if kl:
+            after.update(next_token_fidelity(teacher, student, held))
         report = {
+            "loss": "kl" if kl else "embedding",
             "steps": self.steps,
             "train_s": round(time.perf_counter() - start, 1),
             "loss.first": round(sum(losses[:10]) / min(10, len(losses)), 5),
@@ -89,7 +104,15 @@ class Recover(Stage):
             "held_out.mean_cosine.before": before["calibration.mean_cosine"],
             "held_out.mean_cosine.after": after["calibration.mean_cosine"],
         }
-        if after["calibration.mean_cosine"] < before["calibration.mean_cosine"]:
+        if kl:
+            for k in ("top1_agreement", "token_kl"):
+                report.update({f"held_out.{k}.before": before[k], f"held_out.{k}.after": after[k]})
+        if kl and after["token_kl"] > before["token_kl"]:
+            ctx.warn(
+                f"prune.recover: distillation raised the held-out next-token KL ({before['token_kl']} -> "
+                f"{after['token_kl']}); try a lower lr or fewer steps."
+            )
+        elif not kl and after["calibration.mean_cosine"] < before["calibration.mean_cosine"]:
             ctx.warn(
                 f"prune.recover: distillation lowered held-out cosine ({before['calibration.mean_cosine']} -> "
                 f"{after['calibration.mean_cosine']}); try a lower lr or fewer steps."

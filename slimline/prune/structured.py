@@ -27,7 +27,15 @@ from pydantic import Field
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
-from slimline.prune.common import calibration_batches, clone, count_params, forward, output_error, token_gram
+from slimline.prune.common import (
+    calibration_batches,
+    clone,
+    count_params,
+    forward,
+    next_token_fidelity,
+    output_error,
+    token_gram,
+)
 from slimline.stage import Context, Stage, StageResult
 
 
@@ -216,12 +224,7 @@ class Structured(Stage):
         where = "held_out." if unseen else "calibration.in_sample."
         report.update({k.replace("calibration.", where): v for k, v in err.items()})
         # pooled logits hide what matters to a language model: whether its next-token choice survives
-        agree = []
-        for batch in check:
-            real = batch["attention_mask"].bool()
-            a, p = forward(artifact.model, batch)[0], forward(model, batch)[0]
-            agree.append((a.argmax(-1)[real] == p.argmax(-1)[real]).double())
-        report[f"{where}top1_agreement"] = round(float(torch.cat(agree).mean()), 5)
+        report.update({where + k: v for k, v in next_token_fidelity(artifact.model, model, check).items()})
         return StageResult(out, report)
 
     def _gqa_plan(self, config) -> dict:
