@@ -131,6 +131,8 @@ def test_structured_refuses_to_remove_every_head_and_nothing(ctx):
     assert r.report["heads_per_layer"] == 1 and any("keeping 1" in w for w in ctx.reporter.warnings)
     with pytest.raises(StageError, match="nothing would be pruned"):
         Structured().run(ctx.reference, ctx)
+    Structured(ffn_sparsity=0.25, gqa_heads="whole_groups").run(ctx.reference, ctx)
+    assert any("gqa_heads has no effect on `bert`" in w for w in ctx.reporter.warnings)
 
 
 def test_structured_saved_model_reloads(ctx, tmp_path):

@@ -98,6 +98,8 @@ class Structured(Stage):
             if gated_mlp_blocks(model) is None:
                 raise unsupported(model)
             return self._run_gated(artifact, out, ctx)
+        if self.gqa_heads != "per_group":
+            ctx.warn(f"prune.structured: gqa_heads has no effect on `{config.model_type}`, which has no grouped-query attention.")
         heads = config.num_attention_heads
         head_dim = config.hidden_size // heads
         n_heads_cut = int(round(self.head_sparsity * heads))
@@ -179,14 +181,11 @@ class Structured(Stage):
         n_cut = self._ffn_cut(ffn) if self.ffn_sparsity else 0
         plan = self._gqa_plan(config) if self.head_sparsity else None
         batches = calibration_batches(out, ctx.data.calibration[: self.samples])
-        pruned = [
-            p
-            for p, on in (
-                ("query heads per key/value group" if plan and plan["per_group"] else "key/value groups", plan),
-                ("FFN channels (gated MLP)", n_cut),
-            )
-            if on
-        ]
+        pruned = []
+        if plan:
+            pruned.append("query heads per key/value group" if plan["per_group"] else "key/value groups")
+        if n_cut:
+            pruned.append("FFN channels (gated MLP)")
         report: dict = {"params_before": count_params(model), "refit": self.refit, "pruned": ", ".join(pruned)}
         with torch.no_grad():
             for i, b in enumerate(blocks):  # in order: each layer compensates the error arriving from the pruned ones before it
