@@ -129,7 +129,7 @@ def main() -> None:
     print(f"float checkpoint (peer builder input): {ref.info.path}")
     data = load_shakespeare(16, 2000)
     ids = token_stream(ref.tokenizer, data.evaluation, a.ppl_tokens)
-    ours = {("slimline int4" if len(a.slimline) == 1 else f"slimline int4 ({d.name})"): d for d in a.slimline}
+    ours = {("slimline int4" if len(a.slimline) == 1 else f"slimline ({d.name})"): d for d in a.slimline}
     variants = {"torch fp32 (HF generate)": ("torch", ref.info.path)}
     variants.update({n: ("slimline", d) for n, d in ours.items()})
     if a.peer:
