@@ -336,6 +336,48 @@ def test_fp16_decoder_keeps_an_fp16_cache_that_is_appended_in_place(fused, tmp_p
     assert both.report["kv_cache"].startswith("fp16") and both.report["calibration.mean_cosine"] > 0.99
 
 
+def test_fp16_keeps_the_rotary_tables_in_fp32(fused, tmp_path):
+    """The cos/sin tables are computed in the graph from the positions. In fp16 a position of 200 has a
+    step of 0.125, so the angles would be rounded to it (the CUDA EP computes that chain in fp16; the
+    CPU EP hides it behind casts). quantize.fp16 keeps the chain fp32 and casts the finished tables."""
+    import onnx
+    from onnx import helper
+
+    from slimline.quantize.fp16 import Fp16
+
+    r = Fp16(keep_float=[], min_cosine=0.99).run(fused.artifact, context(tmp_path / "h"))
+    assert r.report["rotary_tables"].startswith("fp32")
+    model = onnx.load(str(r.artifact.path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    for trig in (n for n in model.graph.node if n.op_type in ("Cos", "Sin")):
+        angle = producers[trig.input[0]]  # position x inverse frequency
+        assert all(inits.get(i, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for i in angle.input)
+        position = producers[angle.input[0]]
+        assert position.op_type == "Cast" and position.attribute[0].i == onnx.TensorProto.FLOAT
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    model.graph.output.append(helper.make_tensor_value_info(gqa.input[7], onnx.TensorProto.FLOAT16, None))
+    path = tmp_path / "cos.onnx"
+    onnx.save(model, str(path))
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    n = 200
+    decoder = OnnxDecoder(r.artifact.path, 1)
+    feeds = {
+        "input_ids": np.ones((1, 1), np.int64),
+        "attention_mask": np.ones((1, n), np.int64),
+        "position_ids": np.array([[n - 1]], np.int64),
+        **{p: np.zeros((1, decoder.kv_heads, n - 1, decoder.head_dim), np.float16) for p in decoder.past_names},
+    }
+    table = sess.run([gqa.input[7]], feeds)[0].astype(np.float64)
+    config = fused.artifact.config
+    dim = decoder.head_dim
+    inv = 1.0 / config.rope_theta ** (np.arange(0, dim, 2) / dim)
+    want = np.cos(np.arange(n)[:, None] * inv[None])
+    assert table.shape == want.shape and np.abs(table - want).max() < 1e-3  # fp16 output rounding only
+
+
 def test_8bit_weights_take_their_own_block_size(fused, tmp_path):
     import onnx
     from onnx import helper
