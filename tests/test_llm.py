@@ -690,9 +690,11 @@ def test_structured_ffn_pruning_shrinks_the_decoder_and_it_still_exports_and_fus
     # 4 query heads on 2 key/value heads: per_group can't cut 1 of 2 without leaving a lone head per group
     with pytest.raises(StageError, match="keep at least 2 per group, or set gqa_heads: whole_groups"):
         Structured(head_sparsity=0.5, samples=16).run(llama, ctx)
-    with pytest.raises(StageError, match="removes no key/value group of 2"):
+    with pytest.raises(StageError, match="removes no query head.*Raise head_sparsity to 0.50 or more"):
+        Structured(head_sparsity=0.2, samples=16).run(llama, ctx)
+    with pytest.raises(StageError, match="removes no key/value group of 2. Raise it to 0.50 or more"):
         Structured(head_sparsity=0.2, gqa_heads="whole_groups", samples=16).run(llama, ctx)
-    with pytest.raises(StageError, match="would remove all 2 key/value groups"):
+    with pytest.raises(StageError, match="would remove all 2 key/value groups.*0.50 or less"):
         Structured(head_sparsity=0.9, gqa_heads="whole_groups", samples=16).run(llama, ctx)
 
 

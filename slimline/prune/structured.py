@@ -237,7 +237,7 @@ class Structured(Stage):
                 raise StageError(
                     f"prune.structured: head_sparsity={self.head_sparsity} removes no query head: `{config.model_type}` has "
                     f"{rep} per key/value group, and per_group removes the same number from each. Raise head_sparsity to "
-                    f"at least {0.5 / rep:.2f}, or set gqa_heads: whole_groups."
+                    f"{1 / rep:.2f} or more, or set gqa_heads: whole_groups."
                 )
             if rep - cut < 2:
                 raise StageError(
@@ -249,13 +249,13 @@ class Structured(Stage):
         cut = int(round(self.head_sparsity * kv))
         if cut == 0:
             raise StageError(
-                f"prune.structured: head_sparsity={self.head_sparsity} removes no key/value group of {kv}. Raise it to at "
-                f"least {0.5 / kv:.2f}, or set gqa_heads: per_group."
+                f"prune.structured: head_sparsity={self.head_sparsity} removes no key/value group of {kv}. Raise it to "
+                f"{1 / kv:.2f} or more, or set gqa_heads: per_group."
             )
         if cut >= kv:
             raise StageError(
                 f"prune.structured: head_sparsity={self.head_sparsity} would remove all {kv} key/value groups. Use a value "
-                f"that keeps at least one (below {(kv - 0.5) / kv:.2f})."
+                f"that keeps at least one ({(kv - 1) / kv:.2f} or less)."
             )
         return {"per_group": False, "rep": rep, "kv": kv, "cut": cut, "heads": rep * (kv - cut), "kv_heads": kv - cut}
 
