@@ -120,9 +120,6 @@ def run_recipe(
     evaluate: bool = True,
 ) -> dict[str, Any]:
     """Run every stage, save the artifact, evaluate it, and publish the folder. Returns the report."""
-    from slimline.evaluate.data import load_data
-    from slimline.models import load_model
-
     reporter = reporter or Reporter()
     out = Path(out)
     check_output(out, force)
@@ -130,15 +127,9 @@ def run_recipe(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
     scratch = Path(tempfile.mkdtemp(prefix="slimline-"))
     try:
-        threads = recipe.evaluate.threads
-        _set_torch_threads(threads)
-        data_spec = recipe.evaluate.data
-        ctx = Context(workdir=scratch, reporter=reporter, threads=threads, load_data=lambda: load_data(data_spec))
-        spec = recipe.model
-        reporter.info(f"loading model {spec.source}")
         t0 = time.perf_counter()
-        artifact = load_model(spec.source, spec.task, spec.pooling, spec.revision, spec.trust_remote_code)
-        ctx.reference = artifact
+        ctx = _context(recipe, scratch, reporter)
+        artifact, spec = ctx.reference, recipe.model
         stages_log: list[dict[str, Any]] = [
             {
                 "kind": "model.load",
@@ -181,7 +172,7 @@ def run_recipe(
             "started": started.isoformat(timespec="seconds"),
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(),
-            "host": host_info(threads),
+            "host": host_info(ctx.threads),
             "inputs": {"model": spec.source, "files": artifact.info.file_hashes},
             "outputs": {f: sha256(staging / f) for f in files + sorted(p.name for p in staging.glob("report.*"))},
             "stages": stages_log,
@@ -204,8 +195,6 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
     from slimline import recipe as recipe_mod
     from slimline.artifact import OnnxModel
     from slimline.errors import RecipeError
-    from slimline.evaluate.data import load_data
-    from slimline.models import load_model
 
     reporter = reporter or Reporter()
     run_dir = Path(run_dir)
@@ -219,16 +208,10 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
     for text in overrides:
         recipe_mod.apply_override(raw, text)
     recipe = recipe_mod.from_dict(raw, f"{manifest_path}:recipe")
-    threads = recipe.evaluate.threads
-    _set_torch_threads(threads)
     scratch = Path(tempfile.mkdtemp(prefix="slimline-"))
     try:
-        data_spec = recipe.evaluate.data
-        ctx = Context(workdir=scratch, reporter=reporter, threads=threads, load_data=lambda: load_data(data_spec))
-        spec = recipe.model
-        reporter.info(f"loading model {spec.source}")
-        reference = load_model(spec.source, spec.task, spec.pooling, spec.revision, spec.trust_remote_code)
-        ctx.reference = reference
+        ctx = _context(recipe, scratch, reporter)
+        reference = ctx.reference
         artifact = OnnxModel(run_dir / "model.onnx", reference.tokenizer, reference.info, reference.config)
         t0 = time.perf_counter()
         report = evaluate_artifact(recipe, ctx, artifact, run_dir, reporter, name=run_dir.name)
@@ -237,7 +220,7 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
                 "kind": "evaluate",
                 "command": " ".join(sys.argv),
                 "overrides": list(overrides),
-                "host": host_info(threads),
+                "host": host_info(ctx.threads),
                 "wall_s": round(time.perf_counter() - t0, 2),
                 "report": {"passed": report["passed"]},
             }
@@ -246,6 +229,22 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
         return report
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _context(recipe: Recipe, scratch: Path, reporter: Reporter) -> Context:
+    """The stages' and the evaluation's context: threads set, data loaded on demand, and the source
+    model loaded as the reference."""
+    from slimline.evaluate.data import load_data
+    from slimline.models import load_model
+
+    threads = recipe.evaluate.threads
+    _set_torch_threads(threads)
+    data_spec = recipe.evaluate.data
+    ctx = Context(workdir=scratch, reporter=reporter, threads=threads, load_data=lambda: load_data(data_spec))
+    spec = recipe.model
+    reporter.info(f"loading model {spec.source}")
+    ctx.reference = load_model(spec.source, spec.task, spec.pooling, spec.revision, spec.trust_remote_code)
+    return ctx
 
 
 def _set_torch_threads(threads: int) -> None:

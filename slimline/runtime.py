@@ -46,7 +46,7 @@ def ort_function(path: Path, threads: int = 0) -> tuple[Callable[[Feeds], dict[s
     of feeds serves a graph and its fp16 conversion alike."""
     session = ort_session(path, threads)
     inputs = [i.name for i in session.get_inputs()]
-    halves = {i.name for i in session.get_inputs() if i.type == "tensor(float16)"}
+    halves = {i.name for i in session.get_inputs() if float_dtype(i) is np.float16}
     outputs = [o.name for o in session.get_outputs()]
 
     def run(feeds: Feeds) -> dict[str, np.ndarray]:
