@@ -789,3 +789,62 @@ def test_recover_distils_a_pruned_decoder_by_next_token_kl(llama, tmp_path):
     assert r.report["loss"] == "kl"
     assert r.report["held_out.token_kl.after"] < r.report["held_out.token_kl.before"]
     assert 0 <= r.report["held_out.top1_agreement.before"] <= 1
+
+
+def _with_massive_activation(artifact, folder, value: float):
+    """The fused graph with ``value`` added to channel 0 of every token's embedding: a decoder's "massive
+    activation" (SmolLM2's residual reaches 24,926 in one channel on its first position)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(artifact.path))
+    gather = next(n for n in graph.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    width = artifact.config.hidden_size
+    bump = np.zeros(width, np.float32)
+    bump[0] = value
+    graph.graph.initializer.append(numpy_helper.from_array(bump, "massive_bump"))
+    out, new = gather.output[0], f"{gather.output[0]}_massive"
+    for reader in graph.graph.node:
+        reader.input[:] = [new if i == out else i for i in reader.input]
+    index = list(graph.graph.node).index(gather)
+    graph.graph.node.insert(index + 1, helper.make_node("Add", [out, "massive_bump"], [new], name="massive_add"))
+    return with_graph(artifact, graph, folder)
+
+
+def test_fp16_keeps_norms_whose_fp16_sum_of_squares_would_overflow_in_fp32(fused, tmp_path):
+    """ONNX Runtime's CUDA Skip(Simplified)LayerNormalization sums x^2/width in fp16: a row with one
+    channel at 3,000 in a 64-wide hidden state has mean square 140,625 > 65504, so CUDA would normalise it
+    to zeros. The CPU EP (the fidelity check) hides that, so quantize.fp16 measures it and keeps those
+    nodes fp32; the plain model's norms (mean square ~1) stay fp16."""
+    import onnx
+
+    from slimline.quantize.fp16 import Fp16
+
+    plain = Fp16(keep_float=[], min_cosine=0.99).run(fused.artifact, context(tmp_path / "plain"))
+    assert "fp16_overflow_guard" not in plain.report and "% of fp16's 65504" in plain.report["fp16_headroom"]
+    massive = _with_massive_activation(fused.artifact, tmp_path / "massive", 3000.0)
+    r = Fp16(keep_float=[], min_cosine=0.99).run(massive, context(tmp_path / "h"))
+    model = onnx.load(str(r.artifact.path))
+    norms = sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in model.graph.node)
+    assert r.report["fp16_overflow_guard"].startswith(f"{norms} of {norms} Skip*LayerNormalization nodes kept fp32")
+    assert r.report["fp16_headroom"].startswith("max |x| 3")  # 3,000 plus the embedding: 4.6% of the range
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for norm in (n for n in model.graph.node if n.op_type == "SkipSimplifiedLayerNormalization"):
+        for name in norm.input[:2]:  # both inputs arrive fp32, either cast up or from an fp32 norm
+            source = producers.get(name)
+            assert types.get(name) == onnx.TensorProto.FLOAT or (
+                source and source.op_type == "Cast" and source.attribute[0].i == 1
+            )
+
+
+def test_fp16_refuses_a_tensor_past_fp16s_range_naming_it(fused, tmp_path):
+    from slimline.quantize.fp16 import Fp16
+
+    massive = _with_massive_activation(fused.artifact, tmp_path / "massive", 70000.0)
+    with pytest.raises(
+        StageError,
+        match=r"exceed fp16's range \(65504\) on calibration text: add_\d+ \(SkipSimplifiedLayerNormalization, 7e\+04\).*keep_float",
+    ):
+        Fp16(keep_float=[], min_cosine=0.99).run(massive, context(tmp_path / "h"))
+    assert not (tmp_path / "h" / "quantize_fp16" / "model.onnx").exists()
