@@ -1,8 +1,9 @@
 """Pruning on all-MiniLM-L6-v2, measured in one process against the unpruned fp32 ONNX model.
 
-    .venv/bin/python benchmarks/prune_minilm.py [--repeats 10] [--recover-steps 300]
+    .venv/bin/python benchmarks/prune_minilm.py [--repeats 10] [--recover-steps 300] [--no-tune]
 
-Builds every variant with slimline's own stages, then times all ONNX variants interleaved (batch 32 x
+Builds every variant with slimline's own stages (each ONNX graph, the unpruned baseline included, ends
+with compile.tune as the recipes do, unless --no-tune), then times all ONNX variants interleaved (batch 32 x
 128 tokens, ORT CPU EP), and measures fidelity against torch fp32 on 2,000 held-out Shakespeare lines,
 peak RSS of a fresh process, size on disk, and for unstructured/2:4 sparsity the weights' zlib size.
 """
@@ -18,6 +19,7 @@ import numpy as np
 
 from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
+from slimline.compile.tune import Tune
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory
 from slimline.evaluate.data import load_shakespeare
@@ -40,6 +42,7 @@ def main() -> None:
     p.add_argument("--recover-steps", type=int, default=300)
     p.add_argument("--heads", type=float, default=0.25)
     p.add_argument("--ffn", type=float, default=0.4)
+    p.add_argument("--no-tune", action="store_true", help="leave out compile.tune (the fused ops as fused)")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="prune-bench-"))
     data = load_shakespeare(4128, 2000)  # 4000 to fit, 128 held out
@@ -49,7 +52,8 @@ def main() -> None:
     def onnx(torch_artifact, tag, int8=False):
         c = Context(workdir=work / tag, load_data=lambda: data, reference=ref, threads=2)
         art = Fuse(expect=EXPECT).run(Export().run(torch_artifact, c).artifact, c).artifact
-        return DynamicInt8(**INT8).run(art, c).artifact if int8 else art
+        art = DynamicInt8(**INT8).run(art, c).artifact if int8 else art
+        return art if a.no_tune else Tune().run(art, c).artifact
 
     t0 = time.perf_counter()
     structured = Structured(head_sparsity=a.heads, ffn_sparsity=a.ffn).run(ref, ctx).artifact

@@ -74,7 +74,12 @@ def main() -> None:
         .run(stage_class("compile.export")(opset=18).run(ref, ctx).artifact, ctx)
         .artifact
     )
-    paths = {"ORT fused fp32": fused.path, "peer: ORT optimizer + quantize_dynamic": peer(fused, work)}
+    tuned = stage_class("compile.tune")().run(fused, ctx).artifact
+    paths = {
+        "ORT fused fp32": fused.path,
+        "ORT fused fp32 + compile.tune": tuned.path,
+        "peer: ORT optimizer + quantize_dynamic": peer(fused, work),
+    }
     for name in RECIPES:
         paths[f"slimline {name}"] = build(name, ref, data, work).path
     print(f"built in {time.perf_counter() - t0:.0f}s; other processes keep {cpu_busy():.0%} of the CPUs busy", flush=True)

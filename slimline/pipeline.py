@@ -35,6 +35,7 @@ STAGES: dict[str, str] = {
     "quantize.smoothquant": "slimline.quantize.smoothquant:SmoothQuant",
     "compile.export": "slimline.compile.export:Export",
     "compile.fuse": "slimline.compile.fuse:Fuse",
+    "compile.tune": "slimline.compile.tune:Tune",
     "quantize.dynamic_int8": "slimline.quantize.dynamic:DynamicInt8",
     "quantize.weight_only": "slimline.quantize.weight_only:WeightOnly",
     "quantize.static_int8": "slimline.quantize.static:StaticInt8",

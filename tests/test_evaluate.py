@@ -201,3 +201,33 @@ def test_hf_dataset_source_needs_datasets_or_a_folder(tmp_path):
     else:
         with pytest.raises(DataError, match="does not exist"):
             D.load_data(DataSpec(source=f"hf:{tmp_path / 'none'}"))
+
+
+def test_cpu_busy_counts_other_processes_not_our_own_threads():
+    """Our own threads still spinning after a pass (torch's OpenMP pool) made an idle machine read 10%
+    busy; they are subtracted now, while another process's work still counts."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from slimline.evaluate.speed import cpu_busy
+
+    stop = time.monotonic() + 1.5
+
+    def spin():
+        while time.monotonic() < stop:
+            pass
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    own = cpu_busy(1.0)
+    thread.join()
+    other = subprocess.Popen([sys.executable, "-c", "import time\nt = time.monotonic() + 1.5\nwhile time.monotonic() < t: pass"])
+    time.sleep(0.2)
+    theirs = cpu_busy(1.0)
+    other.wait()
+    if own is None or theirs is None:
+        pytest.skip("no /proc/stat here")
+    assert theirs - own > 0.5 / (os.cpu_count() or 1)

@@ -18,23 +18,30 @@ from slimline.runtime import Feeds
 def cpu_busy(interval: float = 0.5) -> float | None:
     """Fraction of all CPUs busy with *other* work, sampled while this process sleeps (Linux only).
 
-    The load average would count our own fidelity pass that just ran; this does not.
+    The load average would count our own fidelity pass that just ran; this does not. Nor does it
+    count this process's own threads that are still spinning after that pass (torch's OpenMP pool,
+    ORT's workers): their CPU time is subtracted. Without that, an idle machine read 10% busy.
     """
+    import os
 
-    def sample() -> tuple[int, int]:
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def sample() -> tuple[float, float, float]:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
         idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return idle, sum(fields)
+        own = os.times()
+        return idle, sum(fields), (own.user + own.system) * tick
 
     try:
-        idle0, total0 = sample()
+        idle0, total0, own0 = sample()
         time.sleep(interval)
-        idle1, total1 = sample()
+        idle1, total1, own1 = sample()
     except (OSError, ValueError, IndexError):
         return None
     total = total1 - total0
-    return round(1 - (idle1 - idle0) / total, 3) if total > 0 else None
+    busy = (total - (idle1 - idle0)) - (own1 - own0)
+    return round(min(max(busy / total, 0.0), 1.0), 3) if total > 0 else None
 
 
 def fixed_batch(tokenizer: Any, texts: list[str], batch: int, seq_len: int) -> Feeds:

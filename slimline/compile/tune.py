@@ -1,0 +1,251 @@
+"""``compile.tune``: keep a fused op only where it is faster, measured on the target.
+
+A fused contrib op is not always the fastest way to run what it replaces. ONNX Runtime 1.32's CPU
+kernel for SkipLayerNormalization (with the bias input that BERT's fusion gives it) is slower than
+the two Adds and the LayerNormalization it stands for: on all-MiniLM-L6-v2 at batch 32 x 128
+tokens, 2 threads, rewriting its 12 nodes back made the whole fp32 graph about 1.10x faster and the
+dynamic-int8 graph about 1.2x faster (docs/compile.md). Nothing else in the toolchain would notice:
+the fusion is correct, it is only slow.
+
+For each candidate op type in the graph, the stage writes the graph with every such node in its
+unfused form, times both whole graphs on the CPU EP with the run's threads, interleaved (ABBA), at
+each batch size, and keeps the rewrite only if it is faster by at least ``min_gain`` at one batch
+size and not slower by more than that at any. It also checks that ONNX Runtime's own session-time
+optimizer does not fuse the rewrite back (the op counts of the graph it actually runs), and that the
+rewrite is right: each rewritten node against the fused one alone, on random rows with its own
+weights (error under 1e-4 of the output's scale), and the whole graph's outputs against the input
+graph's on calibration text (cosine; in a dynamic-int8 graph the activations re-round, so this
+check is loose). Every timing and decision is reported.
+
+The unfused forms: SkipLayerNormalization -> Add (+ Add bias) + LayerNormalization;
+SkipSimplifiedLayerNormalization -> Add (+ Add bias) + SimplifiedLayerNormalization.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from slimline.artifact import OnnxModel
+from slimline.errors import StageError
+from slimline.stage import Context, Stage, StageResult
+
+UNFUSED = {"SkipLayerNormalization": "LayerNormalization", "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization"}
+
+
+def unfuse(model: Any, op_type: str) -> int:
+    """Rewrite every ``op_type`` node of ``model`` (in place) into Add (+ Add bias) + its norm; the count.
+
+    Nodes whose mean / inverse-std outputs are read are left alone (the plain norm ops don't give them
+    in the same form)."""
+    from onnx import helper
+
+    read = ({i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}) - {""}
+    simplified = op_type == "SkipSimplifiedLayerNormalization"
+    nodes, count = [], 0
+    for n in model.graph.node:
+        outs = list(n.output) + [""] * (4 - len(n.output))
+        if n.op_type != op_type or n.domain != "com.microsoft" or outs[1] in read or outs[2] in read:
+            nodes.append(n)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        ins = list(n.input) + [""] * (5 - len(n.input))
+        bias = ins[3] if simplified else ins[4]
+        total = outs[3] or f"{n.name or n.output[0]}/skip_sum"
+        first = f"{total}/partial" if bias else total
+        nodes.append(helper.make_node("Add", [ins[0], ins[1]], [first], name=f"{n.name}/add_skip"))
+        if bias:
+            nodes.append(helper.make_node("Add", [first, bias], [total], name=f"{n.name}/add_bias"))
+        norm_in = [total, ins[2]] if simplified else [total, ins[2], ins[3]] if ins[3] else [total, ins[2]]
+        nodes.append(
+            helper.make_node(
+                UNFUSED[op_type], norm_in, [outs[0]], name=f"{n.name}/norm", axis=-1, epsilon=attrs.get("epsilon", 1e-12)
+            )
+        )
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
+
+
+def node_error(model: Any, op_type: str, rows: int = 16) -> float:
+    """Largest error, relative to the output's scale, of each ``op_type`` node against its unfused form,
+    run alone on random rows with the node's own weights (a check that holds whatever surrounds the node,
+    int8 included, where the whole graph's outputs re-round differently)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    opset = [
+        helper.make_opsetid("", max(17, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))),
+        helper.make_opsetid("com.microsoft", 1),
+    ]
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for node in (n for n in model.graph.node if n.op_type == op_type and n.domain == "com.microsoft"):
+        weights = [inits[i] for i in node.input[2:] if i]
+        if len(weights) != len([i for i in node.input[2:] if i]):
+            continue  # a weight computed in the graph: covered by the whole-graph check only
+        width = int(numpy_helper.to_array(weights[0]).shape[-1])
+        single = helper.make_node(op_type, list(node.input), ["y"], domain="com.microsoft", name="n")
+        single.attribute.extend(node.attribute)
+        io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [2, rows, width]) for x in node.input[:2]]
+        out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        fused = helper.make_model(helper.make_graph([single], "fused", io, out, weights), opset_imports=opset)
+        plain = onnx.ModelProto.FromString(fused.SerializeToString())
+        unfuse(plain, op_type)
+        feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np.float32) for x in node.input[:2]}
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        a, b = (
+            ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for m in (fused, plain)
+        )
+        worst = max(worst, float(np.abs(a - b).max() / max(1.0, np.abs(a).max())))
+    return worst
+
+
+class Tune(Stage):
+    """Time each fused op against its unfused form in the whole graph; keep the faster (ORT CPU EP)."""
+
+    kind = "compile.tune"
+    consumes = (OnnxModel,)
+
+    candidates: list[Literal["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"]] = Field(
+        default_factory=lambda: list(UNFUSED), description="fused op types to time against their unfused form"
+    )
+    batch_sizes: list[PositiveInt] = Field(
+        [1, 32], min_length=1, description="batch sizes timed (the decision must hold at each)"
+    )
+    seq_len: int = Field(128, ge=1, description="tokens per sequence in the timed batches")
+    repeats: int = Field(10, ge=3, description="timed runs per graph and batch size (medians compared)")
+    min_gain: float = Field(0.03, ge=0, lt=1, description="the unfused form must be this much faster to be kept")
+    min_cosine: float = Field(
+        0.98,
+        ge=0,
+        le=1,
+        description="whole-graph outputs against the input graph on calibration text: ~1.0 for float graphs; dynamic "
+        "int8 re-rounds its activations (~0.995 on MiniLM), so the exact check is per node",
+    )
+
+    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        import onnx
+
+        from slimline.evaluate.speed import cpu_busy
+
+        current = onnx.load(str(artifact.path))
+        texts = ctx.data.calibration[:64] if ctx.load_data else []
+        if not texts:
+            raise StageError(f"{self.kind}: needs calibration text to time and check the graph; set evaluate.data.")
+        busy = cpu_busy()
+        report: dict[str, Any] = {"provider": "CPUExecutionProvider", "threads": ctx.threads or "all", "cpu_busy_before": busy}
+        if busy is not None and busy > 0.25:
+            ctx.warn(f"{self.kind}: other processes kept {busy:.0%} of the CPUs busy; the timings below are noisy.")
+        work = ctx.stage_dir("tune")
+        best = work / "model.onnx"
+        self._save(current, best)
+        opset = next((o.version for o in current.opset_import if o.domain in ("", "ai.onnx")), 0)
+        for op in self.candidates:
+            if op == "SkipLayerNormalization" and opset < 17:  # LayerNormalization is an ONNX op from opset 17
+                report[op] = f"kept fused: the graph's opset {opset} has no LayerNormalization (17+)"
+                continue
+            trial = onnx.ModelProto.FromString(current.SerializeToString())
+            n = unfuse(trial, op)
+            if not n:
+                continue
+            trial_path = work / f"unfused_{op}.onnx"
+            self._save(trial, trial_path)
+            kept = self._ort_keeps(trial_path, UNFUSED[op], op, ctx)
+            if not kept:
+                report[f"{op}"] = f"kept fused: ONNX Runtime fuses the {n} rewritten nodes back at load time"
+                continue
+            ratios = {}
+            for batch in self.batch_sizes:
+                feeds = self._feeds(artifact, texts, batch)
+                fused_s, unfused_s = self._time(best, trial_path, feeds, ctx)
+                ratios[batch] = fused_s / unfused_s
+                report[f"{op}.b{batch}"] = (
+                    f"fused {fused_s * 1e3:.2f} ms, unfused {unfused_s * 1e3:.2f} ms ({ratios[batch]:.3f}x)"
+                )
+            faster = any(r >= 1 + self.min_gain for r in ratios.values()) and all(r >= 1 - self.min_gain for r in ratios.values())
+            if faster:
+                err = node_error(current, op)
+                cos = self._check(artifact, best, trial_path, texts, ctx)
+                if err > 1e-4 or cos < self.min_cosine:
+                    raise StageError(
+                        f"{self.kind}: the unfused {op} differs from the fused one (per node: max error {err:.3g}, "
+                        f"limit 1e-4; whole graph: min cosine {cos:.5f}, limit {self.min_cosine}). This is a bug in "
+                        f"the rewrite; drop {op} from `candidates` and report it."
+                    )
+                report[f"{op}.node_max_error"] = float(f"{err:.3g}")
+                report[f"{op}.min_cosine"] = round(cos, 6)
+                current = trial
+                self._save(current, best)
+            report[op] = f"{'unfused' if faster else 'kept fused'} ({n} nodes; {self.min_gain:.0%} needed)"
+            for path in (trial_path, Path(f"{trial_path}.data")):
+                path.unlink(missing_ok=True)
+        report["ops"] = ", ".join(f"{k} {v}" for k, v in Counter(n.op_type for n in current.graph.node).most_common(6))
+        return StageResult(OnnxModel(best, artifact.tokenizer, artifact.info, artifact.config), report)
+
+    @staticmethod
+    def _save(model: Any, path: Path) -> None:
+        import onnx
+
+        large = model.ByteSize() > 1_500_000_000
+        onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
+
+    @staticmethod
+    def _ort_keeps(path: Path, unfused_op: str, fused_op: str, ctx: Context) -> bool:
+        """Whether the graph ONNX Runtime runs (after its own session-time fusions) still has the rewrite."""
+        import onnx
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = ctx.threads
+            options.log_severity_level = 3
+            options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            counts = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+        return counts.get(unfused_op, 0) > 0 and not counts.get(fused_op, 0)
+
+    def _feeds(self, artifact: OnnxModel, texts: list[str], batch: int) -> dict[str, np.ndarray]:
+        import onnx
+
+        from slimline.quantize.calib import calibration_feeds
+
+        inputs = [i.name for i in onnx.load(str(artifact.path), load_external_data=False).graph.input]
+        chosen = [texts[i % len(texts)] for i in range(batch)]
+        return calibration_feeds(
+            artifact.tokenizer, chosen, inputs, batch=batch, max_length=self.seq_len, fixed=True, config=artifact.config
+        )[0]
+
+    def _time(self, a: Path, b: Path, feeds: dict, ctx: Context) -> tuple[float, float]:
+        from slimline.runtime import ort_session
+
+        sessions = [ort_session(p, ctx.threads, spinning=False) for p in (a, b)]
+        for s in sessions:
+            s.run(None, feeds)
+        times: list[list[float]] = [[], []]
+        for rep in range(self.repeats):
+            for i in (0, 1) if rep % 2 == 0 else (1, 0):
+                start = time.perf_counter()
+                sessions[i].run(None, feeds)
+                times[i].append(time.perf_counter() - start)
+        return float(np.median(times[0])), float(np.median(times[1]))
+
+    @staticmethod
+    def _check(artifact: OnnxModel, a: Path, b: Path, texts: list[str], ctx: Context) -> float:
+        from slimline.quantize.error import output_fidelity
+
+        fid = output_fidelity(
+            a, b, artifact.tokenizer, texts[:32], artifact.info.task, artifact.info.pooling, ctx.threads, artifact.config
+        )
+        return float(fid["calibration.min_cosine"])

@@ -1,0 +1,94 @@
+"""compile.tune: the unfused forms compute what the fused ops do, and the stage keeps the faster graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from slimline.compile.parity import sample_feeds
+from slimline.compile.tune import Tune, node_error, unfuse
+from slimline.runtime import ort_function
+from tests.test_compile import context
+from tests.test_llm import exported, llama  # noqa: F401 - module fixtures
+from tests.test_llm import fused as fused_llama  # noqa: F401 - module fixture
+from tests.test_quantize import fused  # noqa: F401 - module fixture
+
+
+def _outputs(path, artifact, texts=()):
+    run, inputs = ort_function(path)
+    return {
+        case: next(iter(run(feeds).values())) for case, feeds in sample_feeds(artifact.tokenizer, inputs, list(texts)).items()
+    }
+
+
+def test_unfused_skip_layer_norm_computes_what_the_fused_node_does(fused, tmp_path):  # noqa: F811
+    model = onnx.load(str(fused.path))
+    skips = sum(n.op_type == "SkipLayerNormalization" for n in model.graph.node)
+    assert skips == 4 and node_error(model, "SkipLayerNormalization") < 1e-5
+    assert unfuse(model, "SkipLayerNormalization") == skips
+    ops = [n.op_type for n in model.graph.node]
+    assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == skips
+    path = tmp_path / "unfused.onnx"
+    onnx.save(model, str(path))
+    a, b = _outputs(fused.path, fused), _outputs(path, fused)
+    for case in a:
+        np.testing.assert_allclose(a[case], b[case], atol=1e-4, err_msg=case)
+
+
+def test_unfuse_leaves_a_node_whose_statistics_are_read(fused):  # noqa: F811
+    model = onnx.load(str(fused.path))
+    node = next(n for n in model.graph.node if n.op_type == "SkipLayerNormalization")
+    while len(node.output) < 2:
+        node.output.append("")
+    node.output[1] = "mean_read"
+    model.graph.output.append(onnx.helper.make_tensor_value_info("mean_read", onnx.TensorProto.FLOAT, None))
+    assert unfuse(model, "SkipLayerNormalization") == 3
+    assert sum(n.op_type == "SkipLayerNormalization" for n in model.graph.node) == 1
+
+
+def test_unfused_skip_rms_norm_matches_on_a_decoder(fused_llama, tmp_path):  # noqa: F811
+    from slimline.generate import OnnxDecoder
+
+    model = onnx.load(str(fused_llama.artifact.path))
+    assert node_error(model, "SkipSimplifiedLayerNormalization") < 1e-5
+    n = unfuse(model, "SkipSimplifiedLayerNormalization")
+    assert n == sum(
+        1 for x in onnx.load(str(fused_llama.artifact.path)).graph.node if x.op_type == "SkipSimplifiedLayerNormalization"
+    )
+    path = tmp_path / "unfused.onnx"
+    onnx.save(model, str(path))
+    ids = np.array([[5, 17, 42, 8, 9, 11]])
+    a, b = OnnxDecoder(fused_llama.artifact.path, 1), OnnxDecoder(path, 1)
+    np.testing.assert_allclose(a.prefill(ids), b.prefill(ids), atol=1e-4)
+    np.testing.assert_allclose(a.step(np.array([3])), b.step(np.array([3])), atol=1e-4)
+
+
+def test_tune_times_both_forms_and_keeps_the_faster_one(fused, tmp_path):  # noqa: F811
+    r = Tune(batch_sizes=[1, 4], seq_len=16, repeats=3).run(fused, context(tmp_path / "a"))
+    rep = r.report
+    assert rep["SkipLayerNormalization.b1"].startswith("fused ") and "unfused" in rep["SkipLayerNormalization.b4"]
+    ops = [n.op_type for n in onnx.load(str(r.artifact.path)).graph.node]
+    if rep["SkipLayerNormalization"].startswith("unfused"):
+        assert "SkipLayerNormalization" not in ops and rep["SkipLayerNormalization.node_max_error"] < 1e-5
+        assert rep["SkipLayerNormalization.min_cosine"] > 0.9999
+    else:
+        assert ops.count("SkipLayerNormalization") == 4
+    a, b = _outputs(fused.path, fused), _outputs(r.artifact.path, fused)
+    for case in a:
+        np.testing.assert_allclose(a[case], b[case], atol=1e-4, err_msg=case)
+    # a gain nothing can show keeps the fused graph, unchanged
+    kept = Tune(batch_sizes=[2], seq_len=16, repeats=3, min_gain=0.99).run(fused, context(tmp_path / "b"))
+    assert kept.report["SkipLayerNormalization"].startswith("kept fused")
+    assert [n.op_type for n in onnx.load(str(kept.artifact.path)).graph.node] == [
+        n.op_type for n in onnx.load(str(fused.path)).graph.node
+    ]
+
+
+def test_tune_refuses_bad_options():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        Tune(batch_sizes=[0])
+    with pytest.raises(ValidationError):
+        Tune(candidates=["Attention"])
