@@ -13,7 +13,6 @@ their outputs. ``compile.tune`` makes the decision on whole graphs; this shows w
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -46,7 +45,7 @@ def main() -> None:
     import onnxruntime as ort
 
     from slimline.compile.tune import unfuse
-    from slimline.evaluate.speed import cpu_busy
+    from slimline.evaluate.speed import abba_medians, cpu_busy
 
     print(f"onnxruntime {ort.__version__}, {args.threads} threads; other processes keep {cpu_busy():.0%} of the CPUs busy")
     print(f"{'op':34s} {'rows':>5s} {'fused us':>9s} {'unfused us':>10s} {'fused/unfused':>13s} {'max diff':>9s}")
@@ -65,13 +64,7 @@ def main() -> None:
             rng = np.random.default_rng(1)
             feeds = {n: rng.standard_normal((1, rows, width), dtype=np.float32) for n in ("x", "skip")}
             outs = [s.run(None, feeds)[0] for s in sessions]
-            times: list[list[float]] = [[], []]
-            for rep in range(args.repeats):
-                for i in (0, 1) if rep % 2 == 0 else (1, 0):
-                    start = time.perf_counter()
-                    sessions[i].run(None, feeds)
-                    times[i].append(time.perf_counter() - start)
-            a, b = (float(np.median(t)) * 1e6 for t in times)
+            a, b = (t * 1e6 for t in abba_medians([lambda s=s, f=feeds: s.run(None, f) for s in sessions], args.repeats))
             print(
                 f"{op + (' + bias' if bias else ''):34s} {rows:5d} {a:9.1f} {b:10.1f} {a / b:13.2f} {np.abs(outs[0] - outs[1]).max():9.1e}"
             )

@@ -92,3 +92,16 @@ def test_tune_refuses_bad_options():
         Tune(batch_sizes=[0])
     with pytest.raises(ValidationError):
         Tune(candidates=["Attention"])
+
+
+def test_node_check_runs_on_an_fp16_graph(fused, tmp_path):  # noqa: F811
+    """After quantize.fp16 the norms' weights and inputs are fp16 (CUDA recipes keep them so): the
+    per-node check builds its graphs in that type instead of failing inside ONNX Runtime."""
+    from slimline.quantize.fp16 import Fp16
+
+    half = Fp16(keep_float=[], min_cosine=0.99).run(fused, context(tmp_path))
+    model = onnx.load(str(half.artifact.path))
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    skips = [n for n in model.graph.node if n.op_type == "SkipLayerNormalization"]
+    assert skips and all(types[n.input[2]] == onnx.TensorProto.FLOAT16 for n in skips)
+    assert node_error(model, "SkipLayerNormalization") < 1e-2  # fp16 rounding of the output

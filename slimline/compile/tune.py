@@ -24,7 +24,6 @@ SkipSimplifiedLayerNormalization -> Add (+ Add bias) + SimplifiedLayerNormalizat
 from __future__ import annotations
 
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
@@ -80,7 +79,7 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
     int8 included, where the whole graph's outputs re-round differently)."""
     import onnx
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
     opset = [
@@ -94,20 +93,23 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
         if len(weights) != len([i for i in node.input[2:] if i]):
             continue  # a weight computed in the graph: covered by the whole-graph check only
         width = int(numpy_helper.to_array(weights[0]).shape[-1])
+        dtype = weights[0].data_type  # fp32, or fp16 after quantize.fp16
         single = helper.make_node(op_type, list(node.input), ["y"], domain="com.microsoft", name="n")
         single.attribute.extend(node.attribute)
-        io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [2, rows, width]) for x in node.input[:2]]
-        out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+        io = [helper.make_tensor_value_info(x, dtype, [2, rows, width]) for x in node.input[:2]]
+        out = [helper.make_tensor_value_info("y", dtype, None)]
         fused = helper.make_model(helper.make_graph([single], "fused", io, out, weights), opset_imports=opset)
         plain = onnx.ModelProto.FromString(fused.SerializeToString())
         unfuse(plain, op_type)
-        feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np.float32) for x in node.input[:2]}
+        np_type = helper.tensor_dtype_to_np_dtype(dtype)
+        feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np_type) for x in node.input[:2]}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         a, b = (
             ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
             for m in (fused, plain)
         )
+        a, b = a.astype(np.float32), b.astype(np.float32)
         worst = max(worst, float(np.abs(a - b).max() / max(1.0, np.abs(a).max())))
     return worst
 
@@ -228,18 +230,14 @@ class Tune(Stage):
         )[0]
 
     def _time(self, a: Path, b: Path, feeds: dict, ctx: Context) -> tuple[float, float]:
+        from slimline.evaluate.speed import abba_medians
         from slimline.runtime import ort_session
 
         sessions = [ort_session(p, ctx.threads, spinning=False) for p in (a, b)]
         for s in sessions:
-            s.run(None, feeds)
-        times: list[list[float]] = [[], []]
-        for rep in range(self.repeats):
-            for i in (0, 1) if rep % 2 == 0 else (1, 0):
-                start = time.perf_counter()
-                sessions[i].run(None, feeds)
-                times[i].append(time.perf_counter() - start)
-        return float(np.median(times[0])), float(np.median(times[1]))
+            s.run(None, feeds)  # warm-up
+        fused, unfused = abba_medians([lambda s=s: s.run(None, feeds) for s in sessions], self.repeats)
+        return fused, unfused
 
     @staticmethod
     def _check(artifact: OnnxModel, a: Path, b: Path, texts: list[str], ctx: Context) -> float:

@@ -51,6 +51,18 @@ def fixed_batch(tokenizer: Any, texts: list[str], batch: int, seq_len: int) -> F
     return {k: v.astype(np.int64) for k, v in enc.items()}
 
 
+def abba_medians(calls: list[Any], repeats: int) -> list[float]:
+    """Median seconds of each zero-argument call, ``repeats`` times each, interleaved in ABBA order."""
+    times: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
+    for rep in range(repeats):
+        for i in order if rep % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            calls[i]()
+            times[i].append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
+
+
 def time_interleaved(runners: list[Any], feeds: Feeds, warmup: int, repeats: int, step=None) -> dict[str, list[float]]:
     """Seconds per run for each runner, ``repeats`` times, interleaved in ABBA order."""
     timers = {r.name: r.make_timer({k: feeds[k] for k in r.input_names if k in feeds}) for r in runners}
