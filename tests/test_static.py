@@ -169,3 +169,38 @@ def test_bitsandbytes_runs_on_cpu_reports_error_and_saves_a_reloadable_model(tmp
     out.mkdir()
     save_final(result.artifact, out)
     assert (out / "model" / "config.json").exists()
+
+
+def test_fp16_ranges_measure_peaks_and_the_rows_each_skip_norm_sums(tmp_path):
+    """The range check's numbers, against numpy: each tensor's largest |value|, and the row mean square
+    of input + skip + bias that the CUDA Skip norms accumulate (bias is input 4 of SkipLayerNormalization
+    and input 3 of SkipSimplifiedLayerNormalization)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimline.quantize.fp16 import fp16_ranges
+
+    rng = np.random.default_rng(0)
+    w = {n: rng.standard_normal(8).astype(np.float32) for n in ("g", "b", "bias", "bias2")}
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["big"], name="mul"),
+        helper.make_node("SkipLayerNormalization", ["big", "s", "g", "b", "bias"], ["y1"], domain="com.microsoft", name="sln"),
+        helper.make_node(
+            "SkipSimplifiedLayerNormalization", ["y1", "s", "g", "bias2"], ["y2"], domain="com.microsoft", name="ssln"
+        ),
+    ]
+    inits = [numpy_helper.from_array(v, n) for n, v in w.items()] + [numpy_helper.from_array(np.float32(300.0), "k")]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8]) for n in ("x", "s")]
+    graph = helper.make_graph(nodes, "g", io, [helper.make_tensor_value_info("y2", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    feeds = [{"x": rng.standard_normal((1, 4, 8)).astype(np.float32), "s": rng.standard_normal((1, 4, 8)).astype(np.float32)}]
+    peaks, squares = fp16_ranges(model, set(), set(), feeds, 1, tmp_path)
+    x, s = feeds[0]["x"].astype(np.float64), feeds[0]["s"].astype(np.float64)
+    assert peaks["big"] == pytest.approx(np.abs(300 * x).max(), rel=1e-5)
+    assert squares["sln"] == pytest.approx(((300 * x + s + w["bias"]) ** 2).mean(-1).max(), rel=1e-5)
+    t = 300 * x + s + w["bias"]
+    y1 = (t - t.mean(-1, keepdims=True)) / np.sqrt(t.var(-1, keepdims=True) + 1e-12) * w["g"] + w["b"]
+    assert peaks["y1"] == pytest.approx(np.abs(y1).max(), rel=1e-4)
+    assert squares["ssln"] == pytest.approx(((y1 + s + w["bias2"]) ** 2).mean(-1).max(), rel=1e-4)
+    # a kept op type is neither measured as a norm nor counted unless an fp16 node reads its output
+    _, kept = fp16_ranges(model, {"SkipLayerNormalization"}, set(), feeds, 1, tmp_path)
+    assert "sln" not in kept and "ssln" in kept

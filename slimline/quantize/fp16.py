@@ -53,6 +53,7 @@ WEIGHT_ONLY_OPS = frozenset({"MatMulNBits", "GatherBlockQuantized"})
 FP16_MAX = 65504.0
 # CUDA kernels that accumulate sum(x^2)/width in their input type (fp16 here); see the module docstring
 HALF_ACCUMULATING_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+BIAS_INPUT = {"SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3}  # input, skip, gamma, [beta,] bias
 
 UNSTABLE_OPS = [
     "LayerNormalization",
@@ -183,7 +184,8 @@ def fp16_ranges(
     made = [o for n in model.graph.node for o in n.output if o and o in held]
     norms = [n for n in fp16 if n.op_type in HALF_ACCUMULATING_NORMS and n.name]
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    wanted = list(dict.fromkeys(made + [i for n in norms for i in (*n.input[:2], *n.input[4:5]) if i and i not in inits]))
+    summed = {n.name: [i for i in (*n.input[:2], *n.input[BIAS_INPUT[n.op_type] :][:1]) if i] for n in norms}
+    wanted = list(dict.fromkeys(made + [i for n in norms for i in summed[n.name] if i not in inits]))
     extended = onnx.ModelProto.FromString(model.SerializeToString())
     extended.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in wanted if t not in outputs)
     path = Path(workdir) / "ranges.onnx"
@@ -200,9 +202,7 @@ def fp16_ranges(
                 if v.dtype.kind == "f" and v.size:
                     peaks[t] = max(peaks.get(t, 0.0), float(np.abs(v).max()))
             for n in norms:  # input + skip (+ bias): the row the kernel normalises
-                x = sum(
-                    np.asarray(values[i] if i in values else inits[i], np.float64) for i in (*n.input[:2], *n.input[4:5]) if i
-                )
+                x = sum(np.asarray(values[i] if i in values else inits[i], np.float64) for i in summed[n.name])
                 squares[n.name] = max(squares[n.name], float((x * x).mean(-1).max()))
     finally:
         path.unlink(missing_ok=True)
