@@ -144,6 +144,8 @@ def _print_fusions(info: dict) -> None:
         counts.add_row(op, str(info["already_fused"].get(op, 0)), str(info["fused_after_rules"].get(op, 0)))
     console.print(counts)
     console.print("rules that matched: " + (", ".join(f"{k} x{v}" for k, v in info["rules"].items()) or "none"))
+    for note in info.get("tuned", []):
+        console.print(f"[yellow]compile.tune left these unfused on purpose:[/yellow] {note}")
     matched = Table("fused op", "where")
     for m in info["matched"]:
         matched.add_row(m["op"], m["where"])

@@ -85,6 +85,7 @@ def inspect_fusions(path: Path) -> dict[str, Any]:
     except Exception as err:
         raise _unreadable(path, err) from None
     already = fused_counts(model)
+    tuned = model.metadata_props.get("slimline.compile.tune", "")  # un-fused on purpose (compile.tune)
     try:
         with quiet():
             result = fuse_model(model)
@@ -101,4 +102,5 @@ def inspect_fusions(path: Path) -> dict[str, Any]:
         "nodes": {"before": result.nodes_before, "after": result.nodes_after},
         "matched": matched,
         "unfused": result.unfused,
+        "tuned": tuned.split("; ") if tuned else [],
     }

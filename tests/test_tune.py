@@ -72,6 +72,10 @@ def test_tune_times_both_forms_and_keeps_the_faster_one(fused, tmp_path):  # noq
     if rep["SkipLayerNormalization"].startswith("unfused"):
         assert "SkipLayerNormalization" not in ops and rep["SkipLayerNormalization.node_max_error"] < 1e-5
         assert rep["SkipLayerNormalization.min_cosine"] > 0.9999
+        # inspect --fusions says the nodes were left unfused on purpose, not missed
+        from slimline.inspection import inspect_fusions
+
+        assert inspect_fusions(r.artifact.path)["tuned"][0].startswith("SkipLayerNormalization: 4 nodes un-fused")
     else:
         assert ops.count("SkipLayerNormalization") == 4
     a, b = _outputs(fused.path, fused), _outputs(r.artifact.path, fused)
@@ -105,3 +109,18 @@ def test_node_check_runs_on_an_fp16_graph(fused, tmp_path):  # noqa: F811
     skips = [n for n in model.graph.node if n.op_type == "SkipLayerNormalization"]
     assert skips and all(types[n.input[2]] == onnx.TensorProto.FLOAT16 for n in skips)
     assert node_error(model, "SkipLayerNormalization") < 1e-2  # fp16 rounding of the output
+
+
+def test_the_tune_mark_is_kept_per_op_and_read_by_inspect(fused, tmp_path):  # noqa: F811
+    from slimline.compile.tune import mark
+    from slimline.inspection import inspect_fusions
+
+    model = onnx.load(str(fused.path))
+    unfuse(model, "SkipLayerNormalization")
+    mark(model, "SkipLayerNormalization", 4, {1: 1.1, 32: 1.2})
+    mark(model, "SkipLayerNormalization", 4, {1: 1.15, 32: 1.25})  # a second decision replaces the first
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    assert inspect_fusions(path)["tuned"] == [
+        "SkipLayerNormalization: 4 nodes un-fused, faster on the ONNX Runtime CPU EP (1.15x at b1, 1.25x at b32)"
+    ]

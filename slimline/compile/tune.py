@@ -73,6 +73,21 @@ def unfuse(model: Any, op_type: str) -> int:
     return count
 
 
+TUNE_KEY = "slimline.compile.tune"
+
+
+def mark(model: Any, op_type: str, count: int, ratios: dict[int, float]) -> None:
+    """Record in the model's metadata that ``op_type`` was un-fused on purpose, and the timings that
+    decided it, so that `slimline inspect --fusions` does not present the nodes as missed fusions."""
+    from onnx import helper
+
+    timings = ", ".join(f"{r:.2f}x at b{b}" for b, r in ratios.items())
+    note = f"{op_type}: {count} nodes un-fused, faster on the ONNX Runtime CPU EP ({timings})"
+    entries = {p.key: p.value for p in model.metadata_props}
+    notes = [x for x in entries.get(TUNE_KEY, "").split("; ") if x and not x.startswith(f"{op_type}:")] + [note]
+    helper.set_model_props(model, {**entries, TUNE_KEY: "; ".join(notes)})
+
+
 def node_error(model: Any, op_type: str, rows: int = 16) -> float:
     """Largest error, relative to the output's scale, of each ``op_type`` node against its unfused form,
     run alone on random rows with the node's own weights (a check that holds whatever surrounds the node,
@@ -189,6 +204,7 @@ class Tune(Stage):
                 report[f"{op}.node_max_error"] = float(f"{err:.3g}")
                 report[f"{op}.min_cosine"] = round(cos, 6)
                 current = trial
+                mark(current, op, n, ratios)
                 self._save(current, best)
             report[op] = f"{'unfused' if faster else 'kept fused'} ({n} nodes; {self.min_gain:.0%} needed)"
             for path in (trial_path, Path(f"{trial_path}.data")):
