@@ -124,3 +124,17 @@ def test_the_tune_mark_is_kept_per_op_and_read_by_inspect(fused, tmp_path):  # n
     assert inspect_fusions(path)["tuned"] == [
         "SkipLayerNormalization: 4 nodes un-fused, faster on the ONNX Runtime CPU EP (1.15x at b1, 1.25x at b32)"
     ]
+
+
+def test_tune_keeps_the_weight_sharing_marks_for_the_final_save(fused_llama, tmp_path):  # noqa: F811
+    """A tied int4 head and embedding are marked as one set of bytes (slimline.onnxfile); the run folder's
+    final save stores them once. compile.tune hands its graph on as the other stages do, marks intact."""
+    from slimline import onnxfile
+    from slimline.quantize.weight_only import WeightOnly
+
+    w = WeightOnly(bits=4, block_size=16, head_bits=4, embedding_bits=4, min_cosine=0.5).run(
+        fused_llama.artifact, context(tmp_path / "w")
+    )
+    marked = {t.name for t in onnx.load(str(w.artifact.path)).graph.initializer if onnxfile.view_of(t)}
+    r = Tune(batch_sizes=[1], seq_len=8, repeats=3).run(w.artifact, context(tmp_path / "t"))
+    assert marked and marked == {t.name for t in onnx.load(str(r.artifact.path)).graph.initializer if onnxfile.view_of(t)}

@@ -23,6 +23,7 @@ SkipSimplifiedLayerNormalization -> Add (+ Add bias) + SimplifiedLayerNormalizat
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -173,7 +174,7 @@ class Tune(Stage):
             if op == "SkipLayerNormalization" and opset < 17:  # LayerNormalization is an ONNX op from opset 17
                 report[op] = f"kept fused: the graph's opset {opset} has no LayerNormalization (17+)"
                 continue
-            trial = onnx.ModelProto.FromString(current.SerializeToString())
+            trial = copy.deepcopy(current)
             n = unfuse(trial, op)
             if not n:
                 continue
@@ -181,7 +182,7 @@ class Tune(Stage):
             self._save(trial, trial_path)
             kept = self._ort_keeps(trial_path, UNFUSED[op], op, ctx)
             if not kept:
-                report[f"{op}"] = f"kept fused: ONNX Runtime fuses the {n} rewritten nodes back at load time"
+                report[op] = f"kept fused: ONNX Runtime fuses the {n} rewritten nodes back at load time"
                 continue
             ratios = {}
             for batch in self.batch_sizes:
@@ -214,10 +215,14 @@ class Tune(Stage):
 
     @staticmethod
     def _save(model: Any, path: Path) -> None:
+        """As the other stages hand on their graphs: plain ONNX, so that the weight-sharing marks of
+        ``slimline.onnxfile`` survive to the run folder's final save; external data only where protobuf
+        needs it. A copy, because saving external data moves the weights out of the proto."""
         import onnx
 
         large = model.ByteSize() > 1_500_000_000
-        onnx.save_model(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
+        out = copy.deepcopy(model) if large else model
+        onnx.save_model(out, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
 
     @staticmethod
     def _ort_keeps(path: Path, unfused_op: str, fused_op: str, ctx: Context) -> bool:
