@@ -696,6 +696,10 @@ def test_structured_ffn_pruning_shrinks_the_decoder_and_it_still_exports_and_fus
         Structured(head_sparsity=0.2, gqa_heads="whole_groups", samples=16).run(llama, ctx)
     with pytest.raises(StageError, match="would remove all 2 key/value groups.*0.50 or less"):
         Structured(head_sparsity=0.9, gqa_heads="whole_groups", samples=16).run(llama, ctx)
+    with pytest.raises(StageError, match="head_allocation: sensitivity is for BERT-family encoders"):
+        Structured(ffn_sparsity=0.25, head_allocation="sensitivity", samples=16).run(llama, ctx)
+    with pytest.raises(StageError, match="refit_target: original is for BERT-family encoders"):
+        Structured(ffn_sparsity=0.25, refit_target="original", samples=16).run(llama, ctx)
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,12 @@ Which units go, from calibration text alone (no labels or gradients), layer by l
 compensation of all the other weights is smallest (Optimal Brain Surgeon on the Gram matrix of the
 projection's inputs); ``energy`` ranks units once by E[a^2] * ||w||^2. Either way the projection that
 reads the pruned units (W_down, W_o) ends up refit by ridge least squares (``refit: true``), so the
-kept units plus a bias reproduce the full layer's output. The same fraction goes from every layer, so
-shapes stay uniform and the config can say so. docs/prune.md has the measured effect of each choice.
+kept units plus a bias reproduce the full layer's output. For encoders the refit's target is, by
+default, the original model's residual stream at that point (``refit_target: original``), so each layer
+also corrects the error carried in from the pruned layers before it. FFN channels go in the same
+fraction from every layer, so the config's one ``intermediate_size`` stays true; heads may go unevenly
+(``head_allocation: sensitivity``: fewer from the layers where the measured cost is high), which
+``pruned_heads`` records per layer. docs/prune.md has the measured effect of each choice.
 
 Llama-style decoders (gated MLP, grouped-query attention) lose FFN channels (rows of gate/up, columns
 of down) and query heads. Query heads share key/value heads, so ``gqa_heads`` says how they go: the
@@ -84,6 +88,17 @@ class Structured(Stage):
     selection: Literal["obs", "energy"] = Field(
         "obs", description="obs: remove the unit whose loss, after compensating the others, is smallest; energy: E[a^2]*||w||^2"
     )
+    head_allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform",
+        description="uniform: head_sparsity of every layer's heads; sensitivity (encoders): the same total, spread over the "
+        "layers by the measured cost of removing heads from each one alone (sensitive layers keep more)",
+    )
+    refit_target: Literal["auto", "original", "layer"] = Field(
+        "auto",
+        description="original (encoders): refit every layer's output projections so its residual stream matches the "
+        "original model's, which also corrects the error arriving from earlier pruned layers; layer: reproduce the "
+        "layer's own unpruned output from its already-perturbed inputs; auto: original for encoders, layer for decoders",
+    )
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
         import torch
@@ -108,24 +123,41 @@ class Structured(Stage):
             ctx.warn(f"prune.structured: head_sparsity={self.head_sparsity} would remove every head; keeping 1 per layer.")
         ffn = config.intermediate_size
         n_ffn_cut = self._ffn_cut(ffn)
+        if self.refit_target == "original" and not self.refit:
+            raise StageError("prune.structured: refit_target: original needs refit: true (it is a kind of refit).")
+        compensate = self.refit and self.refit_target in ("auto", "original")
 
         batches = calibration_batches(out, ctx.data.calibration[: self.samples])
+        unseen = ctx.data.calibration[self.samples : self.samples + 128]
         report: dict = {"params_before": count_params(model), "refit": self.refit}
+        report["refit_target"] = "original" if compensate else "layer" if self.refit else "none"
+        groups = [list(range(h * head_dim, (h + 1) * head_dim)) for h in range(heads)]
+        heads_cut = [n_heads_cut] * len(blocks)
+        if n_heads_cut and self.head_allocation == "sensitivity":
+            check = calibration_batches(out, unseen) if unseen else batches[:8]
+            total = int(round(self.head_sparsity * heads * len(blocks)))
+            heads_cut, costs = self._allocate_heads(model, blocks, groups, batches[:64], check, total)
+            report["head_allocation"] = "sensitivity"
+            for i, c in enumerate(costs):  # the measured cost of each layer's cut, alone, as 1 - cosine
+                report[f"head_cost.layer{i}"] = round(c, 5)
+        original = artifact.model
+        originals = bert_blocks(original)
         pruned_heads: dict[int, list[int]] = {}
         # Layer by layer, in order: each layer's statistics come from the model with the layers before
         # it already pruned, so a refit also absorbs the error coming from upstream.
         with torch.no_grad():
             for i, b in enumerate(blocks):
-                if n_heads_cut:
+                if heads_cut[i]:
                     o = b.attention.output.dense
                     g = _input_gram(model, o, batches)
-                    groups = [list(range(h * head_dim, (h + 1) * head_dim)) for h in range(heads)]
-                    cut, new_w, new_b = _select(o, g, groups, n_heads_cut, self.selection, self.damp)
+                    cut, new_w, new_b = _select(o, g, groups, heads_cut[i], self.selection, self.damp)
                     pruned_heads[i] = sorted(cut)
                     if self.refit:
                         o.weight.copy_(new_w)  # prune_heads drops the cut columns
                         o.bias.copy_(new_b)
                     model.prune_heads({i: pruned_heads[i]})  # shrinks q/k/v/o, records config.pruned_heads
+                if compensate:
+                    _refit_to_original(model, b.attention.output, original, originals[i].attention.output, batches, self.damp)
                 if n_ffn_cut:
                     down = b.output.dense
                     g = _input_gram(model, down, batches)
@@ -136,12 +168,15 @@ class Structured(Stage):
                         down.weight.copy_(new_w)
                         down.bias.copy_(new_b)
                     b.output.dense = prune_linear_layer(down, keep, dim=1)
+                if compensate:
+                    _refit_to_original(model, b.output, original, originals[i].output, batches, self.damp)
         if n_ffn_cut:
             config.intermediate_size = ffn - n_ffn_cut  # uniform across layers, so the config stays true
+        kept = [heads - c for c in heads_cut]
         report.update(
             {
                 "params_after": count_params(model),
-                "heads_per_layer": heads - n_heads_cut,
+                "heads_per_layer": kept[0] if len(set(kept)) == 1 else ",".join(map(str, kept)),
                 "intermediate_size": ffn - n_ffn_cut,
                 "shapes.layer0.query": list(blocks[0].attention.self.query.weight.shape),
                 "shapes.layer0.ffn_up": list(blocks[0].intermediate.dense.weight.shape),
@@ -151,13 +186,47 @@ class Structured(Stage):
         for i, hs in pruned_heads.items():
             report[f"pruned_heads.layer{i}"] = ",".join(map(str, hs))
         # the fit saw `batches`: measure on calibration texts it did not see, when there are any
-        unseen = ctx.data.calibration[self.samples : self.samples + 128]
         if unseen:
             err = output_error(artifact.model, model, calibration_batches(out, unseen))
             report.update({k.replace("calibration.", "held_out."): v for k, v in err.items()})
         else:
             report.update({f"{k} (in-sample)": v for k, v in output_error(artifact.model, model, batches[:8]).items()})
         return StageResult(out, report)
+
+    def _allocate_heads(self, model, blocks, groups, fit, check, total: int) -> tuple[list[int], list[float]]:
+        """Spread ``total`` head cuts over the layers (``head_allocation: sensitivity``).
+
+        For each layer alone, the cost of removing k of its heads (chosen and compensated as the real
+        cut would be) is measured as 1 - the model's mean output cosine on ``check``. Then cuts go one at
+        a time to the layer whose next cut costs least. Every layer keeps at least one head. Returns the
+        cuts per layer and each layer's cost at its cut."""
+        import math
+
+        import torch
+
+        heads = len(groups)
+        limit = min(heads - 1, 2 * math.ceil(total / len(blocks)) + 1)  # the most any layer is tried with
+        reference = _pooled(model, check)
+        costs: list[list[float]] = []
+        with torch.no_grad():
+            for b in blocks:
+                o = b.attention.output.dense
+                g = _input_gram(model, o, fit)
+                w0, b0 = o.weight.clone(), o.bias.clone()
+                layer = [0.0]
+                for k in range(1, limit + 1):  # zeroed columns compute exactly what the pruned layer would
+                    _, new_w, new_b = _select(o, g, groups, k, self.selection, self.damp)
+                    o.weight.copy_(new_w)
+                    o.bias.copy_(new_b)
+                    layer.append(1 - float((_pooled(model, check) * reference).sum(-1).mean()))
+                o.weight.copy_(w0)
+                o.bias.copy_(b0)
+                costs.append(layer)
+        cuts = [0] * len(blocks)
+        for _ in range(min(total, limit * len(blocks))):
+            i = min((i for i in range(len(blocks)) if cuts[i] < limit), key=lambda i: costs[i][cuts[i] + 1] - costs[i][cuts[i]])
+            cuts[i] += 1
+        return cuts, [costs[i][c] for i, c in enumerate(cuts)]
 
     def _ffn_cut(self, ffn: int) -> int:
         """FFN channels to remove per layer; refuses a sparsity that would leave none."""
@@ -176,6 +245,12 @@ class Structured(Stage):
         from transformers.pytorch_utils import prune_linear_layer
 
         model, config = out.model, out.model.config
+        for name, value in (("head_allocation", "sensitivity"), ("refit_target", "original")):
+            if getattr(self, name) == value:
+                raise StageError(
+                    f"prune.structured: {name}: {value} is for BERT-family encoders; `{config.model_type}` keeps the same "
+                    f"head count in every layer (its config has one). Leave {name} out."
+                )
         blocks = gated_mlp_blocks(model)
         ffn = config.intermediate_size
         n_cut = self._ffn_cut(ffn) if self.ffn_sparsity else 0
@@ -395,3 +470,57 @@ def _select(
             cut.append(best)
     bias = None if linear.bias is None else w[:, -1].to(linear.bias.dtype)
     return cut, w[:, :-1].to(linear.weight.dtype), bias
+
+
+def _pooled(model, batches):
+    """Unit-length mean-pooled outputs of ``model`` over real tokens, all batches stacked."""
+    import torch
+
+    out = []
+    for batch in batches:
+        h = forward(model, batch)[0].double()
+        m = batch["attention_mask"][..., None].double()
+        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def _refit_to_original(model, module, original, original_module, batches, damp: float) -> None:
+    """Refit ``module.dense`` (a BertSelfOutput / BertOutput: LayerNorm(dense(a) + x)) so that
+    dense(a) + x, with a and x from the pruned ``model``, matches the same sum in ``original``: ridge
+    least squares of [a 1] onto (original's dense(a') + x') - x over real calibration tokens. The layer then
+    also corrects the error carried in by earlier pruned layers, not only its own."""
+    import torch
+
+    state: dict = {}
+
+    def grab(key, original_side):
+        def hook(mod, inputs, output):
+            a, x = inputs[0], inputs[1]
+            real = state["mask"].bool()
+            state[key] = ((mod.dense(a) + x) if original_side else torch.cat([a, x], -1))[real].double()
+            raise _Stop
+
+        return hook
+
+    h = c = 0
+    handles = [module.register_forward_hook(grab("pruned", False)), original_module.register_forward_hook(grab("original", True))]
+    try:
+        for batch in batches:
+            state["mask"] = batch["attention_mask"]
+            for m in (model, original):
+                try:
+                    forward(m, batch)
+                except _Stop:
+                    pass
+            n = module.dense.in_features
+            a, x = state["pruned"][:, :n], state["pruned"][:, n:]
+            a = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+            h = h + a.T @ a
+            c = c + a.T @ (state["original"] - x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    h = h + damp * h.diagonal()[:-1].mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    w = torch.linalg.solve(h, c).T
+    module.dense.weight.copy_(w[:, :-1].to(module.dense.weight.dtype))
+    module.dense.bias.copy_(w[:, -1].to(module.dense.bias.dtype))
