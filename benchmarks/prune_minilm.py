@@ -1,6 +1,6 @@
 """Pruning on all-MiniLM-L6-v2, measured in one process against the unpruned fp32 ONNX model.
 
-    .venv/bin/python benchmarks/prune_minilm.py [--repeats 10] [--recover-steps 2000] [--no-tune]
+    .venv/bin/python benchmarks/prune_minilm.py [--repeats 10] [--recover-steps 3000] [--no-tune]
 
 Builds every variant with slimline's own stages (each ONNX graph, the unpruned baseline included, ends
 with compile.tune as the recipes do, unless --no-tune), then times all ONNX variants interleaved (batch 32 x
@@ -10,8 +10,8 @@ peak RSS of a fresh process, size on disk, and for unstructured/2:4 sparsity the
 Two pruned models: the main one (--heads/--ffn, the `minilm-structured` recipe) for the fp32 bar, and a
 light one (--light-heads/--light-ffn, `minilm-structured-int8`) for the int8 bar, which compares with
 the int8-only recipes at their fidelity. Both use sensitivity head allocation, the refit to the original
-model and distillation on 20,000 calibration lines (2,000 steps for the main model, 1,000 for the light one).
-Takes about 45 minutes on 2 cores.
+model and distillation on 20,000 calibration lines (3,000 steps for the main model, 1,000 for the light one).
+Takes about 55 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ BEST = {"per_channel": True, "fallback": "auto", "max_layer_error": 0.05}  # min
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--recover-steps", type=int, default=2000)
+    p.add_argument("--recover-steps", type=int, default=3000)
     p.add_argument("--light-recover-steps", type=int, default=1000)
     p.add_argument("--recover-lr", type=float, default=1e-4)
-    p.add_argument("--heads", type=float, default=0.21, help="fraction of all heads, spread by sensitivity")
-    p.add_argument("--ffn", type=float, default=0.3)
+    p.add_argument("--heads", type=float, default=0.25, help="fraction of all heads, spread by sensitivity")
+    p.add_argument("--ffn", type=float, default=0.32)
     p.add_argument("--light-heads", type=float, default=0.14)
     p.add_argument("--light-ffn", type=float, default=0.1)
     p.add_argument("--calibration", type=int, default=20000, help="calibration lines (the first 4,000 fit the pruning)")
