@@ -133,9 +133,9 @@ class Structured(Stage):
         report["refit_target"] = "original" if compensate else "layer" if self.refit else "none"
         groups = [list(range(h * head_dim, (h + 1) * head_dim)) for h in range(heads)]
         heads_cut = [n_heads_cut] * len(blocks)
-        if n_heads_cut and self.head_allocation == "sensitivity":
+        total = int(round(self.head_sparsity * heads * len(blocks)))
+        if total and self.head_allocation == "sensitivity":  # a total, so 1 of 72 heads is possible too
             check = calibration_batches(out, unseen) if unseen else batches[:8]
-            total = int(round(self.head_sparsity * heads * len(blocks)))
             heads_cut, costs = self._allocate_heads(model, blocks, groups, batches[:64], check, total)
             report["head_allocation"] = "sensitivity"
             for i, c in enumerate(costs):  # the measured cost of each layer's cut, alone, as 1 - cosine
@@ -245,11 +245,15 @@ class Structured(Stage):
         from transformers.pytorch_utils import prune_linear_layer
 
         model, config = out.model, out.model.config
-        for name, value in (("head_allocation", "sensitivity"), ("refit_target", "original")):
+        why = {
+            ("head_allocation", "sensitivity"): "keeps the same head count in every layer (its config has one)",
+            ("refit_target", "original"): "adds its residuals outside any module slimline can hook, so only `layer` is built",
+        }
+        for (name, value), reason in why.items():
             if getattr(self, name) == value:
                 raise StageError(
-                    f"prune.structured: {name}: {value} is for BERT-family encoders; `{config.model_type}` keeps the same "
-                    f"head count in every layer (its config has one). Leave {name} out."
+                    f"prune.structured: {name}: {value} is for BERT-family encoders; `{config.model_type}` {reason}. "
+                    f"Leave {name} out."
                 )
         blocks = gated_mlp_blocks(model)
         ffn = config.intermediate_size
