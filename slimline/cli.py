@@ -69,6 +69,9 @@ def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, 
     except SlimlineError as err:
         _fail(err)
     except KeyboardInterrupt:
+        # a second signal while shutting down would escape as an uncaught KeyboardInterrupt (status -2)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         err_console.print("[red]interrupted[/red]: no output folder was written.")
         sys.exit(130)
     console.print(f"run folder: [bold]{out}[/bold]")
