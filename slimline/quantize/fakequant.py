@@ -26,15 +26,22 @@ def _ste(x: Any, xq: Any) -> Any:
 
 
 def fake_uint8(x: Any) -> Any:
-    """Per-tensor asymmetric uint8 round trip over the whole tensor, as DynamicQuantizeLinear does."""
+    """Per-tensor asymmetric uint8 round trip over the whole tensor, as DynamicQuantizeLinear does.
+
+    Rounding passes gradients straight through; the range (min, max) is not detached, so the few
+    largest activations, which set the step for all the others, also get a gradient that shrinks
+    them where that lowers the loss (as learned step sizes do in LSQ). Measured on MiniLM (light
+    pruning, 500 steps): simulated int8 cosine 0.9898 with it, 0.9887 with the range detached.
+    """
     import torch
 
-    lo = torch.clamp(x.detach().min(), max=0.0)
-    hi = torch.clamp(x.detach().max(), min=0.0)
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
     scale = torch.clamp((hi - lo) / 255.0, min=1e-12)
-    zp = torch.clamp(torch.round(-lo / scale), 0, 255)
-    q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
-    return _ste(x, (q - zp) * scale)
+    zp = torch.clamp(torch.round(-lo / scale), 0, 255).detach()
+    v = x / scale
+    q = torch.clamp(v + (torch.round(v) - v).detach() + zp, 0, 255)
+    return (q - zp) * scale
 
 
 def fake_int8_symmetric(w: Any, per_channel: bool) -> Any:
@@ -47,7 +54,9 @@ def fake_int8_symmetric(w: Any, per_channel: bool) -> Any:
 
 
 @contextmanager
-def fake_quant_int8(model: Any, per_channel: bool = True, embeddings: bool = True) -> Iterator[dict[str, int]]:
+def fake_quant_int8(
+    model: Any, per_channel: bool = True, embeddings: bool = True, smooth: dict[Any, Any] | None = None
+) -> Iterator[dict[str, int]]:
     """Within the block, every Linear (and Embedding) of ``model`` computes with fake-quantized values.
 
     Yields the counts of wrapped modules. The parameters themselves stay float and are trained as
@@ -60,6 +69,14 @@ def fake_quant_int8(model: Any, per_channel: bool = True, embeddings: bool = Tru
     counts = {"linear": 0, "embedding": 0}
 
     def linear_forward(mod: Any) -> Any:
+        s = (smooth or {}).get(mod)
+        if s is not None:  # SmoothQuant: x W^T = (x / s)(W s)^T, quantized in that form
+
+            def fwd(x: Any) -> Any:
+                return F.linear(fake_uint8(x / s), fake_int8_symmetric(mod.weight * s, per_channel), mod.bias)
+
+            return fwd
+
         def fwd(x: Any) -> Any:
             return F.linear(fake_uint8(x), fake_int8_symmetric(mod.weight, per_channel), mod.bias)
 
