@@ -48,7 +48,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--recover-steps", type=int, default=3000)
-    p.add_argument("--light-recover-steps", type=int, default=1000)
+    p.add_argument("--light-recover-steps", type=int, default=1500, help="int8-aware (fake_quant: int8)")
+    p.add_argument("--qat-steps", type=int, default=1000, help="int8-aware distillation of the unpruned model")
     p.add_argument("--recover-lr", type=float, default=1e-4)
     p.add_argument("--heads", type=float, default=0.25, help="fraction of all heads, spread by sensitivity")
     p.add_argument("--ffn", type=float, default=0.32)
@@ -72,18 +73,23 @@ def main() -> None:
             art = DynamicInt8(**BEST).run(art, c).artifact
         return art if a.no_tune else Tune().run(art, c).artifact
 
-    def pruned(heads, ffn, steps):
-        s = Structured(head_sparsity=heads, ffn_sparsity=ffn, head_allocation="sensitivity").run(ref, ctx)
-        print({k: v for k, v in s.report.items() if k.startswith(("heads_per", "intermediate", "held_out"))}, flush=True)
+    def pruned(heads, ffn, steps, fake_quant="none"):
+        if heads or ffn:
+            s = Structured(head_sparsity=heads, ffn_sparsity=ffn, head_allocation="sensitivity").run(ref, ctx)
+            print({k: v for k, v in s.report.items() if k.startswith(("heads_per", "intermediate", "held_out"))}, flush=True)
+            s = s.artifact
+        else:
+            s = ref
         if not steps:
-            return s.artifact, s.artifact
-        r = Recover(steps=steps, lr=a.recover_lr).run(s.artifact, ctx)
+            return s, s
+        r = Recover(steps=steps, lr=a.recover_lr, fake_quant=fake_quant).run(s, ctx)
         print({k: v for k, v in r.report.items() if k.startswith(("held_out", "train_s"))}, flush=True)
-        return s.artifact, r.artifact
+        return s, r.artifact
 
     t0 = time.perf_counter()
     main_s, main_r = pruned(a.heads, a.ffn, a.recover_steps)
-    _, light_r = pruned(a.light_heads, a.light_ffn, a.light_recover_steps)
+    _, light_r = pruned(a.light_heads, a.light_ffn, a.light_recover_steps, "int8")
+    _, qat_r = pruned(0, 0, a.qat_steps, "int8")  # int8 alone, with the same quantization-aware distillation
     tag, light = f"structured h{a.heads} f{a.ffn}", f"light h{a.light_heads} f{a.light_ffn}"
     variants = {
         "fp32 (unpruned, fused)": onnx(ref, "fp32"),
@@ -92,7 +98,8 @@ def main() -> None:
         f"{tag}, no recovery": onnx(main_s, "s0"),
         f"{tag} + recover (minilm-structured)": onnx(main_r, "s1"),
         f"{tag} + recover + SmoothQuant int8": onnx(main_r, "s2", "best"),
-        f"{light} + recover + SmoothQuant int8 (minilm-structured-int8)": onnx(light_r, "l2", "best"),
+        "unpruned + int8-aware recover + SmoothQuant int8": onnx(qat_r, "q2", "best"),
+        f"{light} + int8-aware recover + SmoothQuant int8 (minilm-structured-int8)": onnx(light_r, "l2", "best"),
     }
     sparse = {
         "magnitude 50% (unstructured)": Magnitude(sparsity=0.5).run(ref, ctx),

@@ -208,6 +208,7 @@ class Recipe(_Strict):
                     f"{fix}: the order is models -> prune -> quantize (torch) -> compile.export -> fuse/quantize (ONNX)."
                 )
             current = stage.output_type(current)
+        self._check_fake_quant()
         needs = {"ort-cpu": OnnxModel, "ort-cuda": OnnxModel, "torch-cpu": TorchModel, "torch-cuda": TorchModel}
         for target in self.evaluate.targets:
             if needs[target] is not current:
@@ -217,6 +218,24 @@ class Recipe(_Strict):
                     f"{'' if current is OnnxModel else ' or add `compile.export`'}."
                 )
         return self
+
+    def _check_fake_quant(self) -> None:
+        """prune.recover's int8 simulation only pays if the dynamic int8 it simulates follows, as simulated."""
+        for i, stage in enumerate(self.stages):
+            if stage.kind != "prune.recover" or getattr(stage, "fake_quant", "none") == "none":
+                continue
+            later = [s for s in self.stages[i + 1 :] if s.kind == "quantize.dynamic_int8"]
+            if not later:
+                raise ValueError(
+                    f"stages[{i}] (prune.recover): fake_quant: int8 trains the model for `quantize.dynamic_int8`, "
+                    "which no later stage runs. Add that stage after compile.export, or set fake_quant: none."
+                )
+            if later[0].per_channel != stage.fake_quant_per_channel:
+                raise ValueError(
+                    f"stages[{i}] (prune.recover): fake_quant_per_channel is {stage.fake_quant_per_channel} but the "
+                    f"later quantize.dynamic_int8 has per_channel: {later[0].per_channel}. Make them the same, "
+                    "so the simulation matches the quantization."
+                )
 
     @property
     def output_type(self) -> type:

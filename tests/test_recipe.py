@@ -101,6 +101,16 @@ def test_stage_order_checked_before_compute(tmp_path):
     assert "stages[0] (compile.fuse) needs an ONNX model" in msg and "compile.export" in msg
 
 
+def test_fake_quant_needs_the_int8_it_simulates(tmp_path):
+    recover = {"prune.recover": {"fake_quant": "int8"}}
+    msg = error_of(tmp_path, {**BASE, "stages": [recover, {"compile.export": {}}]})
+    assert "stages[0] (prune.recover)" in msg and "no later stage runs" in msg and "fake_quant: none" in msg
+    per_tensor = {"quantize.dynamic_int8": {"per_channel": False}}
+    msg = error_of(tmp_path, {**BASE, "stages": [recover, {"compile.export": {}}, per_tensor]})
+    assert "fake_quant_per_channel is True" in msg and "per_channel: False" in msg
+    R.from_dict({**BASE, "stages": [recover, *BASE["stages"]]})  # the matching chain is accepted
+
+
 def test_target_must_match_artifact(tmp_path):
     msg = error_of(tmp_path, {**BASE, "stages": [], "evaluate": {"targets": ["ort-cpu"]}})
     assert "ort-cpu" in msg and "compile.export" in msg
