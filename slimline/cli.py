@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -73,7 +74,12 @@ def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, 
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         err_console.print("[red]interrupted[/red]: no output folder was written.")
-        sys.exit(130)
+        # The run's own cleanup is done. Leave without the interpreter's shutdown: under heavy load a
+        # fresh-clone suite twice saw the process end by SIGINT (status -2) after this message, i.e. a
+        # KeyboardInterrupt raised during shutdown, which no handler here can catch.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     console.print(f"run folder: [bold]{out}[/bold]")
     if not report:
         return
