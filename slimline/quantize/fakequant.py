@@ -54,9 +54,7 @@ def fake_int8_symmetric(w: Any, per_channel: bool) -> Any:
 
 
 @contextmanager
-def fake_quant_int8(
-    model: Any, per_channel: bool = True, embeddings: bool = True, smooth: dict[Any, Any] | None = None
-) -> Iterator[dict[str, int]]:
+def fake_quant_int8(model: Any, per_channel: bool = True, embeddings: bool = True) -> Iterator[dict[str, int]]:
     """Within the block, every Linear (and Embedding) of ``model`` computes with fake-quantized values.
 
     Yields the counts of wrapped modules. The parameters themselves stay float and are trained as
@@ -69,14 +67,6 @@ def fake_quant_int8(
     counts = {"linear": 0, "embedding": 0}
 
     def linear_forward(mod: Any) -> Any:
-        s = (smooth or {}).get(mod)
-        if s is not None:  # SmoothQuant: x W^T = (x / s)(W s)^T, quantized in that form
-
-            def fwd(x: Any) -> Any:
-                return F.linear(fake_uint8(x / s), fake_int8_symmetric(mod.weight * s, per_channel), mod.bias)
-
-            return fwd
-
         def fwd(x: Any) -> Any:
             return F.linear(fake_uint8(x), fake_int8_symmetric(mod.weight, per_channel), mod.bias)
 
