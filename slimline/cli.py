@@ -70,13 +70,12 @@ def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, 
     except SlimlineError as err:
         _fail(err)
     except KeyboardInterrupt:
-        # a second signal while shutting down would escape as an uncaught KeyboardInterrupt (status -2)
+        # The run's own cleanup is done. Ignore further signals and leave without the interpreter's
+        # shutdown: under heavy load a fresh-clone suite twice saw the process end by SIGINT (status -2)
+        # after this message, i.e. a KeyboardInterrupt raised where no handler here can catch it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         err_console.print("[red]interrupted[/red]: no output folder was written.")
-        # The run's own cleanup is done. Leave without the interpreter's shutdown: under heavy load a
-        # fresh-clone suite twice saw the process end by SIGINT (status -2) after this message, i.e. a
-        # KeyboardInterrupt raised during shutdown, which no handler here can catch.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)

@@ -54,7 +54,7 @@ def fake_int8_symmetric(w: Any, per_channel: bool) -> Any:
 
 
 @contextmanager
-def fake_quant_int8(model: Any, per_channel: bool = True, embeddings: bool = True) -> Iterator[dict[str, int]]:
+def fake_quant_int8(model: Any, per_channel: bool = True) -> Iterator[dict[str, int]]:
     """Within the block, every Linear (and Embedding) of ``model`` computes with fake-quantized values.
 
     Yields the counts of wrapped modules. The parameters themselves stay float and are trained as
@@ -84,7 +84,7 @@ def fake_quant_int8(model: Any, per_channel: bool = True, embeddings: bool = Tru
                 originals.append((mod, mod.__dict__.get("forward")))
                 mod.forward = linear_forward(mod)
                 counts["linear"] += 1
-            elif embeddings and isinstance(mod, torch.nn.Embedding):
+            elif isinstance(mod, torch.nn.Embedding):
                 originals.append((mod, mod.__dict__.get("forward")))
                 mod.forward = embedding_forward(mod)
                 counts["embedding"] += 1
