@@ -595,6 +595,15 @@ def test_evaluate_command_measures_a_folder_built_without_evaluation(llama, tmp_
     built = CliRunner().invoke(main, ["run", str(path), "--out", str(run), "--no-eval"])
     assert built.exit_code == 0, built.output
     assert not (run / "report.json").exists()
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        # as recorded: the required target can't run here, so the run fails with the reason, and the
+        # report it writes is still one that `slimline check` reads (this crashed before)
+        failed = CliRunner().invoke(main, ["evaluate", str(run)])
+        assert failed.exit_code == 1 and "Traceback" not in failed.output, failed.output
+        checked = CliRunner().invoke(main, ["check", str(run)])
+        assert checked.exit_code == 1 and "ort-cuda" in checked.output, checked.output
     result = CliRunner().invoke(
         main, ["evaluate", str(run), "--set", "evaluate.targets=[ort-cpu]", "--set", "evaluate.required_targets=[]"]
     )

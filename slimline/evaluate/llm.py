@@ -231,7 +231,7 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
         rows = [_row(v, "-", "accuracy", None, None, None, None, {}) for v in ("baseline", "compressed")]
         for r in rows:  # no target ran: the artifact was never scored
             base = r["variant"] == "baseline"
-            r.update({"size_mb": base_size if base else art_size, "accuracy": base_acc if base else None})
+            r.update({"size_mb": base_size if base else art_size, "accuracy": base_acc if base else {}, "peak_rss_mb": None})
     budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
         **report_header(recipe, name, folder, reference.info.source, "text-generation", ctx.data, threads),
