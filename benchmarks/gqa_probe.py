@@ -98,7 +98,9 @@ def gqa_model(packed: bool, rotary: bool, dtype=np.float16):
     outputs = [helper.make_tensor_value_info("output", t, ["B", "S", HEADS * HEAD])]
     outputs += [helper.make_tensor_value_info(n, t, ["B", KV_HEADS, "T", HEAD]) for n in ("present_key", "present_value")]
     graph = helper.make_graph([node], "gqa", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    # IR 10, not this onnx's default: an older onnxruntime (the GPU image's 1.31) refuses newer IR versions
+    ops = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=ops, ir_version=10)
 
 
 def _session(model, provider: str):

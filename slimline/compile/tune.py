@@ -114,7 +114,8 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
         single.attribute.extend(node.attribute)
         io = [helper.make_tensor_value_info(x, dtype, [2, rows, width]) for x in node.input[:2]]
         out = [helper.make_tensor_value_info("y", dtype, None)]
-        fused = helper.make_model(helper.make_graph([single], "fused", io, out, weights), opset_imports=opset)
+        graph = helper.make_graph([single], "fused", io, out, weights)
+        fused = helper.make_model(graph, opset_imports=opset, ir_version=model.ir_version)  # what this ORT loads
         plain = onnx.ModelProto.FromString(fused.SerializeToString())
         unfuse(plain, op_type)
         np_type = helper.tensor_dtype_to_np_dtype(dtype)

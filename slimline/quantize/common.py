@@ -130,7 +130,7 @@ def single_matmul(k: int, n: int, seed: int = 0) -> Any:
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["rows", n])],
         [numpy_helper.from_array(w, "W")],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)  # loads on older ORT too
 
 
 def kernel_speedups(
