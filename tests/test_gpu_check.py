@@ -147,3 +147,30 @@ def test_gpu_session_script_parses_and_names_its_steps():
     for step in ("setup)", "stash)", "fp16)", "int4)", "minilm)"):
         assert step in text
     assert 'weights_from_source.py" rebuild' in text  # artifacts are rebuilt and hash-checked there
+
+
+def test_trim_cuda_kernels_zeroes_other_architectures_only():
+    """benchmarks/trim_cuda_kernels.py on a synthetic fat binary: two containers, SASS for sm_80 and
+    sm_90 plus PTX; keeping 90 zeroes sm_80's SASS and nothing else, and leaves the size unchanged."""
+    import struct
+
+    spec = importlib.util.spec_from_file_location("trim", SCRIPT.parent / "trim_cuda_kernels.py")
+    trim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trim)
+
+    def entry(kind: int, arch: int, payload: bytes) -> bytes:
+        header = struct.pack("<HHIQ", kind, 0, 32, len(payload)) + bytes(12) + struct.pack("<I", arch)
+        return header + payload
+
+    def container(*items: bytes) -> bytes:
+        body = b"".join(items)
+        return struct.pack("<IHHQ", trim.MAGIC, 1, 16, len(body)) + body
+
+    blob = bytearray(bytes(8))  # padding before the first container is skipped
+    blob += container(entry(trim.SASS, 80, b"\x11" * 40), entry(trim.PTX, 80, b"\x22" * 24))
+    blob += container(entry(trim.SASS, 90, b"\x33" * 16))
+    found = [(kind, arch, size) for _, size, kind, arch in trim.entries(blob, 0, len(blob))]
+    assert found == [(trim.SASS, 80, 40), (trim.PTX, 80, 24), (trim.SASS, 90, 16)]
+    before = len(blob)
+    assert trim.trim(blob, 0, len(blob), {90}) == 40
+    assert len(blob) == before and b"\x11" not in blob and b"\x22" * 24 in blob and b"\x33" * 16 in blob
