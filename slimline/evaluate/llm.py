@@ -231,7 +231,7 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
         rows = [_row(v, "-", "accuracy", None, None, None, None, {}) for v in ("baseline", "compressed")]
         for r in rows:  # no target ran: the artifact was never scored
             base = r["variant"] == "baseline"
-            r.update({"size_mb": base_size if base else art_size, "accuracy": base_acc if base else {}, "peak_rss_mb": None})
+            r.update({"size_mb": base_size if base else art_size, "accuracy": base_acc if base else {}})
     budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
         **report_header(recipe, name, folder, reference.info.source, "text-generation", ctx.data, threads),
@@ -372,5 +372,6 @@ def _row(
         "latency_ms_p99": None,
         "throughput_per_s": round(throughput, 2) if throughput is not None else None,
         "speedup": None,
+        "peak_rss_mb": None,
         "peak_gpu_mb": None,
     }
