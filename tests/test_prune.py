@@ -207,3 +207,20 @@ def test_structured_refit_to_the_original_corrects_upstream_error(ctx):
     assert original[key] > layer[key] + 0.002  # measured 0.9775 vs 0.9718
     with pytest.raises(StageError, match="needs refit"):
         Structured(ffn_sparsity=0.5, refit=False, refit_target="original").run(ctx.reference, ctx)
+
+
+def test_refit_to_the_original_keeps_a_layer_whose_inputs_carry_no_error(ctx):
+    """The refit's ridge pulls toward the layer's current weights, not toward zero: a layer that already
+    reproduces the original (nothing upstream was pruned) keeps its trained weights. (Pulled toward
+    zero, every unpruned layer was refit to the calibration text; on MiniLM with 3% of FFN channels
+    cut that cost 0.0012 of mean cosine on the held-out plays.)"""
+    from slimline.prune.common import calibration_batches, clone
+    from slimline.prune.structured import _refit_to_original, bert_blocks
+
+    ref = ctx.reference
+    copy = clone(ref)
+    block, original_block = bert_blocks(copy.model)[0], bert_blocks(ref.model)[0]
+    before = block.output.dense.weight.detach().clone()
+    with torch.no_grad():
+        _refit_to_original(copy.model, block.output, ref.model, original_block.output, calibration_batches(copy, texts(40)), 0.01)
+    assert torch.allclose(block.output.dense.weight, before, atol=1e-5)

@@ -524,7 +524,10 @@ def _refit_to_original(model, module, original, original_module, batches, damp: 
     finally:
         for handle in handles:
             handle.remove()
-    h = h + damp * h.diagonal()[:-1].mean() * torch.eye(h.shape[0], dtype=h.dtype)
-    w = torch.linalg.solve(h, c).T
+    # Ridge toward the weights the layer has now, not toward zero: a layer whose inputs carry no error
+    # keeps its trained weights, instead of trading them for a fit to the calibration text.
+    lam = damp * h.diagonal()[:-1].mean()
+    w0 = torch.cat([module.dense.weight, module.dense.bias[:, None]], 1).double()
+    w = torch.linalg.solve(h + lam * torch.eye(h.shape[0], dtype=h.dtype), c + lam * w0.T).T
     module.dense.weight.copy_(w[:, :-1].to(module.dense.weight.dtype))
     module.dense.bias.copy_(w[:, -1].to(module.dense.bias.dtype))
