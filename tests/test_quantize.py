@@ -110,7 +110,16 @@ def test_fake_quant_reproduces_ort_dynamic_int8(tiny_bert_dir, fused, tmp_path, 
     assert counts["linear"] >= 12 and counts["embedding"] == 3
     np.testing.assert_array_equal(restored, plain)  # leaving the block restores the float forward
     sim_err, float_err = np.abs(simulated - real).max(), np.abs(plain - real).max()
-    # Per-channel: the same integers, so only float summation order differs (measured 7e-7 vs 0.025).
+    # Per-channel: the same integers, so with VNNI only float summation order differs (measured 7e-7
+    # vs 0.025). Without VNNI, ORT's AVX2 u8s8 kernel (vpmaddubsw) saturates pairs of products in
+    # int16, which the simulation does not model (measured 0.0095 vs 0.0257 on an AVX2-only EPYC).
     # Per-tensor: ORT's QAttention shares one weight scale over Q, K and V together, the simulation
     # one per projection (measured 5e-4 vs 0.025).
-    assert sim_err < float_err / (1000 if per_channel else 10), (sim_err, float_err)
+    exact = per_channel and _has_vnni()
+    assert sim_err < float_err / (1000 if exact else 2 if per_channel else 10), (sim_err, float_err)
+
+
+def _has_vnni() -> bool:
+    from slimline.env import host_info
+
+    return any("vnni" in f for f in host_info(1)["isa"])
