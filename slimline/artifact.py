@@ -25,6 +25,7 @@ class ModelInfo:
     task: str  # feature-extraction | text-classification
     pooling: str = "mean"  # for feature-extraction: mean | cls
     file_hashes: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, str] = field(default_factory=dict)  # e.g. the hub repository and the commit it resolved to
 
 
 @dataclass

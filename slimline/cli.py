@@ -3,30 +3,104 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from slimline import __version__
 from slimline.errors import SlimlineError
 
 console = Console()
 err_console = Console(stderr=True)
+MAX_MESSAGE = 4000  # characters: an error never echoes unbounded input
 
 
-def _fail(err: SlimlineError) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
-    sys.exit(err.exit_code)
+def _say_error(message: str, code: int = 2) -> NoReturn:
+    """One paragraph on stderr, printed as plain text (a path like `tiny[ft-v2]` is not markup)."""
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 3] + "..."
+    err_console.print(Text("error: ", style="bold red") + Text(message), highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def _os_error(err: OSError) -> str:
+    """An environment failure (full disk, permissions, a read-only or special file system) in words."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (
+            f"no space left on the device{where}: the run stopped and nothing half-written was kept. Free some space, "
+            "or point --out (and TMPDIR, for scratch) at a disk with room."
+        )
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied{where}. Choose a folder you can write, or fix its permissions."
+    if err.errno == errno.EROFS:
+        return f"the file system is read-only{where}. Choose a writable folder."
+    return f"{err.strerror or type(err).__name__}{where}. Check the path and the disk, then run again."
 
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def _leave_interrupted(what: str) -> NoReturn:
+    # The command's own cleanup is done (finally blocks ran). Ignore further signals and leave without
+    # the interpreter's shutdown: under heavy load a fresh-clone suite twice saw the process end by
+    # SIGINT (status -2) after this message, i.e. a KeyboardInterrupt raised where nothing can catch it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    err_console.print(Text("interrupted", style="red") + Text(f": {what}"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def guarded(interrupted: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The one error path of every command: a user's mistake or an environment failure ends with one
+    plain paragraph and exit 2, an interrupt (Ctrl-C, SIGTERM from a cancelled CI job) with exit 130
+    after the command's cleanup; never a traceback. Exit 1 is reserved for "a budget failed"."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            signal.signal(signal.SIGTERM, _interrupt)
+            try:
+                return fn(*args, **kwargs)
+            except SlimlineError as err:
+                _say_error(str(err), err.exit_code)
+            except KeyboardInterrupt:
+                _leave_interrupted(interrupted)
+            except MemoryError:
+                _say_error("out of memory. Lower the batch sizes or lengths in the recipe, or use a machine with more memory.")
+            except OSError as err:
+                _say_error(_os_error(err))
+            except RecursionError:
+                _say_error("an input is nested too deeply to be read (a recipe, report or data file). Check the files given.")
+            except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+                raise
+            except Exception as err:  # noqa: BLE001 - the last line of defence; SLIMLINE_DEBUG=1 shows the traceback
+                if os.environ.get("SLIMLINE_DEBUG"):
+                    raise
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                _say_error(
+                    f"slimline could not finish: {type(err).__name__}: {first}. If the inputs are valid, this is a bug "
+                    "in slimline: run again with SLIMLINE_DEBUG=1 for the traceback, and report it."
+                )
+
+        return command
+
+    return wrap
 
 
 def _load_recipe(recipe: str, overrides: tuple[str, ...]):
@@ -35,6 +109,25 @@ def _load_recipe(recipe: str, overrides: tuple[str, ...]):
 
     path = find_recipe(recipe)
     return path, recipe_mod.load(path, overrides)
+
+
+def _print_verdict(report: dict, report_md: Path) -> None:
+    """Print a finished evaluation's report and exit 1 if a budget failed (0 otherwise)."""
+    from slimline.evaluate.report import verdict
+
+    click.echo(report_md.read_text())
+    word = verdict(report)
+    if word == "FAILED":
+        for b in report["budgets"]:
+            if not b["passed"]:
+                line = f"budget failed: {b['name']} [{b['target']}]: value {b['value']} vs limit {b['limit']} {b.get('note', '')}"
+                err_console.print(Text(line, style="red"), highlight=False)
+        sys.exit(1)
+    if word == "NO BUDGETS":
+        err_console.print(
+            Text("NO BUDGETS: the report checks nothing, so nothing passed or failed. Add evaluate.budgets to gate on it."),
+            style="yellow",
+        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,41 +148,19 @@ def main() -> None:
 )
 @click.option("--force", is_flag=True, help="replace an existing run folder")
 @click.option("--no-eval", is_flag=True, help="build the artifact only; skip evaluation")
+@guarded("no output folder was written.")
 def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, no_eval: bool) -> None:
     """Run RECIPE (a YAML file or a built-in recipe name) and write the run folder."""
-    from slimline.pipeline import check_output, run_recipe
+    from slimline.pipeline import run_recipe
     from slimline.progress import RichReporter
 
-    signal.signal(signal.SIGTERM, _interrupt)  # a cancelled CI job cleans up like Ctrl-C does
-    try:
-        path, parsed = _load_recipe(recipe, overrides)
-        out = out or Path("runs") / parsed.name
-        check_output(out, force)
-        with RichReporter(err_console) as reporter:
-            report = run_recipe(parsed, out, force=force, reporter=reporter, recipe_path=str(path), evaluate=not no_eval)
-    except SlimlineError as err:
-        _fail(err)
-    except KeyboardInterrupt:
-        # The run's own cleanup is done. Ignore further signals and leave without the interpreter's
-        # shutdown: under heavy load a fresh-clone suite twice saw the process end by SIGINT (status -2)
-        # after this message, i.e. a KeyboardInterrupt raised where no handler here can catch it.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        err_console.print("[red]interrupted[/red]: no output folder was written.")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    console.print(f"run folder: [bold]{out}[/bold]")
-    if not report:
-        return
-    click.echo((out / "report.md").read_text())
-    if not report["passed"]:
-        failed = [b for b in report["budgets"] if not b["passed"]]
-        for b in failed:
-            err_console.print(
-                f"[red]budget failed[/red]: {b['name']} [{b['target']}]: value {b['value']} vs limit {b['limit']} {b.get('note', '')}"
-            )
-        sys.exit(1)
+    path, parsed = _load_recipe(recipe, overrides)
+    out = out or Path("runs") / parsed.name
+    with RichReporter(err_console) as reporter:
+        report = run_recipe(parsed, out, force=force, reporter=reporter, recipe_path=str(path), evaluate=not no_eval)
+    console.print(Text("run folder: ") + Text(str(out), style="bold"))
+    if report:
+        _print_verdict(report, out / "report.md")
 
 
 @main.command()
@@ -97,37 +168,32 @@ def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, 
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override the run's recipe, e.g. evaluate.targets=[ort-cuda]"
 )
+@guarded("the run folder was left as it was (no report was replaced).")
 def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
     """Evaluate RUN_DIR's artifact again on this machine (built elsewhere with `run --no-eval`)."""
     from slimline.pipeline import evaluate_folder
     from slimline.progress import RichReporter
 
-    try:
-        with RichReporter(err_console) as reporter:
-            report = evaluate_folder(run_dir, overrides, reporter)
-    except SlimlineError as err:
-        _fail(err)
-    click.echo((run_dir / "report.md").read_text())
-    if not report["passed"]:
-        sys.exit(1)
+    with RichReporter(err_console) as reporter:
+        report = evaluate_folder(run_dir, overrides, reporter)
+    _print_verdict(report, run_dir / "report.md")
 
 
 @main.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@guarded("nothing was written.")
 def validate(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check RECIPE without running it (keys, types, stage order)."""
     from slimline.recipe import dump
 
-    try:
-        path, parsed = _load_recipe(recipe, overrides)
-    except SlimlineError as err:
-        _fail(err)
-    console.print(f"{path}: valid ({len(parsed.stages)} stages)")
+    path, parsed = _load_recipe(recipe, overrides)
+    console.print(Text(f"{path}: valid ({len(parsed.stages)} stages)"))
     click.echo(dump(parsed))
 
 
 @main.command("recipes")
+@guarded("nothing was written.")
 def list_recipes() -> None:
     """List the built-in recipes."""
     from slimline.builtin import builtin_recipes
@@ -139,7 +205,7 @@ def list_recipes() -> None:
             r = load(path)
             table.add_row(name, r.model.source, " -> ".join(s.kind for s in r.stages), r.description)
         except SlimlineError as err:
-            table.add_row(name, "?", f"[red]invalid: {err}[/red]", "")
+            table.add_row(name, "?", Text(f"invalid: {err}", style="red"), "")
     console.print(table)
 
 
@@ -171,42 +237,44 @@ def _print_fusions(info: dict) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @click.option("--fusions", is_flag=True, help="which fusion rules match where, and why the others don't")
+@guarded("nothing was written.")
 def inspect(path: Path, as_json: bool, fusions: bool) -> None:
     """Op counts, size, inputs/outputs and the manifest summary of an ONNX file or run folder."""
+    from slimline.evaluate.report import VERDICT_WORD
     from slimline.inspection import inspect_fusions, inspect_path
 
-    try:
-        info = inspect_fusions(path) if fusions else inspect_path(path)
-    except SlimlineError as err:
-        _fail(err)
+    info = inspect_fusions(path) if fusions else inspect_path(path)
     if fusions and not as_json:
         _print_fusions(info)
         return
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    console.print(f"[bold]{info['path']}[/bold]  {info['size_mb']} MB, {info['nodes']} nodes, opsets {info['opsets']}")
+    say = functools.partial(console.print, markup=False, highlight=False)
+    say(f"{info['path']}  {info['size_mb']} MB, {info['nodes']} nodes, opsets {info['opsets']}")
     io = Table("", "name", "type", "shape")
     for kind in ("inputs", "outputs"):
         for v in info[kind]:
-            io.add_row(kind[:-1], v["name"], v["type"], str(v["shape"]))
+            io.add_row(kind[:-1], Text(v["name"]), v["type"], Text(str(v["shape"])))
     console.print(io)
     ops = Table("op", "count")
     for op, n in info["ops"].items():
-        ops.add_row(op, str(n))
+        ops.add_row(Text(op), str(n))
     console.print(ops)
     if "manifest" in info:
         m = info["manifest"]
-        console.print(f"recipe [bold]{m['recipe']}[/bold] on {m['model']}, finished {m['finished']}")
-        console.print("stages: " + ", ".join(f"{s['kind']} ({s['wall_s']}s)" for s in m["stages"]))
-        console.print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+        say(f"recipe {m['recipe']} on {m['model']}, finished {m['finished']}")
+        say("stages: " + ", ".join(f"{s['kind']} ({s['wall_s']}s)" for s in m["stages"]))
+        say("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
     if "report" in info:
-        console.print(f"report: {'PASSED' if info['report']['passed'] else 'FAILED'}")
-        for target, s in info["report"]["summary"].items():
+        r = info["report"]
+        note = " (recomputed; the stored verdict differs)" if r.get("stored_verdict_differs") else ""
+        say(f"report: {VERDICT_WORD[r['verdict']]}{note}")
+        for target, s in r["summary"].items():
             figures = {
                 k: s.get(k) for k in ("mean_cosine", "top10_overlap", "speedup", "traffic_speedup", "peak_rss_mb", "size_mb")
             }
-            console.print(f"  {target}: " + ", ".join(f"{k} {v}" for k, v in figures.items() if v is not None), highlight=False)
+            say(f"  {target}: " + ", ".join(f"{k} {v}" for k, v in figures.items() if v is not None))
 
 
 @main.command()
@@ -220,15 +288,13 @@ def inspect(path: Path, as_json: bool, fusions: bool) -> None:
 )
 @click.option("--require", multiple=True, metavar="TARGET", help="fail if this target was skipped (e.g. ort-cuda)")
 @click.option("--junit", type=click.Path(path_type=Path), help="write JUnit XML, one test case per budget")
+@guarded("nothing was written.")
 def check(run_dir: Path, overrides: tuple[str, ...], require: tuple[str, ...], junit: Path | None) -> None:
     """Check RUN_DIR's budgets: exit 0 if all hold, 1 if any fails, 2 for bad input."""
-    from slimline.evaluate.gate import junit_xml, run_check
+    from slimline.evaluate.gate import junit_xml, run_check, write_junit
     from slimline.evaluate.report import budget_line
 
-    try:
-        report, rows = run_check(run_dir, list(overrides), list(require))
-    except SlimlineError as err:
-        _fail(err)
+    report, rows = run_check(run_dir, list(overrides), list(require))
     for row in rows:
         console.print(budget_line(row), style="green" if row["passed"] else "red", markup=False, highlight=False)
     for s in report.get("skipped_targets", []):
@@ -236,29 +302,22 @@ def check(run_dir: Path, overrides: tuple[str, ...], require: tuple[str, ...], j
             console.print(f"SKIP target {s['target']}: {s['reason']}", style="yellow", markup=False, highlight=False)
     failed = sum(not r["passed"] for r in rows)
     if junit:
-        junit.parent.mkdir(parents=True, exist_ok=True)
-        junit.write_text(junit_xml(report, rows))
-    console.print(f"{len(rows) - failed} passed, {failed} failed" + (f" (JUnit: {junit})" if junit else ""))
+        write_junit(junit, junit_xml(report, rows))
+    console.print(f"{len(rows) - failed} passed, {failed} failed" + (f" (JUnit: {junit})" if junit else ""), markup=False)
     sys.exit(1 if failed else 0)
 
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for compare.{md,json,png,html}")
+@guarded("no comparison was written.")
 def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
     """Put several runs side by side, with the Pareto frontier (speedup x mean cosine) marked."""
     from slimline.evaluate.compare import write_comparison
 
-    try:
-        write_comparison(list(run_dirs), out)
-    except SlimlineError as err:
-        _fail(err)
+    write_comparison(list(run_dirs), out)
     click.echo((out / "compare.md").read_text())
-    console.print(f"written: {out}/compare.md, compare.json, compare.png, compare.html")
-
-
-if __name__ == "__main__":
-    main()
+    console.print(f"written: {out}/compare.md, compare.json, compare.png, compare.html", markup=False)
 
 
 @main.command()
@@ -278,6 +337,7 @@ if __name__ == "__main__":
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--chat", is_flag=True, help="wrap the prompt in the tokenizer's chat template")
 @click.option("--threads", default=0, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores)")
+@guarded("generation stopped.")
 def generate(
     run_dir: Path,
     prompts: tuple[str, ...],
@@ -297,63 +357,64 @@ def generate(
 
     from slimline.generate import GenerationError, OnnxDecoder, Sampling, eos_ids
 
-    try:
-        path = run_dir / "model.onnx"
-        if not path.is_file():
-            raise GenerationError(
-                f"{run_dir}: no model.onnx. Give the folder of a finished `slimline run` of a text-generation recipe."
-            )
-        from transformers import AutoConfig, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(run_dir)
-            config = AutoConfig.from_pretrained(run_dir)
-        except (OSError, ValueError) as e:
-            raise GenerationError(f"{run_dir}: no tokenizer/config beside model.onnx ({str(e).splitlines()[0][:200]}).") from None
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            if chat and tokenizer.chat_template
-            else p
-            for p in prompts
-        ]
-        rows = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
-        lengths = [len(r) for r in rows]
-        ids = np.array([r + [rows[0][0]] * (max(lengths) - len(r)) for r in rows], np.int64)  # right-padded
-        context = getattr(config, "max_position_embeddings", None)
-        if context and ids.shape[1] + max_new_tokens > context:
-            raise GenerationError(
-                f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's "
-                f"context of {context}. Shorten the prompt or lower --max-new-tokens."
-            )
-        decoder = OnnxDecoder(path, threads, max_context=context)
-        sampling = Sampling(max_new_tokens, sample, temperature, top_k, top_p, seed, eos_ids(tokenizer, config))
-        if len(rows) > 1:  # a batch: no streaming; each continuation printed when all are done
-            t0 = time.perf_counter()
-            out = decoder.generate(ids, sampling, lengths=lengths)
-            wall = time.perf_counter() - t0
-            for i, row in enumerate(out):
-                kept = [int(t) for t in row if int(t) not in sampling.eos_ids]
-                click.echo(f"[{i}] {prompts[i]}{tokenizer.decode(kept, skip_special_tokens=True)}")
-            console.print(f"[dim]{out.size} tokens in {wall:.2f}s ({out.size / wall:.1f} tokens/s, {len(rows)} prompts)[/dim]")
-            return
-        emitted: list[int] = []
-        shown = ""
-
-        def stream(token) -> None:  # noqa: ANN001
-            nonlocal shown
-            if int(token[0]) in sampling.eos_ids:
-                return
-            emitted.append(int(token[0]))
-            text = tokenizer.decode(emitted, skip_special_tokens=True)
-            click.echo(text[len(shown) :], nl=False)
-            shown = text
-
-        t0 = time.perf_counter()
-        out = decoder.generate(ids, sampling, stream)
-        wall = time.perf_counter() - t0
-        click.echo("")
-        console.print(
-            f"[dim]{out.shape[1]} tokens in {wall:.2f}s ({out.shape[1] / wall:.1f} tokens/s, prompt {ids.shape[1]} tokens)[/dim]"
+    path = run_dir / "model.onnx"
+    if not path.is_file():
+        raise GenerationError(
+            f"{run_dir}: no model.onnx. Give the folder of a finished `slimline run` of a text-generation recipe."
         )
-    except SlimlineError as err:
-        _fail(err)
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(run_dir)
+        config = AutoConfig.from_pretrained(run_dir)
+    except (OSError, ValueError) as e:
+        raise GenerationError(f"{run_dir}: no tokenizer/config beside model.onnx ({str(e).splitlines()[0][:200]}).") from None
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        if chat and tokenizer.chat_template
+        else p
+        for p in prompts
+    ]
+    rows = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    lengths = [len(r) for r in rows]
+    ids = np.array([r + [rows[0][0]] * (max(lengths) - len(r)) for r in rows], np.int64)  # right-padded
+    context = getattr(config, "max_position_embeddings", None)
+    if context and ids.shape[1] + max_new_tokens > context:
+        raise GenerationError(
+            f"the prompt has {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} that exceeds the model's "
+            f"context of {context}. Shorten the prompt or lower --max-new-tokens."
+        )
+    decoder = OnnxDecoder(path, threads, max_context=context)
+    sampling = Sampling(max_new_tokens, sample, temperature, top_k, top_p, seed, eos_ids(tokenizer, config))
+    if len(rows) > 1:  # a batch: no streaming; each continuation printed when all are done
+        t0 = time.perf_counter()
+        out = decoder.generate(ids, sampling, lengths=lengths)
+        wall = time.perf_counter() - t0
+        for i, row in enumerate(out):
+            kept = [int(t) for t in row if int(t) not in sampling.eos_ids]
+            click.echo(f"[{i}] {prompts[i]}{tokenizer.decode(kept, skip_special_tokens=True)}")
+        console.print(f"[dim]{out.size} tokens in {wall:.2f}s ({out.size / wall:.1f} tokens/s, {len(rows)} prompts)[/dim]")
+        return
+    emitted: list[int] = []
+    shown = ""
+
+    def stream(token) -> None:  # noqa: ANN001
+        nonlocal shown
+        if int(token[0]) in sampling.eos_ids:
+            return
+        emitted.append(int(token[0]))
+        text = tokenizer.decode(emitted, skip_special_tokens=True)
+        click.echo(text[len(shown) :], nl=False)
+        shown = text
+
+    t0 = time.perf_counter()
+    out = decoder.generate(ids, sampling, stream)
+    wall = time.perf_counter() - t0
+    click.echo("")
+    console.print(
+        f"[dim]{out.shape[1]} tokens in {wall:.2f}s ({out.shape[1] / wall:.1f} tokens/s, prompt {ids.shape[1]} tokens)[/dim]"
+    )
+
+
+if __name__ == "__main__":
+    main()

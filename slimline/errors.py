@@ -31,3 +31,7 @@ class StageError(SlimlineError):
 
 class OutputError(SlimlineError):
     """The output folder can't be written (it holds a run, or is not writable)."""
+
+
+class ResourceError(SlimlineError):
+    """The machine can't hold what the run needs (disk, memory), or a write failed for lack of space."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,36 @@ def _unreadable(path: Path, err: Exception) -> ModelError:
     return ModelError(f"{path}: not a readable ONNX model ({type(err).__name__}). Is the file complete?")
 
 
+def _manifest_summary(folder: Path) -> dict[str, Any]:
+    """The parts of a run's manifest that inspect shows; a damaged manifest is a clear error."""
+    from slimline.runfolder import read_manifest
+
+    manifest = read_manifest(folder)
+    try:
+        if manifest is None:
+            raise TypeError("not a slimline manifest")
+        versions = manifest.get("versions") or {}
+        return {
+            "recipe": str(manifest["recipe"]["name"]),
+            "model": str(manifest["inputs"]["model"]),
+            "finished": manifest.get("finished"),
+            "stages": [{"kind": str(s["kind"]), "wall_s": s.get("wall_s")} for s in manifest.get("stages", [])],
+            "versions": {k: versions.get(k) for k in ("torch", "transformers", "onnxruntime")},
+        }
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ModelError(
+            f"{folder / 'manifest.json'}: damaged or not a slimline manifest ({type(err).__name__}: {str(err)[:80]}). "
+            "Run the recipe again to rebuild the folder."
+        ) from None
+
+
 def inspect_path(path: Path) -> dict[str, Any]:
     import onnx
 
     folder = path if path.is_dir() else None
     path = _model_file(path)
+    if path.is_dir():
+        raise ModelError(f"{path}: is a folder; give an ONNX file or a slimline run folder (with model.onnx).")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # onnx raises DecodeError, ValueError, ... for a corrupt file
@@ -56,17 +80,15 @@ def inspect_path(path: Path) -> dict[str, Any]:
         "outputs": io(model.graph.output),
     }
     if folder is not None and (folder / "manifest.json").exists():
-        manifest = json.loads((folder / "manifest.json").read_text())
-        info["manifest"] = {
-            "recipe": manifest["recipe"]["name"],
-            "model": manifest["inputs"]["model"],
-            "finished": manifest.get("finished"),
-            "stages": [{"kind": s["kind"], "wall_s": s["wall_s"]} for s in manifest["stages"]],
-            "versions": {k: manifest["versions"].get(k) for k in ("torch", "transformers", "onnxruntime")},
-        }
+        info["manifest"] = _manifest_summary(folder)
     if folder is not None and (folder / "report.json").exists():
-        report = json.loads((folder / "report.json").read_text())
-        info["report"] = {"passed": report["passed"], "summary": report.get("summary", {})}
+        from slimline.evaluate.gate import judge_report, load_report
+
+        report = load_report(folder)
+        state = judge_report(report).state
+        info["report"] = {"verdict": state, "passed": state == "passed", "summary": report.get("summary", {})}
+        if bool(report["passed"]) != (state == "passed"):
+            info["report"]["stored_verdict_differs"] = True
     return info
 
 

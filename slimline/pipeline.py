@@ -12,17 +12,19 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from slimline.artifact import OnnxModel, TorchModel
 from slimline.env import host_info, package_versions
-from slimline.errors import OutputError
+from slimline.errors import RecipeError
 from slimline.models.loader import sha256_file as sha256
+from slimline.preflight import preflight
 from slimline.recipe import Recipe
+from slimline.runfolder import check_output, make_hidden_dir, make_scratch, make_staging, publish, read_manifest, sweep_stale
 from slimline.stage import Context, Reporter, Stage
 
 # kind -> "module:Class"; imported lazily so that validating a recipe imports no torch.
@@ -50,30 +52,6 @@ def stage_class(kind: str) -> type[Stage]:
 
 
 # -- the artifact folder ---------------------------------------------------------------------------
-
-
-def check_output(out: Path, force: bool) -> None:
-    """Refuse to overwrite a run (before any compute), unless forced."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: is a file, not a folder. Choose another --out.")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        what = "a slimline run" if (out / "manifest.json").exists() else "files"
-        raise OutputError(f"--out {out}: the folder already holds {what}. Pass --force to replace it, or choose another --out.")
-    parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"--out {out}: can't write in {parent}. Choose a writable folder.")
-
-
-def publish(staging: Path, out: Path) -> None:
-    """Move the finished run into place; an existing run is replaced only once the new one is whole."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_final(artifact: Any, folder: Path) -> list[str]:
@@ -120,17 +98,23 @@ def run_recipe(
     recipe_path: str | None = None,
     evaluate: bool = True,
 ) -> dict[str, Any]:
-    """Run every stage, save the artifact, evaluate it, and publish the folder. Returns the report."""
+    """Run every stage, save the artifact, evaluate it, and publish the folder. Returns the report.
+
+    Nothing is computed before the output folder, the data, the lengths, the free disk and the free
+    memory have been checked (``check_output``, ``preflight``)."""
     reporter = reporter or Reporter()
     out = Path(out)
-    check_output(out, force)
+    seen = check_output(out, force)
+    for line in sweep_stale(out.resolve().parent):
+        reporter.info(line)
     started = datetime.now(timezone.utc)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
-    scratch = Path(tempfile.mkdtemp(prefix="slimline-"))
+    staging = make_staging(out)
+    scratch = make_scratch()
     try:
         t0 = time.perf_counter()
         ctx = _context(recipe, scratch, reporter)
         artifact, spec = ctx.reference, recipe.model
+        preflight(recipe, ctx, staging, scratch, evaluate=evaluate)
         stages_log: list[dict[str, Any]] = [
             {
                 "kind": "model.load",
@@ -167,6 +151,7 @@ def run_recipe(
             )
         manifest = {
             "slimline_manifest": 1,
+            "run_id": uuid.uuid4().hex,
             "recipe": recipe.model_dump(mode="json"),
             "recipe_path": recipe_path,
             "command": " ".join(sys.argv),
@@ -174,13 +159,15 @@ def run_recipe(
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(),
             "host": host_info(ctx.threads),
-            "inputs": {"model": spec.source, "files": artifact.info.file_hashes},
+            "inputs": {"model": spec.source, **artifact.info.provenance, "files": artifact.info.file_hashes},
             "outputs": {f: sha256(staging / f) for f in files + sorted(p.name for p in staging.glob("report.*"))},
             "stages": stages_log,
             "warnings": list(reporter.warnings),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        publish(staging, out)
+        _, notes = publish(staging, out, seen, force)
+        for note in notes:
+            reporter.warn(note)
         return report or {}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -188,34 +175,58 @@ def run_recipe(
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Reporter | None = None) -> dict[str, Any]:
-    """Evaluate a run folder's ONNX artifact again, here: build on one machine (``run --no-eval``),
-    measure on the target machine (a GPU host). The recipe comes from the folder's manifest, with
-    ``overrides`` (``evaluate.targets=[ort-cuda]``); the reference model is loaded from its source.
-    Writes report.* into the folder and appends the evaluation to its manifest."""
-    from slimline import recipe as recipe_mod
-    from slimline.artifact import OnnxModel
-    from slimline.errors import RecipeError
-
-    reporter = reporter or Reporter()
-    run_dir = Path(run_dir)
+def load_run_manifest(run_dir: Path) -> dict[str, Any]:
+    """A run folder's manifest, checked enough that what reads it can't crash on it."""
     manifest_path = run_dir / "manifest.json"
     if not manifest_path.is_file() or not (run_dir / "model.onnx").is_file():
         raise RecipeError(
             f"{run_dir}: not a run folder with an ONNX artifact (manifest.json and model.onnx). Give a folder written by `slimline run`."
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(run_dir)
+    if manifest is None or not isinstance(manifest.get("recipe"), dict):
+        raise RecipeError(
+            f"{manifest_path}: damaged or not a slimline manifest (it must be a JSON object with `slimline_manifest` and "
+            "`recipe`). Run the recipe again to rebuild the folder."
+        )
+    if not isinstance(manifest.get("stages", []), list):
+        raise RecipeError(f"{manifest_path}: `stages` is not a list; the manifest is damaged. Run the recipe again.")
+    return manifest
+
+
+def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Reporter | None = None) -> dict[str, Any]:
+    """Evaluate a run folder's ONNX artifact again, here: build on one machine (``run --no-eval``),
+    measure on the target machine (a GPU host). The recipe comes from the folder's manifest, with
+    ``overrides`` (``evaluate.targets=[ort-cuda]``); the reference model is loaded from its source.
+    The reports are built in a hidden folder and moved into the run folder when complete, then the
+    manifest gains the evaluation: an interrupted evaluation leaves the folder as it was."""
+    from slimline import recipe as recipe_mod
+    from slimline.artifact import OnnxModel
+
+    reporter = reporter or Reporter()
+    run_dir = Path(run_dir)
+    manifest = load_run_manifest(run_dir)
+    manifest_path = run_dir / "manifest.json"
     raw = json.loads(json.dumps(manifest["recipe"]))  # the manifest keeps the recipe the artifact was built with
     for text in overrides:
         recipe_mod.apply_override(raw, text)
     recipe = recipe_mod.from_dict(raw, f"{manifest_path}:recipe")
-    scratch = Path(tempfile.mkdtemp(prefix="slimline-"))
+    if recipe.output_type is not OnnxModel:
+        raise RecipeError(f"{run_dir}: its recipe produces a torch model; `slimline evaluate` re-measures ONNX artifacts.")
+    for line in sweep_stale(run_dir):
+        reporter.info(line)
+    scratch = make_scratch()
+    staging = make_hidden_dir(run_dir, ".evaluate.partial-")
     try:
         ctx = _context(recipe, scratch, reporter)
         reference = ctx.reference
-        artifact = OnnxModel(run_dir / "model.onnx", reference.tokenizer, reference.info, reference.config)
+        preflight(recipe, ctx, staging, scratch, evaluate=True, build=False)
+        staged_model = staging / "model.onnx"  # the evaluators read the artifact beside their reports
+        staged_model.symlink_to((run_dir / "model.onnx").resolve())
+        for data in run_dir.glob("model.onnx.data"):
+            (staging / data.name).symlink_to(data.resolve())
+        artifact = OnnxModel(staged_model, reference.tokenizer, reference.info, reference.config)
         t0 = time.perf_counter()
-        report = evaluate_artifact(recipe, ctx, artifact, run_dir, reporter, name=run_dir.name)
+        report = evaluate_artifact(recipe, ctx, artifact, staging, reporter, name=run_dir.name)
         manifest.setdefault("stages", []).append(
             {
                 "kind": "evaluate",
@@ -226,10 +237,17 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
                 "report": {"passed": report["passed"]},
             }
         )
-        manifest_path.write_text(json.dumps(manifest, indent=2, default=str))
+        outputs = manifest.setdefault("outputs", {})
+        if isinstance(outputs, dict):
+            outputs.update({p.name: sha256(p) for p in sorted(staging.glob("report.*"))})
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        for path in sorted(staging.glob("report.*")):
+            os.replace(path, run_dir / path.name)
+        os.replace(staging / "manifest.json", manifest_path)
         return report
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _context(recipe: Recipe, scratch: Path, reporter: Reporter) -> Context:

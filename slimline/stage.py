@@ -90,7 +90,7 @@ class StageResult:
 class Stage(BaseModel):
     """Base of every stage. Subclasses set ``kind``, ``consumes``, ``produces`` and ``run``."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     kind: ClassVar[str]
     consumes: ClassVar[tuple[type, ...]]

@@ -51,7 +51,7 @@ def test_bad_override():
 def test_existing_output_refused_before_compute(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")
+    (out / "manifest.json").write_text('{"slimline_manifest": 1, "outputs": {}}')
     assert_user_error(*invoke("run", "minilm-int8", "--out", out), "already holds a slimline run", "--force")
 
 
@@ -97,7 +97,7 @@ def test_sigterm_mid_run_leaves_no_output(tiny_bert_dir, tmp_path):
     import sys
     import time
 
-    data = tiny_recipe(tiny_bert_dir, speed={"batch_sizes": [4], "seq_len": 16, "repeats": 100000, "traffic": False})
+    data = tiny_recipe(tiny_bert_dir, speed={"batch_sizes": [4], "seq_len": 16, "repeats": 10000, "traffic": False})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"

@@ -83,13 +83,24 @@ def test_existing_output_is_refused_without_force(tiny_run, tiny_bert_dir):
     assert (out / "manifest.json").read_text() == before
 
 
-def test_force_replaces_a_run(tiny_bert_dir, tmp_path):
+def test_force_replaces_a_run_but_not_a_folder_slimline_did_not_write(tiny_bert_dir, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    run_recipe(R.from_dict(tiny_recipe(tiny_bert_dir, speed={"enabled": False})), out, force=True)
-    assert not (out / "stale.txt").exists() and (out / "model.onnx").exists()
+    recipe = R.from_dict(tiny_recipe(tiny_bert_dir, speed={"enabled": False}))
+    run_recipe(recipe, out)
+    first = json.loads((out / "manifest.json").read_text())["started"]
+    run_recipe(recipe, out, force=True)
+    assert (out / "model.onnx").exists() and json.loads((out / "manifest.json").read_text())["started"] >= first
     assert not leftovers(tmp_path)
+    (out / "notes.txt").write_text("mine")  # a user's file inside the run folder: --force must not delete it
+    with pytest.raises(OutputError, match="did not write.*notes.txt"):
+        run_recipe(recipe, out, force=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "stale.txt").write_text("old")
+    with pytest.raises(OutputError, match="no slimline manifest"):
+        run_recipe(recipe, other, force=True)
+    assert (other / "stale.txt").read_text() == "old"
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt, StageError])

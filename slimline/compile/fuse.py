@@ -15,7 +15,7 @@ check that ONNX and ONNX Runtime load the result, and a parity check against the
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -72,7 +72,9 @@ class Fuse(Stage):
         "slimline",
         description="slimline's fusion rules (encoders and decoders), or ONNX Runtime's transformers optimizer (BERT family)",
     )
-    expect: dict[str, int] = Field(default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}")
+    expect: dict[str, Annotated[int, Field(ge=0, le=1_000_000)]] = Field(
+        default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}"
+    )
     allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
     atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
     skip: list[

@@ -27,10 +27,10 @@ import copy
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, PositiveInt
+from pydantic import Field
 
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
@@ -140,11 +140,11 @@ class Tune(Stage):
     candidates: list[Literal["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"]] = Field(
         default_factory=lambda: list(UNFUSED), description="fused op types to time against their unfused form"
     )
-    batch_sizes: list[PositiveInt] = Field(
-        [1, 32], min_length=1, description="batch sizes timed (the decision must hold at each)"
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
+        [1, 32], min_length=1, max_length=16, description="batch sizes timed (the decision must hold at each)"
     )
-    seq_len: int = Field(128, ge=1, description="tokens per sequence in the timed batches")
-    repeats: int = Field(10, ge=3, description="timed runs per graph and batch size (medians compared)")
+    seq_len: int = Field(128, ge=1, le=131072, description="tokens per sequence in the timed batches")
+    repeats: int = Field(10, ge=3, le=10_000, description="timed runs per graph and batch size (medians compared)")
     min_gain: float = Field(0.03, ge=0, lt=1, description="the unfused form must be this much faster to be kept")
     min_cosine: float = Field(
         0.98,

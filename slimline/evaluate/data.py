@@ -13,9 +13,9 @@ import hashlib
 import importlib.util
 import json
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class TextData:
     evaluation: list[str]
     pairs: list[tuple[str, str]] = field(default_factory=list)
     pair_scores: list[float] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    labels: list[int | str] = field(default_factory=list)  # names become ids against the model's labels (preflight)
 
     def describe(self) -> dict[str, int | str]:
         return {
@@ -102,24 +102,72 @@ def _is_calibration(text: str) -> bool:
     return hashlib.sha1(text.encode("utf-8")).digest()[0] < 52  # ~20% of rows
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+MAX_DATA_BYTES = 2_000_000_000
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) for each row of a .txt/.csv/.tsv/.jsonl file; a row that isn't one is an error."""
     suffix = path.suffix.lower()
+    if path.stat().st_size > MAX_DATA_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size / 1e9:.1f} GB is more than slimline reads as evaluation data (2 GB).")
     try:
         if suffix in (".csv", ".tsv"):
+            csv.field_size_limit(10_000_000)
             with path.open(newline="", encoding="utf-8") as f:
-                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+                return [(reader.line_num, row) for row in reader]
         if suffix in (".jsonl", ".json"):
             rows = []
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{n}: not valid JSON ({e.msg}). JSONL needs one object a line.") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise DataError(f"{path}:{n}: not valid JSON ({why}). JSONL needs one object a line.") from None
+                if not isinstance(row, dict):
+                    raise DataError(
+                        f'{path}:{n}: a JSONL row must be an object like {{"text": "..."}}, but this one is a '
+                        f"{type(row).__name__}. Write one JSON object a line."
+                    )
+                rows.append((n, row))
             return rows
-        return [{"text": t} for t in path.read_text(encoding="utf-8").splitlines() if t.strip()]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return [(n, {"text": t}) for n, t in enumerate(lines, 1) if t.strip()]
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text. Name a .txt, .csv, .tsv or .jsonl file.") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV/TSV file ({str(e)[:120]}).") from None
+
+
+def _cell(path: Path, line: int, row: dict[str, Any], column: str, kind: str) -> Any:
+    """One column of one row, checked: text must be a string, a score a number, a label an int or name."""
+    where = f"{path}:{line}"
+    if column not in row or row[column] is None:
+        have = ", ".join(repr(str(k)[:40]) for k in list(row)[:8])
+        raise DataError(f"{where}: the row has no `{column[:60]}` (it has {have}). Every row needs the recipe's columns.")
+    value = row[column]
+    if kind == "text":
+        if not isinstance(value, str):
+            raise DataError(f"{where}: `{column[:60]}` must be text, but is a {type(value).__name__}. Quote it as a string.")
+        return value
+    if kind == "score":
+        try:
+            number = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number != number or number in (float("inf"), float("-inf")):
+            raise DataError(f"{where}: score `{str(value)[:40]}` in `{column[:60]}` is not a finite number.")
+        return number
+    if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+        raise DataError(f"{where}: label `{str(value)[:40]}` in `{column[:60]}` is not a class id or a label name.")
+    if isinstance(value, (int, float)):
+        return int(value)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: label `{str(value)[:40]}` in `{column[:60]}` is not a class id or a label name.")
+    text = value.strip()
+    return int(text) if text.lstrip("-").isdigit() else text  # a name: checked against the model's labels
 
 
 def load_file(
@@ -136,26 +184,44 @@ def load_file(
     """Rows of a local .txt (one text a line), .csv/.tsv or .jsonl file."""
     if not path.is_file():
         raise DataError(f"evaluate.data: {path} does not exist. Name an existing file or `{BUILTIN_SHAKESPEARE}`.")
-    rows = _read_rows(path)
+    return rows_to_data(
+        str(path), _read_rows(path), text_column, pair_column, score_column, label_column, n_calibration, n_evaluation, seed
+    )
+
+
+def rows_to_data(
+    source: str,
+    rows: list[tuple[int, dict[str, Any]]],
+    text_column: str = "text",
+    pair_column: str | None = None,
+    score_column: str | None = None,
+    label_column: str | None = None,
+    n_calibration: int | None = None,
+    n_evaluation: int | None = None,
+    seed: int = 0,
+) -> TextData:
+    """Checked rows (line number, mapping) as calibration and evaluation texts."""
+    path = Path(source)
     if not rows:
-        raise DataError(f"{path}: holds no rows. Evaluation needs at least a few texts.")
-    missing = [c for c in (text_column, pair_column, score_column, label_column) if c and c not in rows[0]]
+        raise DataError(f"{source}: holds no rows. Evaluation needs at least a few texts.")
+    first = rows[0][1]
+    missing = [c for c in (text_column, pair_column, score_column, label_column) if c and c not in first]
     if missing:
         raise DataError(
-            f"{path}: no column {', '.join(map(repr, missing))}; the file has {sorted(rows[0])}. "
+            f"{source}: no column {', '.join(repr(c[:60]) for c in missing)}; the file has {sorted(str(k)[:40] for k in first)[:20]}. "
             "Set evaluate.data.text_column (and pair_column/score_column/label_column) to match."
         )
-    data = TextData(source=str(path), calibration=[], evaluation=[])
+    data = TextData(source=source, calibration=[], evaluation=[])
     texts = []
-    for row in rows:
-        text = str(row[text_column])
+    for line, row in rows:
+        text = _cell(path, line, row, text_column, "text")
         texts.append(text)
         (data.calibration if _is_calibration(text) else data.evaluation).append(text)
         if pair_column and score_column:
-            data.pairs.append((text, str(row[pair_column])))
-            data.pair_scores.append(float(row[score_column]))
+            data.pairs.append((text, _cell(path, line, row, pair_column, "text")))
+            data.pair_scores.append(_cell(path, line, row, score_column, "score"))
         if label_column:
-            data.labels.append(int(row[label_column]))
+            data.labels.append(_cell(path, line, row, label_column, "label"))
     if not data.evaluation:  # a tiny file: evaluate on everything
         data.evaluation = texts
     if not data.calibration:
@@ -206,13 +272,25 @@ def load_hf_dataset(spec) -> TextData:
         raise DataError(
             f"evaluate.data `{spec.source}`: {path} does not exist. Save the dataset with `save_to_disk` there first."
         )
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as err:
+        raise DataError(f"evaluate.data `{spec.source}`: {path} is not a saved dataset ({str(err)[:160]}).") from None
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         split = split or next((n for n in ("test", "validation", "train") if n in names), names[0])
         if split not in loaded:
             raise DataError(f"evaluate.data `{spec.source}`: no split `{split}`; the dataset has {names}.")
         loaded = loaded[split]
-    out = Path(tempfile.mkdtemp(prefix="slimline-hf-")) / "rows.jsonl"
-    loaded.to_json(str(out))
-    return _load_file_for(out, spec)
+    rows = [(i + 1, dict(row)) for i, row in enumerate(loaded)]  # read in memory: no temporary files to leave behind
+    return rows_to_data(
+        spec.source,
+        rows,
+        spec.text_column,
+        spec.pair_column,
+        spec.score_column,
+        spec.label_column,
+        spec.calibration_size,
+        spec.evaluation_size,
+        spec.seed,
+    )

@@ -4,39 +4,55 @@ JUnit XML with one test case per budget."""
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import socket
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from slimline.errors import RecipeError, SlimlineError
-from slimline.evaluate.budgets import check_budgets
-from slimline.evaluate.report import validate_report
-from slimline.recipe import Budgets, apply_override, explain_error
+from slimline.evaluate.budgets import NO_BUDGETS, Verdict, judge
+from slimline.evaluate.report import ReportFile, validate_report
+from slimline.recipe import Budgets, TargetName, apply_override, explain_error, parse_override
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
+    """A run's report.json, checked against the schema the gate reads: a damaged or foreign file is a
+    clear error (exit 2), never a crash and never a verdict."""
     path = run_dir / "report.json" if run_dir.is_dir() else run_dir
-    if not path.exists():
+    if not path.is_file():
         raise SlimlineError(f"{run_dir}: no report.json. Give a run folder written by `slimline run` (with evaluation).")
     try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SlimlineError(f"{path}: not valid JSON ({err}). The run folder is damaged; run the recipe again.") from None
-    problems = validate_report(report) if isinstance(report, dict) else ["not a JSON object"]
+        if path.stat().st_size > 50_000_000:
+            raise SlimlineError(f"{path}: {path.stat().st_size:,} bytes is too large for a slimline report; the file is not one.")
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        why = str(err)[:120] if not isinstance(err, RecursionError) else "nested too deeply"
+        raise SlimlineError(f"{path}: not valid JSON ({why}). The run folder is damaged; run the recipe again.") from None
+    problems = validate_report(report)
     if problems:
-        raise SlimlineError(f"{path}: not a slimline report ({'; '.join(problems[:3])}).")
+        raise SlimlineError(f"{path}: not a slimline report ({'; '.join(problems[:3])}). Run the recipe again to rebuild it.")
     return report
 
 
-def merged_budgets(report: dict[str, Any], overrides: list[str]) -> Budgets:
-    """The run's budget spec with ``--budget key=value`` overrides applied (same syntax as ``--set``)."""
-    raw: dict[str, Any] = json.loads(json.dumps(report.get("budget_spec", {})))
+def extra_budgets(overrides: list[str]) -> Budgets | None:
+    """``--budget key=value`` options as budgets of their own (same paths as ``evaluate.budgets``).
+    They can only add or tighten: they are checked beside the recipe's, never instead of them."""
+    if not overrides:
+        return None
+    raw: dict[str, Any] = {}
     for text in overrides:
+        parts, value = parse_override(text)
+        if value is None or value == "" or value == {}:
+            raise RecipeError(
+                f"--budget {text[:80]}: a command-line budget can only add or tighten a limit, not remove one. "
+                "To loosen the recipe's budgets, change the recipe and run `slimline evaluate` again."
+            )
         apply_override(raw, text)
     try:
         return Budgets.model_validate(raw)
@@ -44,18 +60,61 @@ def merged_budgets(report: dict[str, Any], overrides: list[str]) -> Budgets:
         raise RecipeError("--budget: " + " ".join(explain_error(e, Budgets, "budgets") for e in err.errors())) from None
 
 
+def check_targets(names: list[str]) -> list[str]:
+    known = list(get_args(TargetName))
+    for name in names:
+        if name not in known:
+            match = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean `{match[0]}`?" if match else ""
+            raise RecipeError(f"--require {name[:80]}: not a target.{hint} Targets: {', '.join(known)}.")
+    return names
+
+
+def judge_report(report: dict[str, Any], overrides: list[str] = (), require: list[str] = ()) -> Verdict:
+    """Recompute a stored report's verdict from its budget spec and measured figures (the same
+    ``judge`` the run used), with command-line budgets and required targets added."""
+    try:
+        spec = Budgets.model_validate(report.get("budget_spec") or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise SlimlineError(
+            f"report.json: its budget_spec is damaged ({'.'.join(map(str, first['loc']))}: {first['msg'][:120]}). "
+            "Run the recipe again to rebuild the report."
+        ) from None
+    parsed = ReportFile.model_validate(report)
+    summary = {t: s.model_dump() for t, s in parsed.summary.items()}
+    skipped = [s.model_dump() for s in parsed.skipped_targets]
+    required = sorted(set(parsed.required_targets) | set(check_targets(list(require))))
+    return judge(spec, summary, skipped, required, extra_budgets(list(overrides)))
+
+
 def run_check(run_dir: Path, overrides: list[str] = (), require: list[str] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The report and its budget rows, recomputed from the stored figures."""
     report = load_report(run_dir)
-    budgets = merged_budgets(report, list(overrides))
-    required = sorted(set(report.get("required_targets", [])) | set(require))
-    rows = check_budgets(budgets, report.get("summary", {}), report.get("skipped_targets", []), required)
-    if not rows:
+    verdict = judge_report(report, list(overrides), list(require))
+    if verdict.state == NO_BUDGETS:
         raise SlimlineError(
             f"{run_dir}: no budgets to check. Set evaluate.budgets in the recipe or pass --budget, "
             "e.g. --budget min_speedup=1.5 --budget max_fidelity_drop=0.01."
         )
-    return report, rows
+    return report, verdict.rows
+
+
+def write_junit(path: Path, text: str) -> None:
+    """Write JUnit XML atomically; an existing file is replaced only if slimline wrote it."""
+    if path.exists():
+        if path.is_dir() or '<testsuites name="slimline' not in path.read_text(errors="replace")[:4096]:
+            raise SlimlineError(
+                f"--junit {path}: the file exists and is not a JUnit file slimline wrote; slimline won't overwrite it. "
+                "Choose another path."
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def junit_xml(report: dict[str, Any], rows: list[dict[str, Any]]) -> str:

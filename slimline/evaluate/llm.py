@@ -160,7 +160,6 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     import os
 
     from slimline.evaluate import speed as enc_speed
-    from slimline.evaluate.budgets import check_budgets
     from slimline.evaluate.report import finish_report, report_header
     from slimline.evaluate.runner import folder_size_mb, weight_files
     from slimline.evaluate.targets import available, gpu_name
@@ -232,7 +231,6 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
         for r in rows:  # no target ran: the artifact was never scored
             base = r["variant"] == "baseline"
             r.update({"size_mb": base_size if base else art_size, "accuracy": base_acc if base else {}})
-    budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
         **report_header(recipe, name, folder, reference.info.source, "text-generation", ctx.data, threads),
         "targets": details,
@@ -252,7 +250,7 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
         "results": rows,
         "summary": summary,
     }
-    return finish_report(report, spec, budgets, folder)
+    return finish_report(report, spec, folder)
 
 
 def _evaluate_target(

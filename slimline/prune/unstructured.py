@@ -101,7 +101,7 @@ class _WeightPruner(Stage):
 
     include: list[str] = Field(default_factory=list, description="glob patterns of Linear layers to prune (default: all)")
     exclude: list[str] = Field(default_factory=list, description="glob patterns kept dense (pooler/classifier always are)")
-    samples: int = Field(128, ge=1, description="calibration texts for scores and the per-layer error")
+    samples: int = Field(128, ge=1, le=1_000_000, description="calibration texts for scores and the per-layer error")
 
     def masks(self, weight, norm):  # pragma: no cover - abstract
         """Keep-mask for one layer's weight; ``norm`` is ||X_j|| per input feature."""
@@ -183,8 +183,8 @@ class Magnitude(_WeightPruner):
 
 
 class _NMOptions(Stage):
-    n: int = Field(2, ge=1)
-    m: int = Field(4, ge=2)
+    n: int = Field(2, ge=1, le=64)
+    m: int = Field(4, ge=2, le=64)
 
     @model_validator(mode="after")
     def _n_below_m(self):
@@ -221,8 +221,8 @@ class Wanda(_WeightPruner):
 
     sparsity: float = Field(0.5, ge=0, lt=1, description="fraction zeroed per output row (pattern: unstructured)")
     pattern: Literal["unstructured", "nm"] = "unstructured"
-    n: int = Field(2, ge=1)
-    m: int = Field(4, ge=2)
+    n: int = Field(2, ge=1, le=64)
+    m: int = Field(4, ge=2, le=64)
     reconstruct: bool = Field(False, description="refit kept weights by least squares (SparseGPT-style)")
     damp: float = Field(0.01, gt=0)
 

@@ -45,7 +45,7 @@ class OnnxQuantizer(Stage):
         0.05, gt=0, description="fallback: auto keeps a layer whose relative output error exceeds this"
     )
     measure_speed: bool = Field(False, description="fallback: auto also keeps layers whose quantized kernel is not faster")
-    speed_rows: int = Field(4096, ge=1, description="rows (batch x tokens) of the kernel timing for measure_speed")
+    speed_rows: int = Field(4096, ge=1, le=1_000_000, description="rows (batch x tokens) of the kernel timing for measure_speed")
 
 
 def loads_in_ort(path: Path, stage: str) -> None:

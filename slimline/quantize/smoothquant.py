@@ -41,7 +41,7 @@ class SmoothQuant(Stage):
     include: list[str] = Field(
         default_factory=list, description="MatMul node-name globs to smooth (default: all with a constant weight)"
     )
-    calibration_texts: int = Field(128, ge=8, description="texts whose activation maxima set the scales")
+    calibration_texts: int = Field(128, ge=8, le=100_000, description="texts whose activation maxima set the scales")
     rtol: float = Field(1e-4, gt=0, description="max change of the float model's outputs, relative to their largest value")
 
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:

@@ -99,7 +99,7 @@ class StaticInt8(OnnxQuantizer):
     per_channel: bool = Field(True, description="one weight scale per output channel")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI whose int8 GEMM saturates")
     op_types: list[str] = Field(["MatMul", "Gemm"], description="op types to quantize (constant-weight ones only)")
-    calibration_texts: int = Field(128, ge=8, description="calibration texts for the activation ranges")
+    calibration_texts: int = Field(128, ge=8, le=100_000, description="calibration texts for the activation ranges")
 
     def quantize(self, src: Path, dst: Path, feeds: list[dict], exclude: set[str]) -> None:
         import onnx
