@@ -263,6 +263,12 @@ def _context(recipe: Recipe, scratch: Path, reporter: Reporter) -> Context:
     spec = recipe.model
     reporter.info(f"loading model {spec.source}")
     ctx.reference = load_model(spec.source, spec.task, spec.pooling, spec.revision, spec.trust_remote_code)
+    hub = ctx.reference.info.provenance
+    if hub and hub.get("hub_revision") != hub.get("hub_commit"):
+        reporter.warn(
+            f"model.source {spec.source} is not pinned to a commit; it resolved to {hub['hub_commit']}. "
+            f"Write hf:{hub['hub_repo']}@{hub['hub_commit']} to get the same files every time."
+        )
     return ctx
 
 

@@ -497,3 +497,43 @@ def test_interrupted_evaluate_exits_130_and_leaves_the_folder_as_it_was(good_run
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "left as it was" in err
     assert snapshot(run) == before and scratch_dirs() <= scratch
+
+
+# -- hub sources -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_hub(tiny_bert_dir, tmp_path, monkeypatch):
+    """huggingface_hub's cache layout with one repository, used offline: no network in tests."""
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-bert"
+    shutil.copytree(tiny_bert_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return commit
+
+
+def test_hub_source_is_pinned_and_hashed_in_the_manifest(fake_hub, tmp_path):
+    from slimline import recipe as R
+    from slimline.pipeline import run_recipe
+    from slimline.stage import Reporter
+
+    data = tiny_recipe(f"hf:acme/tiny-bert@{fake_hub}", speed={"enabled": False})
+    run_recipe(R.from_dict(data), tmp_path / "pinned")
+    inputs = json.loads((tmp_path / "pinned" / "manifest.json").read_text())["inputs"]
+    assert inputs["hub_repo"] == "acme/tiny-bert" and inputs["hub_commit"] == fake_hub
+    assert len(inputs["files"]["model.safetensors"]) == 64  # sha256 of each file
+    reporter = Reporter()
+    run_recipe(R.from_dict(tiny_recipe("hf:acme/tiny-bert", speed={"enabled": False})), tmp_path / "unpinned", reporter=reporter)
+    assert any(f"hf:acme/tiny-bert@{fake_hub}" in w and "not pinned" in w for w in reporter.warnings)
+
+
+def test_hub_repository_that_is_not_there(fake_hub, tmp_path):
+    recipe = write_recipe(tmp_path, tiny_recipe("hf:acme/absent@main", speed={"enabled": False}))
+    code, out = invoke("run", recipe, "--out", tmp_path / "run")
+    assert_clean_error(code, out, "model.source `hf:acme/absent@main`")
+    assert not (tmp_path / "run").exists()
