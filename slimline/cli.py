@@ -299,7 +299,9 @@ def check(run_dir: Path, overrides: tuple[str, ...], require: tuple[str, ...], j
         console.print(budget_line(row), style="green" if row["passed"] else "red", markup=False, highlight=False, soft_wrap=True)
     for s in report.get("skipped_targets", []):
         if not any(r["name"] == "target_available" and r["target"] == s["target"] for r in rows):
-            console.print(f"SKIP target {s['target']}: {s['reason']}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                f"SKIP target {s['target']}: {s['reason']}", style="yellow", markup=False, highlight=False, soft_wrap=True
+            )
     failed = sum(not r["passed"] for r in rows)
     if junit:
         write_junit(junit, junit_xml(report, rows))

@@ -56,3 +56,13 @@ def host_info(threads: int) -> dict[str, Any]:
         "threads": threads or os.cpu_count(),
         "loadavg_1m": round(load[0], 2),
     }
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has VNNI int8 dot products (AVX-512 VNNI or AVX-VNNI).
+
+    Without them ONNX Runtime's x86 u8s8 GEMM multiplies with ``vpmaddubsw``, whose int16 sum of two
+    products saturates when weights use the full int8 range. 7-bit weights (``reduce_range``) avoid it:
+    on an AVX2-only EPYC, MiniLM with SmoothQuant + dynamic int8 measured mean cosine 0.9872 with
+    8-bit weights and 0.9915 with 7-bit ones; static QDQ int8 0.9729 and 0.9929."""
+    return any("vnni" in flag for flag in host_info(1)["isa"])

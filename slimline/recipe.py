@@ -280,6 +280,12 @@ class Recipe(_Strict):
                     f"stages[{i}] (prune.recover): fake_quant: int8 trains the model for `quantize.dynamic_int8`, "
                     "which no later stage runs. Add that stage after compile.export, or set fake_quant: none."
                 )
+            if later[0].reduce_range != stage.fake_quant_reduce_range:
+                raise ValueError(
+                    f"stages[{i}] (prune.recover): fake_quant_reduce_range is {stage.fake_quant_reduce_range} but the "
+                    f"later quantize.dynamic_int8 has reduce_range: {later[0].reduce_range}. Make them the same, "
+                    "so the simulation matches the quantization."
+                )
             if later[0].per_channel != stage.fake_quant_per_channel:
                 raise ValueError(
                     f"stages[{i}] (prune.recover): fake_quant_per_channel is {stage.fake_quant_per_channel} but the "

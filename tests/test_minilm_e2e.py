@@ -12,6 +12,7 @@ import pytest
 
 from slimline import recipe as R
 from slimline.builtin import builtin_recipes
+from slimline.env import has_vnni
 from slimline.pipeline import run_recipe
 
 pytestmark = pytest.mark.slow
@@ -45,8 +46,10 @@ def test_default_recipe_fuses_quantizes_and_keeps_fidelity(minilm_run):
 @pytest.mark.parametrize(
     ("name", "min_cosine", "stage"),
     [
-        ("minilm-best", 0.992, "quantize.dynamic_int8"),  # measured 0.9928
-        ("minilm-static-int8", 0.993, "quantize.static_int8"),  # measured 0.9942
+        # measured 0.9928 with VNNI; 0.9915 on an AVX2-only CPU (7-bit weights by reduce_range: auto)
+        ("minilm-best", 0.992 if has_vnni() else 0.990, "quantize.dynamic_int8"),
+        # measured 0.9942 with VNNI; 0.9929 on an AVX2-only CPU (7-bit weights)
+        ("minilm-static-int8", 0.993 if has_vnni() else 0.992, "quantize.static_int8"),
         ("minilm-int4", 0.99, "quantize.weight_only"),  # measured 0.9922 (GPTQ)
     ],
 )

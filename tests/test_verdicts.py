@@ -39,7 +39,11 @@ STATES = {
     "no-budgets": ({}, ["ort-cpu"], "NO BUDGETS"),
     # a global budget and a per-target block: `evaluate` once dropped the global one (the manifest
     # stores a full dump, and the overlay took the block's unset fields as set)
-    "global-and-target-block": ({"max_fidelity_drop": 1e-12, "targets": {"ort-cpu": {"max_size_mb": 1000}}}, ["ort-cpu"], "FAILED"),
+    "global-and-target-block": (
+        {"max_fidelity_drop": 1e-12, "targets": {"ort-cpu": {"max_size_mb": 1000}}},
+        ["ort-cpu"],
+        "FAILED",
+    ),
     # every target skipped: nothing was measured, so nothing passed
     "all-targets-skipped": ({"max_fidelity_drop": 0.5}, ["ort-cuda"], "FAILED"),
 }
@@ -199,9 +203,19 @@ def test_check_never_exits_0_when_a_budget_is_breached_or_unmeasured(spec, summa
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    path=st.lists(st.sampled_from(["summary", "ort-cpu", "budget_spec", "speedup", "size_mb", "targets", "budgets", "passed", "0"]), min_size=1, max_size=4),
+    path=st.lists(
+        st.sampled_from(["summary", "ort-cpu", "budget_spec", "speedup", "size_mb", "targets", "budgets", "passed", "0"]),
+        min_size=1,
+        max_size=4,
+    ),
     value=st.one_of(
-        st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=5), st.lists(st.integers(), max_size=2), st.just({})
+        st.none(),
+        st.booleans(),
+        st.integers(-5, 5),
+        st.floats(allow_nan=True),
+        st.text(max_size=5),
+        st.lists(st.integers(), max_size=2),
+        st.just({}),
     ),
 )
 def test_a_mutated_report_never_passes_unless_its_figures_do(path, value, tmp_path):

@@ -24,6 +24,7 @@ from pydantic import Field
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
 from slimline.prune.common import calibration_batches, clone, forward, next_token_fidelity, output_error, token_kl
+from slimline.quantize.common import resolve_reduce_range
 from slimline.quantize.fakequant import fake_quant_int8
 from slimline.stage import Context, Stage, StageResult
 
@@ -52,6 +53,9 @@ class Recover(Stage):
     fake_quant_per_channel: bool = Field(
         True, description="simulate per-channel weight scales (match quantize.dynamic_int8's per_channel)"
     )
+    fake_quant_reduce_range: bool | Literal["auto"] = Field(
+        "auto", description="simulate 7-bit weights (match quantize.dynamic_int8's reduce_range; auto: no VNNI here)"
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
@@ -75,7 +79,8 @@ class Recover(Stage):
         if kl:
             before.update(next_token_fidelity(teacher, student, held))
         fq = self.fake_quant == "int8"
-        simulated = (lambda: fake_quant_int8(student, self.fake_quant_per_channel)) if fq else nullcontext
+        reduced = resolve_reduce_range(self.fake_quant_reduce_range)
+        simulated = (lambda: fake_quant_int8(student, self.fake_quant_per_channel, reduced)) if fq else nullcontext
         if fq:
             with simulated():
                 before_q = output_error(teacher, student, held)
@@ -131,7 +136,8 @@ class Recover(Stage):
         if fq:
             report.update(
                 {
-                    "fake_quant": f"int8 ({'per-channel' if self.fake_quant_per_channel else 'per-tensor'} weights, "
+                    "fake_quant": f"int8 ({'per-channel' if self.fake_quant_per_channel else 'per-tensor'} "
+                    f"{'7-bit' if reduced else '8-bit'} weights, "
                     f"{wrapped['linear']} Linear + {wrapped['embedding']} Embedding)",
                     "held_out.mean_cosine.int8_simulated.before": before_q["calibration.mean_cosine"],
                     "held_out.mean_cosine.int8_simulated.after": after_q["calibration.mean_cosine"],

@@ -48,6 +48,23 @@ class OnnxQuantizer(Stage):
     speed_rows: int = Field(4096, ge=1, le=1_000_000, description="rows (batch x tokens) of the kernel timing for measure_speed")
 
 
+def resolve_reduce_range(option: bool | str) -> bool:
+    """``reduce_range: auto`` is 7-bit weights exactly where the int8 GEMM would saturate (no VNNI)."""
+    from slimline.env import has_vnni
+
+    return (not has_vnni()) if option == "auto" else bool(option)
+
+
+def reduce_range_note(option: bool | str) -> str:
+    """The report's line for ``reduce_range``: what was used, and why when it was chosen here."""
+    from slimline.env import has_vnni
+
+    value = resolve_reduce_range(option)
+    if option != "auto":
+        return str(value).lower()
+    return f"{str(value).lower()} (auto: this CPU {'has' if has_vnni() else 'has no'} VNNI)"
+
+
 def loads_in_ort(path: Path, stage: str) -> None:
     """The written graph must load in ONNX Runtime (onnx.checker rejects ORT's own ONNX-domain contrib ops)."""
     from slimline.runtime import ort_session

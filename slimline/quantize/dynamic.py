@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
@@ -29,8 +29,10 @@ from slimline.quantize.common import (
     choose_fallback,
     excluded_nodes,
     fidelity_guard,
+    reduce_range_note,
     refuse_quantized,
     report_fallback,
+    resolve_reduce_range,
     weighted_layers,
 )
 from slimline.quantize.error import consumers, dequantized_weights, weight_sqnr
@@ -56,7 +58,10 @@ class DynamicInt8(OnnxQuantizer):
     consumes = (OnnxModel,)
 
     per_channel: bool = Field(True, description="one scale per output channel (more accurate than per-tensor)")
-    reduce_range: bool = Field(False, description="7-bit weights, for CPUs whose int8 GEMM saturates")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto",
+        description="7-bit weights, for CPUs without VNNI whose int8 GEMM saturates; auto: on when this CPU has no VNNI",
+    )
     op_types: list[str] | None = Field(None, description="op types to quantize; default: all ORT supports")
 
     def quantize(self, src: Path, dst: Path, exclude: set[str]) -> None:
@@ -68,7 +73,7 @@ class DynamicInt8(OnnxQuantizer):
                 str(src),
                 str(dst),
                 per_channel=self.per_channel,
-                reduce_range=self.reduce_range,
+                reduce_range=resolve_reduce_range(self.reduce_range),
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=self.op_types,
                 nodes_to_exclude=sorted(exclude),
@@ -99,6 +104,7 @@ class DynamicInt8(OnnxQuantizer):
         counts = Counter(n.op_type for n in quantized.graph.node)
         report: dict[str, Any] = {f"quantized.{op}": counts[op] for op in sorted(QUANTIZED_OPS) if counts.get(op)}
         report.update({f"float.{op}": counts[op] for op in FLOAT_OPS if counts.get(op)})
+        report["reduce_range"] = reduce_range_note(self.reduce_range)
         report["excluded_nodes"] = len(excluded)
         if excluded:
             report["excluded"] = ", ".join(sorted(excluded))

@@ -8,7 +8,8 @@ What is simulated, matching ``onnxruntime.quantization.quantize_dynamic`` with `
 - every ``nn.Linear`` input: per-tensor asymmetric uint8 with the range computed from the whole
   batch tensor at run time, including zero (``DynamicQuantizeLinear``);
 - every ``nn.Linear`` weight: symmetric int8 in [-127, 127], one scale per output channel
-  (``per_channel``) or one for the tensor, scale = max|w| / 127;
+  (``per_channel``) or one for the tensor, scale = max|w| / 127; with ``reduce_range`` 7-bit
+  weights in [-64, 64], scale = max|w| / 64 (ONNX Runtime's reduced range for QInt8);
 - ``nn.Embedding`` tables: per-tensor asymmetric uint8 (``QEmbedLayerNormalization``).
 Attention's score and context products stay float in ORT's QAttention, so they stay float here too.
 """
@@ -44,17 +45,18 @@ def fake_uint8(x: Any) -> Any:
     return (q - zp) * scale
 
 
-def fake_int8_symmetric(w: Any, per_channel: bool) -> Any:
+def fake_int8_symmetric(w: Any, per_channel: bool, reduce_range: bool = False) -> Any:
     """Symmetric int8 round trip of a (out, in) weight, one scale per output row when per_channel."""
     import torch
 
+    qmax = 64.0 if reduce_range else 127.0
     absmax = w.detach().abs().amax(dim=1, keepdim=True) if per_channel else w.detach().abs().max()
-    scale = torch.clamp(absmax / 127.0, min=1e-12)
-    return _ste(w, torch.clamp(torch.round(w / scale), -127, 127) * scale)
+    scale = torch.clamp(absmax / qmax, min=1e-12)
+    return _ste(w, torch.clamp(torch.round(w / scale), -qmax, qmax) * scale)
 
 
 @contextmanager
-def fake_quant_int8(model: Any, per_channel: bool = True) -> Iterator[dict[str, int]]:
+def fake_quant_int8(model: Any, per_channel: bool = True, reduce_range: bool = False) -> Iterator[dict[str, int]]:
     """Within the block, every Linear (and Embedding) of ``model`` computes with fake-quantized values.
 
     Yields the counts of wrapped modules. The parameters themselves stay float and are trained as
@@ -68,7 +70,7 @@ def fake_quant_int8(model: Any, per_channel: bool = True) -> Iterator[dict[str, 
 
     def linear_forward(mod: Any) -> Any:
         def fwd(x: Any) -> Any:
-            return F.linear(fake_uint8(x), fake_int8_symmetric(mod.weight, per_channel), mod.bias)
+            return F.linear(fake_uint8(x), fake_int8_symmetric(mod.weight, per_channel, reduce_range), mod.bias)
 
         return fwd
 

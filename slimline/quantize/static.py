@@ -31,8 +31,10 @@ from slimline.quantize.common import (
     choose_fallback,
     excluded_nodes,
     fidelity_guard,
+    reduce_range_note,
     refuse_quantized,
     report_fallback,
+    resolve_reduce_range,
     weight_of,
     weighted_layers,
 )
@@ -97,7 +99,10 @@ class StaticInt8(OnnxQuantizer):
     percentile: float = Field(99.999, gt=90, le=100, description="Percentile calibration: the range's percentile of |x|")
     scheme: Literal["U8S8", "S8S8"] = Field("U8S8", description="activation/weight types: U8S8 for x86 CPUs, S8S8 for GPUs")
     per_channel: bool = Field(True, description="one weight scale per output channel")
-    reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI whose int8 GEMM saturates")
+    reduce_range: bool | Literal["auto"] = Field(
+        "auto",
+        description="7-bit weights, for CPUs without VNNI whose int8 GEMM saturates; auto: on when this CPU has no VNNI",
+    )
     op_types: list[str] = Field(["MatMul", "Gemm"], description="op types to quantize (constant-weight ones only)")
     calibration_texts: int = Field(128, ge=8, le=100_000, description="calibration texts for the activation ranges")
 
@@ -122,7 +127,7 @@ class StaticInt8(OnnxQuantizer):
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=self.op_types,
                 per_channel=self.per_channel,
-                reduce_range=self.reduce_range,
+                reduce_range=resolve_reduce_range(self.reduce_range),
                 activation_type=act,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=sorted(exclude),
@@ -178,6 +183,7 @@ class StaticInt8(OnnxQuantizer):
         report: dict[str, Any] = {
             "calibrate_method": self.calibrate_method,
             "scheme": self.scheme,
+            "reduce_range": reduce_range_note(self.reduce_range),
             "quantized_layers": quantized_layers,
             "QuantizeLinear": counts["QuantizeLinear"],
             "DequantizeLinear": counts["DequantizeLinear"],
