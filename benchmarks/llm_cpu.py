@@ -38,10 +38,11 @@ from pathlib import Path
 import numpy as np
 
 from slimline.evaluate import memory
-from slimline.evaluate.data import load_shakespeare
-from slimline.evaluate.llm import onnx_logits, score, token_stream, torch_generate, torch_logits
-from slimline.evaluate.speed import cpu_busy
+from slimline.evaluate.llm import onnx_logits, score, torch_generate, torch_logits
 from slimline.generate import OnnxDecoder, Sampling
+from slimline.measure.data import load_shakespeare
+from slimline.measure.inputs import token_stream
+from slimline.measure.timer import cpu_busy
 from slimline.models import load_model
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from slimline import recipe as R
 from slimline.builtin import builtin_recipes
-from slimline.evaluate.speed import cpu_busy
+from slimline.measure.timer import cpu_busy
 from slimline.pipeline import run_recipe
 
 

@@ -30,9 +30,12 @@ from slimline.compile.fuse import Fuse
 from slimline.compile.tune import Tune
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory
-from slimline.evaluate.data import load_shakespeare
-from slimline.evaluate.speed import cpu_busy, fixed_batch
 from slimline.evaluate.targets import ort_runner, torch_runner
+from slimline.family import family_of
+from slimline.measure import metrics
+from slimline.measure.data import load_shakespeare
+from slimline.measure.inputs import fixed_batch
+from slimline.measure.timer import cpu_busy
 from slimline.models import load_model
 from slimline.prune.recover import Recover
 from slimline.prune.structured import Structured
@@ -44,6 +47,9 @@ from slimline.stage import Context
 EXPECT = {"EmbedLayerNormalization": 1, "Attention": 6, "SkipLayerNormalization": 12, "BiasGelu": 6}
 INT8 = {"per_channel": True, "exclude": ["/encoder/layer.0/output/dense/MatMul"]}  # minilm-int8
 BEST = {"per_channel": True, "fallback": "auto", "max_layer_error": 0.05}  # minilm-best, after SmoothQuant
+
+
+ENCODER = family_of("feature-extraction")
 
 
 def main() -> None:
@@ -113,7 +119,7 @@ def main() -> None:
 
     tok, texts = ref.tokenizer, data.evaluation
     base = torch_runner(ref.model, "torch", 2)
-    ref_vecs = fid.encode(base, tok, texts, "feature-extraction", "mean", 128)
+    ref_vecs = fid.encode(base, tok, texts, ENCODER, "mean", 128)
     runners = {name: ort_runner(art.path, name, 2) for name, art in variants.items()}
     feeds = fixed_batch(tok, texts, 32, 128)
     timers = {n: r.make_timer({k: feeds[k] for k in r.input_names}) for n, r in runners.items()}
@@ -128,8 +134,8 @@ def main() -> None:
     print("\n| variant | b32 speedup vs fp32 ONNX | mean cos | min cos | top-10 | size MB | weights zlib MB | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for n, r in runners.items():
-        vecs = fid.encode(r, tok, texts, "feature-extraction", "mean", 128)
-        f = fid.fidelity(ref_vecs, vecs, "feature-extraction")
+        vecs = fid.encode(r, tok, texts, ENCODER, "mean", 128)
+        f = metrics.fidelity(ref_vecs, vecs, "embeddings")
         path = variants[n].path
         size = sum(q.stat().st_size for q in path.parent.glob("model.onnx*")) / 1e6
         rss = memory.measure("onnx", path, threads=2).get("peak_rss_mb")

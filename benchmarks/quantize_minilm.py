@@ -23,15 +23,21 @@ from slimline.artifact import OnnxModel
 from slimline.builtin import builtin_recipes
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory
-from slimline.evaluate.data import load_shakespeare
-from slimline.evaluate.speed import cpu_busy, fixed_batch
 from slimline.evaluate.targets import ort_runner, torch_runner
+from slimline.family import family_of
+from slimline.measure import metrics
+from slimline.measure.data import load_shakespeare
+from slimline.measure.inputs import fixed_batch
+from slimline.measure.timer import cpu_busy
 from slimline.models import load_model
 from slimline.pipeline import stage_class
 from slimline.runtime import quiet
 from slimline.stage import Context
 
 RECIPES = ["minilm-int8", "minilm-best", "minilm-static-int8", "minilm-int4"]
+
+
+ENCODER = family_of("feature-extraction")
 
 
 def build(name: str, ref, data, work: Path) -> OnnxModel:
@@ -101,7 +107,7 @@ def main() -> None:
         speed[batch] = {n: batch / statistics.median(v) for n, v in times.items()}
     busy = cpu_busy()
 
-    ref_vecs = fid.encode(base, tok, texts, "feature-extraction", "mean", 128)
+    ref_vecs = fid.encode(base, tok, texts, ENCODER, "mean", 128)
     print(f"\nother processes kept {busy:.0%} of the CPUs busy after timing\n")
     print("| variant | b32 seq/s | b32 vs torch | b1 seq/s | b1 vs torch | mean cos | min cos | top-10 | size MB | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -111,7 +117,7 @@ def main() -> None:
             size = sum(q.stat().st_size for q in Path(ref.info.path).glob("*.safetensors")) / 1e6
             rss = memory.measure("torch", ref.info.path, threads=2).get("peak_rss_mb")
         else:
-            f = fid.fidelity(ref_vecs, fid.encode(r, tok, texts, "feature-extraction", "mean", 128), "feature-extraction")
+            f = metrics.fidelity(ref_vecs, fid.encode(r, tok, texts, ENCODER, "mean", 128), "embeddings")
             path = paths[r.name]
             size = sum(q.stat().st_size for q in path.parent.glob("model.onnx*")) / 1e6
             rss = memory.measure("onnx", path, threads=2).get("peak_rss_mb")

@@ -44,8 +44,8 @@ def main() -> None:
     import onnx
     import onnxruntime as ort
 
-    from slimline.compile.tune import unfuse
-    from slimline.evaluate.speed import abba_medians, cpu_busy
+    from slimline.compile.fusions.unfuse import unfuse
+    from slimline.measure.timer import cpu_busy, interleave, median
 
     print(f"onnxruntime {ort.__version__}, {args.threads} threads; other processes keep {cpu_busy():.0%} of the CPUs busy")
     print(f"{'op':34s} {'rows':>5s} {'fused us':>9s} {'unfused us':>10s} {'fused/unfused':>13s} {'max diff':>9s}")
@@ -64,7 +64,8 @@ def main() -> None:
             rng = np.random.default_rng(1)
             feeds = {n: rng.standard_normal((1, rows, width), dtype=np.float32) for n in ("x", "skip")}
             outs = [s.run(None, feeds)[0] for s in sessions]
-            a, b = (t * 1e6 for t in abba_medians([lambda s=s, f=feeds: s.run(None, f) for s in sessions], args.repeats))
+            times = interleave({i: lambda s=s, f=feeds: s.run(None, f) for i, s in enumerate(sessions)}, args.repeats)
+            a, b = (median(times[i]) * 1e6 for i in (0, 1))
             print(
                 f"{op + (' + bias' if bias else ''):34s} {rows:5d} {a:9.1f} {b:10.1f} {a / b:13.2f} {np.abs(outs[0] - outs[1]).max():9.1e}"
             )

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from slimline.compile.export_llm import LOGITS_TO_KEEP
 from slimline.errors import SlimlineError
+from slimline.measure.inputs import LOGITS_TO_KEEP
 
 
 class GenerationError(SlimlineError):

@@ -96,9 +96,9 @@ def inspect_fusions(path: Path) -> dict[str, Any]:
     """Which fusion rules match where in an ONNX graph, and why the others don't (writes nothing)."""
     import onnx_ir as ir
 
-    from slimline.compile.fuse import FUSED_OPS
     from slimline.compile.fusions import UnsupportedGraph, fuse_model, fused_counts
     from slimline.compile.fusions._base import locate
+    from slimline.compile.fusions.registry import fused_ops
     from slimline.runtime import quiet
 
     path = _model_file(path)
@@ -114,7 +114,7 @@ def inspect_fusions(path: Path) -> dict[str, Any]:
     except UnsupportedGraph as err:
         raise ModelError(f"{path}: {err}") from None
     matched = [
-        {"op": node.op_type, "where": locate(node), "node": node.name} for node in model.graph if node.op_type in FUSED_OPS
+        {"op": node.op_type, "where": locate(node), "node": node.name} for node in model.graph if node.op_type in fused_ops()
     ]
     return {
         "path": str(path),

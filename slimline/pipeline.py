@@ -21,6 +21,7 @@ from typing import Any
 from slimline.artifact import OnnxModel, TorchModel
 from slimline.env import host_info, package_versions
 from slimline.errors import RecipeError
+from slimline.family import family_of
 from slimline.models.loader import sha256_file as sha256
 from slimline.preflight import preflight
 from slimline.recipe import Recipe
@@ -80,7 +81,7 @@ def save_final(artifact: Any, folder: Path) -> list[str]:
 
 def evaluate_artifact(recipe: Recipe, ctx: Context, artifact: Any, folder: Path, reporter: Reporter, name: str) -> dict[str, Any]:
     """The evaluation for the recipe's task (decoder LLMs or encoders); writes report.* into ``folder``."""
-    if recipe.model.task == "text-generation":
+    if family_of(recipe.model.task).is_decoder:
         from slimline.evaluate.llm import evaluate_llm
 
         return evaluate_llm(recipe, ctx, artifact, folder, reporter, name=name)
@@ -253,7 +254,7 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
 def _context(recipe: Recipe, scratch: Path, reporter: Reporter) -> Context:
     """The stages' and the evaluation's context: threads set, data loaded on demand, and the source
     model loaded as the reference."""
-    from slimline.evaluate.data import load_data
+    from slimline.measure.data import load_data
     from slimline.models import load_model
 
     threads = recipe.evaluate.threads

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slimline.errors import DataError, RecipeError, ResourceError
+from slimline.family import family_of
 
 MB = 1 << 20
 
@@ -32,18 +33,7 @@ def check_lengths(recipe: Any, config: Any, evaluate: bool) -> None:
     limit = positions(config)
     if limit is None or not evaluate:
         return
-    ev = recipe.evaluate
-    wanted: list[tuple[str, int]] = []
-    if recipe.model.task == "text-generation":
-        g = ev.generation
-        wanted += [("evaluate.generation.context", g.context)]
-        if ev.speed.enabled:
-            wanted += [("evaluate.generation.prompt_lengths", max(g.prompt_lengths))]
-            wanted += [("evaluate.generation.decode_prompt + new_tokens", g.decode_prompt + g.new_tokens)]
-    else:
-        wanted += [("evaluate.data.max_length", ev.data.max_length)]
-        if ev.speed.enabled:
-            wanted += [("evaluate.speed.seq_len", ev.speed.seq_len)]
+    wanted = family_of(recipe.model.task).evaluation_lengths(recipe.evaluate, timed=recipe.evaluate.speed.enabled)
     for where, value in wanted:
         if value > limit:
             raise RecipeError(
@@ -127,7 +117,7 @@ def activation_bytes(recipe: Any, config: Any) -> tuple[int, str]:
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
     inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1
-    if recipe.model.task == "text-generation":
+    if family_of(recipe.model.task).is_decoder:
         vocab = getattr(config, "vocab_size", 0) or 0
         g = ev.generation
         logits = g.context * vocab * (4 + 8)  # float32 logits and their float64 log-softmax

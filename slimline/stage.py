@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from slimline.artifact import TorchModel
-    from slimline.evaluate.data import TextData
+    from slimline.measure.data import TextData
 
 
 class Reporter:

@@ -8,9 +8,10 @@ import pytest
 
 from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
-from slimline.compile.parity import compare, sample_feeds
 from slimline.errors import StageError
-from slimline.evaluate.data import TextData
+from slimline.measure.data import TextData
+from slimline.measure.inputs import sample_feeds
+from slimline.measure.parity import compare
 from slimline.models import load_model
 from slimline.runtime import ort_function
 from slimline.stage import Context

@@ -9,11 +9,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from slimline.errors import DataError
-from slimline.evaluate import data as D
+from slimline.measure import data as D
 from slimline.evaluate.budgets import check_budgets
-from slimline.evaluate.fidelity import fidelity, spearman, top_k_overlap
 from slimline.evaluate.report import to_markdown, validate_report
-from slimline.models.heads import pool
+from slimline.measure.metrics import fidelity, pool, spearman, top_k_overlap
 from slimline.recipe import Budgets
 
 
@@ -36,9 +35,9 @@ def test_top_k_overlap_identity_and_bounds(n, dim):
 def test_fidelity_metrics():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(50, 8))
-    m = fidelity(ref, ref + 1e-3 * rng.normal(size=ref.shape), "feature-extraction")
+    m = fidelity(ref, ref + 1e-3 * rng.normal(size=ref.shape), "embeddings")
     assert m["mean_cosine"] > 0.999 and m["top10_overlap"] > 0.9
-    c = fidelity(ref, -ref, "text-classification")
+    c = fidelity(ref, -ref, "logits")
     assert c["mean_cosine"] == pytest.approx(-1) and "label_agreement" in c
 
 
@@ -212,7 +211,7 @@ def test_cpu_busy_counts_other_processes_not_our_own_threads():
     import threading
     import time
 
-    from slimline.evaluate.speed import cpu_busy
+    from slimline.measure.timer import cpu_busy
 
     stop = time.monotonic() + 1.5
 

@@ -313,7 +313,7 @@ def test_gpu_cache_path_runs_on_the_cpu_and_matches_the_copying_loop(fused):
 def test_fp16_decoder_keeps_an_fp16_cache_that_is_appended_in_place(fused, tmp_path):
     """quantize.fp16 on a decoder: fp16 KV cache at the graph's edge (so GroupQueryAttention can append
     to the bound buffers), fp32 logits and ids, and decoding that follows the fp32 graph."""
-    from slimline.models.heads import cosine
+    from slimline.measure.metrics import cosine
     from slimline.quantize.fp16 import Fp16
 
     r = Fp16(keep_float=[], min_cosine=0.99).run(fused.artifact, context(tmp_path / "h"))

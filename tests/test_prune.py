@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
 from slimline.errors import StageError
-from slimline.evaluate.data import TextData
+from slimline.measure.data import TextData
 from slimline.models import load_model
 from slimline.prune.recover import Recover
 from slimline.prune.structured import Structured
@@ -214,7 +214,8 @@ def test_refit_to_the_original_keeps_a_layer_whose_inputs_carry_no_error(ctx):
     reproduces the original (nothing upstream was pruned) keeps its trained weights. (Pulled toward
     zero, every unpruned layer was refit to the calibration text; on MiniLM with 3% of FFN channels
     cut that cost 0.0012 of mean cosine on the held-out plays.)"""
-    from slimline.prune.common import calibration_batches, clone
+    from slimline.measure.inputs import calibration_batches
+    from slimline.prune.common import clone
     from slimline.prune.structured import _refit_to_original, bert_blocks
 
     ref = ctx.reference
@@ -222,5 +223,5 @@ def test_refit_to_the_original_keeps_a_layer_whose_inputs_carry_no_error(ctx):
     block, original_block = bert_blocks(copy.model)[0], bert_blocks(ref.model)[0]
     before = block.output.dense.weight.detach().clone()
     with torch.no_grad():
-        _refit_to_original(copy.model, block.output, ref.model, original_block.output, calibration_batches(copy, texts(40)), 0.01)
+        _refit_to_original(copy.model, block.output, ref.model, original_block.output, calibration_batches(copy.tokenizer, texts(40)), 0.01)
     assert torch.allclose(block.output.dense.weight, before, atol=1e-5)

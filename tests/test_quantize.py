@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
 from slimline.errors import StageError
+from slimline.measure.metrics import sqnr_db
 from slimline.models import load_model
 from slimline.quantize.dynamic import DynamicInt8
-from slimline.quantize.error import _broadcast, sqnr_db
+from slimline.quantize.error import _broadcast
 from tests.test_compile import context
 
 
@@ -92,14 +93,13 @@ def test_fake_quant_reproduces_ort_dynamic_int8(tiny_bert_dir, fused, tmp_path, 
     import onnxruntime as ort
     import torch
 
-    from slimline.prune.common import calibration_batches
-    from slimline.quantize.common import resolve_reduce_range
-    from slimline.quantize.fakequant import fake_quant_int8
+    from slimline.measure.inputs import calibration_batches
+    from slimline.measure.quantsim import fake_quant_int8, resolve_reduce_range
     from tests.test_compile import TEXTS
 
     q = DynamicInt8(per_channel=per_channel).run(fused, context(tmp_path)).artifact
     model = load_model(str(tiny_bert_dir))
-    (batch,) = calibration_batches(model, TEXTS[:8], batch=8)
+    (batch,) = calibration_batches(model.tokenizer, TEXTS[:8], batch=8)
     sess = ort.InferenceSession(str(q.path), providers=["CPUExecutionProvider"])
     feeds = {i.name: batch[i.name].numpy().astype(np.int64) for i in sess.get_inputs()}
     real = sess.run(None, feeds)[0]

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from slimline.errors import DataError, StageError
-from slimline.evaluate.data import TextData
+from slimline.measure.data import TextData
 from slimline.models import load_model
 from slimline.quantize.bnb import BitsAndBytes
 from slimline.quantize.fp16 import Fp16

@@ -6,8 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from slimline.compile.parity import sample_feeds
-from slimline.compile.tune import Tune, node_error, unfuse
+from slimline.compile.fusions.unfuse import unfuse
+from slimline.compile.tune import Tune, node_error
+from slimline.measure.inputs import sample_feeds
 from slimline.runtime import ort_function
 from tests.test_compile import context
 from tests.test_llm import exported, llama  # noqa: F401 - module fixtures

@@ -162,7 +162,7 @@ def test_refuses_quantized_input_and_empty_selection(fused, tmp_path):  # noqa: 
 
 def test_too_little_calibration_text_is_a_clear_error(fused, tmp_path):  # noqa: F811
     from slimline.errors import DataError
-    from slimline.evaluate.data import TextData
+    from slimline.measure.data import TextData
     from slimline.stage import Context
 
     data = TextData("few", calibration=["one line", ""], evaluation=["x"])

@@ -14,8 +14,10 @@ from typing import Literal
 from pydantic import Field
 
 from slimline.artifact import OnnxModel, TorchModel
-from slimline.compile.parity import compare, sample_feeds
 from slimline.errors import StageError
+from slimline.family import family_of
+from slimline.measure.inputs import parity_prompts, sample_feeds
+from slimline.measure.parity import compare, decoder_parity
 from slimline.runtime import ort_function, quiet
 from slimline.stage import Context, Stage, StageResult
 
@@ -37,7 +39,7 @@ class Export(Stage):
     atol: float = Field(1e-4, gt=0, description="max abs error of ORT vs torch before the stage fails")
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
-        if artifact.info.task == "text-generation":
+        if family_of(artifact.info.task).is_decoder:
             return self._run_decoder(artifact, ctx)
         import onnx
         import torch
@@ -133,7 +135,7 @@ class Export(Stage):
         """Decoder LLMs: dynamo export with the KV cache as inputs/outputs; parity over prefill + decode."""
         import onnx
 
-        from slimline.compile.export_llm import decoder_parity, export_decoder, onnx_stepper, parity_prompts, torch_stepper
+        from slimline.compile.export_llm import export_decoder, onnx_stepper, torch_stepper
 
         path = ctx.stage_dir("export") / "model.onnx"
         start = time.perf_counter()

@@ -22,22 +22,9 @@ from typing import Any
 import numpy as np
 
 from slimline.errors import StageError
+from slimline.measure.inputs import LOGITS_TO_KEEP, kv_shape
 
 DECODER_TYPES = ("llama", "qwen2", "mistral")
-
-
-def kv_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, kv heads, head dim) of a decoder config."""
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv, head_dim
-
-
-def empty_past(config: Any, batch: int) -> dict[str, np.ndarray]:
-    layers, kv, hd = kv_shape(config)
-    zero = np.zeros((batch, kv, 0, hd), np.float32)
-    return {f"past_key_values.{i}.{k}": zero for i in range(layers) for k in ("key", "value")}
 
 
 class _WithCache:
@@ -122,7 +109,6 @@ def export_decoder(model: Any, path: Any, opset: int) -> None:
         onnx.save_model(graph, str(path))
 
 
-LOGITS_TO_KEEP = "logits_to_keep"
 
 
 def add_logits_to_keep(model: Any) -> bool:
@@ -165,34 +151,6 @@ def add_logits_to_keep(model: Any) -> bool:
 
 def _large(model: Any) -> bool:
     return sum(p.numel() for p in model.parameters()) * 4 > 1_800_000_000
-
-
-def parity_prompts(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
-    prompts = [t for t in texts[:2] if t.strip()] or ["the king is dead, long live the king"]
-    return [np.asarray(tokenizer(p, return_tensors="np")["input_ids"][:, :64], dtype=np.int64) for p in prompts]
-
-
-def decoder_parity(reference: Any, candidate: Any, prompts: list[np.ndarray], steps: int = 5) -> dict[str, Any]:
-    """Prefill then ``steps`` greedy decode steps; each side keeps its own KV cache.
-
-    ``reference`` and ``candidate`` are ``(tokens [1, n]) -> last logits`` callables with a ``reset``
-    flag: ``fn(tokens, reset=True)`` starts a new sequence (the prompt), ``fn(tokens)`` appends.
-    The reference's greedy token drives both.
-    """
-    worst, where, cases = 0.0, "", 0
-    for ids in prompts:
-        a = reference(ids, reset=True)
-        b = candidate(ids, reset=True)
-        for step in range(steps + 1):
-            err = float(np.abs(a - b).max())
-            cases += 1
-            if err > worst or not where:
-                worst, where = err, f"{'prefill' if step == 0 else f'decode step {step}'} ({ids.shape[1]}-token prompt)"
-            if step == steps:
-                break
-            token = np.array([[int(a.argmax())]])
-            a, b = reference(token), candidate(token)
-    return {"parity.max_abs_error": worst, "parity.worst_case": where, "parity.cases": cases}
 
 
 def torch_stepper(model: Any) -> Any:

@@ -20,8 +20,11 @@ from typing import Annotated, Literal
 from pydantic import Field
 
 from slimline.artifact import OnnxModel
-from slimline.compile.parity import compare, sample_feeds
+from slimline.compile.fusions.registry import fused_ops, ort_switches, skip_names
 from slimline.errors import StageError
+from slimline.family import family_of
+from slimline.measure.inputs import parity_prompts, sample_feeds
+from slimline.measure.parity import compare, decoder_parity
 from slimline.runtime import ort_function, quiet
 from slimline.stage import Context, Stage, StageResult
 
@@ -35,31 +38,7 @@ ORT_MODEL_TYPES = {
     "electra": "bert",
     "mpnet": "bert",
 }
-SKIP_FLAGS = {  # fused op -> the FusionOptions switches that produce it
-    "Attention": ["enable_attention"],
-    "EmbedLayerNormalization": ["enable_embed_layer_norm"],
-    "SkipLayerNormalization": ["enable_skip_layer_norm", "enable_bias_skip_layer_norm"],
-    "BiasGelu": ["enable_bias_gelu"],
-    "Gelu": ["enable_gelu", "enable_bias_gelu"],
-    "LayerNormalization": ["enable_layer_norm"],
-}
-FUSED_OPS = (
-    "EmbedLayerNormalization",
-    "Attention",
-    "MultiHeadAttention",
-    "SkipLayerNormalization",
-    "BiasGelu",
-    "FastGelu",
-    "Gelu",
-    "LayerNormalization",
-    "GroupQueryAttention",
-    "SkipSimplifiedLayerNormalization",
-    "SimplifiedLayerNormalization",
-    "RotaryEmbedding",
-    "FusedMatMul",
-    "QAttention",  # what dynamic int8 makes of Attention (inspect shows it on quantized files)
-    "QEmbedLayerNormalization",
-)
+SkipName = Literal[skip_names()]  # type: ignore[valid-type]  # derived from the fusion registry
 
 
 class Fuse(Stage):
@@ -77,20 +56,7 @@ class Fuse(Stage):
     )
     allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
     atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
-    skip: list[
-        Literal[
-            "Attention",
-            "EmbedLayerNormalization",
-            "SkipLayerNormalization",
-            "BiasGelu",
-            "Gelu",
-            "LayerNormalization",
-            "SimplifiedLayerNormalization",
-            "SkipSimplifiedLayerNormalization",
-            "RotaryEmbedding",
-            "GroupQueryAttention",
-        ]
-    ] = Field(
+    skip: list[SkipName] = Field(
         default_factory=list,
         description="fusions to leave out, e.g. [Attention] so that static int8 can quantize the QKV MatMuls",
     )
@@ -101,7 +67,7 @@ class Fuse(Stage):
         from onnxruntime.transformers.optimizer import optimize_model
 
         config = artifact.config
-        if artifact.info.task == "text-generation":
+        if family_of(artifact.info.task).is_decoder:
             return self._run_decoder(artifact, ctx)
         if self.engine == "slimline":
             return self._run_slimline(artifact, ctx)
@@ -115,7 +81,7 @@ class Fuse(Stage):
         before = onnx.load(str(artifact.path), load_external_data=False)
         options = FusionOptions(model_type)
         for op in self.skip:
-            for flag in SKIP_FLAGS.get(op, []):  # decoder ops: ORT's BERT optimizer never makes them
+            for flag in ort_switches().get(op, ()):  # decoder ops: ORT's BERT optimizer never makes them
                 setattr(options, flag, False)
         with quiet():  # its fusion logs are replaced by our counts, contract and parity check
             optimized = optimize_model(
@@ -132,7 +98,7 @@ class Fuse(Stage):
         optimized.save_model_to_file(str(out))
         after = onnx.load(str(out), load_external_data=False)
         counts = Counter(n.op_type for n in after.graph.node)
-        fused = {op: counts[op] for op in FUSED_OPS if counts.get(op)}
+        fused = {op: counts[op] for op in fused_ops() if counts.get(op)}
 
         report: dict = {f"fused.{op}": n for op, n in fused.items()}
         report["nodes_before"] = len(before.graph.node)
@@ -204,7 +170,7 @@ class Fuse(Stage):
             raise StageError(f"compile.fuse: can't read {artifact.path} ({type(err).__name__}): is the file complete?") from None
         try:
             with quiet():
-                after, result, rejected = fuse_to_proto(model, artifact.info.task == "text-generation", tuple(self.skip))
+                after, result, rejected = fuse_to_proto(model, family_of(artifact.info.task).is_decoder, tuple(self.skip))
         except UnsupportedGraph as err:
             raise StageError(f"compile.fuse: {err}") from None
         out = ctx.stage_dir("fuse") / "model.onnx"
@@ -248,7 +214,7 @@ class Fuse(Stage):
         """Decoders: slimline's engine (RMSNorm, skip RMSNorm, rotary, GroupQueryAttention) plus the
         sibling-MatMul merge. Parity: prefill + 5 greedy decode steps, each graph with its own KV cache.
         """
-        from slimline.compile.export_llm import decoder_parity, onnx_stepper, parity_prompts
+        from slimline.compile.export_llm import onnx_stepper
 
         if self.engine == "ort":
             raise StageError(

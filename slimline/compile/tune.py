@@ -17,8 +17,10 @@ weights (error under 1e-4 of the output's scale), and the whole graph's outputs 
 graph's on calibration text (cosine; in a dynamic-int8 graph the activations re-round, so this
 check is loose). Every timing and decision is reported.
 
-The unfused forms: SkipLayerNormalization -> Add (+ Add bias) + LayerNormalization;
-SkipSimplifiedLayerNormalization -> Add (+ Add bias) + SimplifiedLayerNormalization.
+The candidates are the fused ops whose fusion-registry record has an unfused form
+(``compile/fusions/registry.py``; today SkipLayerNormalization -> Add (+ Add bias) +
+LayerNormalization and SkipSimplifiedLayerNormalization -> Add (+ Add bias) +
+SimplifiedLayerNormalization, written in ``compile/fusions/unfuse.py``).
 """
 
 from __future__ import annotations
@@ -33,45 +35,15 @@ import numpy as np
 from pydantic import Field
 
 from slimline.artifact import OnnxModel
+from slimline.compile.fusions.registry import unfusable
 from slimline.errors import StageError
+from slimline.family import family_of
+from slimline.measure.inputs import calibration_feeds
+from slimline.measure.timer import cpu_busy, interleave, median
 from slimline.stage import Context, Stage, StageResult
 
-UNFUSED = {"SkipLayerNormalization": "LayerNormalization", "SkipSimplifiedLayerNormalization": "SimplifiedLayerNormalization"}
-
-
-def unfuse(model: Any, op_type: str) -> int:
-    """Rewrite every ``op_type`` node of ``model`` (in place) into Add (+ Add bias) + its norm; the count.
-
-    Nodes whose mean / inverse-std outputs are read are left alone (the plain norm ops don't give them
-    in the same form)."""
-    from onnx import helper
-
-    read = ({i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}) - {""}
-    simplified = op_type == "SkipSimplifiedLayerNormalization"
-    nodes, count = [], 0
-    for n in model.graph.node:
-        outs = list(n.output) + [""] * (4 - len(n.output))
-        if n.op_type != op_type or n.domain != "com.microsoft" or outs[1] in read or outs[2] in read:
-            nodes.append(n)
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        ins = list(n.input) + [""] * (5 - len(n.input))
-        bias = ins[3] if simplified else ins[4]
-        total = outs[3] or f"{n.name or n.output[0]}/skip_sum"
-        first = f"{total}/partial" if bias else total
-        nodes.append(helper.make_node("Add", [ins[0], ins[1]], [first], name=f"{n.name}/add_skip"))
-        if bias:
-            nodes.append(helper.make_node("Add", [first, bias], [total], name=f"{n.name}/add_bias"))
-        norm_in = [total, ins[2]] if simplified else [total, ins[2], ins[3]] if ins[3] else [total, ins[2]]
-        nodes.append(
-            helper.make_node(
-                UNFUSED[op_type], norm_in, [outs[0]], name=f"{n.name}/norm", axis=-1, epsilon=attrs.get("epsilon", 1e-12)
-            )
-        )
-        count += 1
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    return count
+UNFUSABLE = unfusable()  # fused op -> its registry record (compile/fusions/registry.py)
+CandidateOp = Literal[tuple(UNFUSABLE)]  # type: ignore[valid-type]
 
 
 TUNE_KEY = "slimline.compile.tune"
@@ -117,7 +89,7 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
         graph = helper.make_graph([single], "fused", io, out, weights)
         fused = helper.make_model(graph, opset_imports=opset, ir_version=model.ir_version)  # what this ORT loads
         plain = onnx.ModelProto.FromString(fused.SerializeToString())
-        unfuse(plain, op_type)
+        UNFUSABLE[op_type].unfuse(plain)
         np_type = helper.tensor_dtype_to_np_dtype(dtype)
         feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np_type) for x in node.input[:2]}
         options = ort.SessionOptions()
@@ -137,8 +109,8 @@ class Tune(Stage):
     kind = "compile.tune"
     consumes = (OnnxModel,)
 
-    candidates: list[Literal["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"]] = Field(
-        default_factory=lambda: list(UNFUSED), description="fused op types to time against their unfused form"
+    candidates: list[CandidateOp] = Field(
+        default_factory=lambda: list(UNFUSABLE), description="fused op types to time against their unfused form"
     )
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(
         [1, 32], min_length=1, max_length=16, description="batch sizes timed (the decision must hold at each)"
@@ -157,7 +129,6 @@ class Tune(Stage):
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
 
-        from slimline.evaluate.speed import cpu_busy
 
         current = onnx.load(str(artifact.path))
         texts = ctx.data.calibration[:64] if ctx.load_data else []
@@ -176,12 +147,12 @@ class Tune(Stage):
                 report[op] = f"kept fused: the graph's opset {opset} has no LayerNormalization (17+)"
                 continue
             trial = copy.deepcopy(current)
-            n = unfuse(trial, op)
+            n = UNFUSABLE[op].unfuse(trial)
             if not n:
                 continue
             trial_path = work / f"unfused_{op}.onnx"
             self._save(trial, trial_path)
-            kept = self._ort_keeps(trial_path, UNFUSED[op], op, ctx)
+            kept = self._ort_keeps(trial_path, UNFUSABLE[op].unfused_norm, op, ctx)
             if not kept:
                 report[op] = f"kept fused: ONNX Runtime fuses the {n} rewritten nodes back at load time"
                 continue
@@ -243,8 +214,6 @@ class Tune(Stage):
     def _feeds(self, artifact: OnnxModel, texts: list[str], batch: int) -> dict[str, np.ndarray]:
         import onnx
 
-        from slimline.quantize.calib import calibration_feeds
-
         inputs = [i.name for i in onnx.load(str(artifact.path), load_external_data=False).graph.input]
         chosen = [texts[i % len(texts)] for i in range(batch)]
         return calibration_feeds(
@@ -252,20 +221,15 @@ class Tune(Stage):
         )[0]
 
     def _time(self, a: Path, b: Path, feeds: dict, ctx: Context) -> tuple[float, float]:
-        from slimline.evaluate.speed import abba_medians
         from slimline.runtime import ort_session
 
-        sessions = [ort_session(p, ctx.threads, spinning=False) for p in (a, b)]
-        for s in sessions:
-            s.run(None, feeds)  # warm-up
-        fused, unfused = abba_medians([lambda s=s: s.run(None, feeds) for s in sessions], self.repeats)
-        return fused, unfused
+        sessions = {"fused": ort_session(a, ctx.threads, spinning=False), "unfused": ort_session(b, ctx.threads, spinning=False)}
+        times = interleave({name: lambda s=s: s.run(None, feeds) for name, s in sessions.items()}, self.repeats, warmup=1)
+        return median(times["fused"]), median(times["unfused"])
 
     @staticmethod
     def _check(artifact: OnnxModel, a: Path, b: Path, texts: list[str], ctx: Context) -> float:
-        from slimline.quantize.error import output_fidelity
-
-        fid = output_fidelity(
-            a, b, artifact.tokenizer, texts[:32], artifact.info.task, artifact.info.pooling, ctx.threads, artifact.config
+        fid = family_of(artifact.info.task).output_fidelity(
+            a, b, artifact.tokenizer, texts[:32], artifact.info.pooling, ctx.threads, artifact.config
         )
         return float(fid["calibration.min_cosine"])

@@ -15,25 +15,13 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
-
-def token_stream(tokenizer: Any, texts: list[str], limit: int) -> np.ndarray:
-    """The evaluation texts as one stream of ``limit`` tokens (lines joined by newlines)."""
-    ids: list[int] = []
-    for i in range(0, len(texts), 256):
-        ids += (
-            tokenizer("\n".join(texts[i : i + 256]), add_special_tokens=False)["input_ids"]
-            + tokenizer("\n", add_special_tokens=False)["input_ids"]
-        )
-        if len(ids) >= limit:
-            break
-    return np.asarray(ids[:limit], dtype=np.int64)
+from slimline.measure.inputs import token_stream
+from slimline.measure.timer import cpu_busy, interleave, median
 
 
 def windows(n: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -125,25 +113,6 @@ def onnx_generate(decoder: Any) -> Callable[[np.ndarray, int], int]:
     return fn
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call, ABBA order, after ``warmup`` untimed calls each."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for rep in range(repeats):
-        for n in names if rep % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    return times
-
-
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs))
-
-
 # -- the run's evaluation ------------------------------------------------------------------------
 
 
@@ -159,7 +128,6 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     since the CUDA kernels round differently from the CPU ones."""
     import os
 
-    from slimline.evaluate import speed as enc_speed
     from slimline.evaluate.report import finish_report, report_header
     from slimline.evaluate.runner import folder_size_mb, weight_files
     from slimline.evaluate.targets import available, gpu_name
@@ -183,7 +151,7 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
     base_acc = {"perplexity": round(base_ppl, 4), "next_token_agreement": 1.0}
     base_size = folder_size_mb([p for p in weight_files(reference.info.path) if p.suffix != ".onnx"])
     art_size = folder_size_mb(weight_files(folder))
-    busy = enc_speed.cpu_busy() if spec.speed.enabled else None
+    busy = cpu_busy() if spec.speed.enabled else None
     rows: list[dict[str, Any]] = []
     summary: dict[str, dict[str, Any]] = {}
     details: dict[str, dict[str, Any]] = {}
@@ -301,7 +269,7 @@ def _evaluate_target(
                 p = prompt(1, length)
                 fns = {"baseline": lambda p=p: first(p), "compressed": lambda p=p: decoder.prefill(p, last_only=True)}
                 with reporter.task(f"prefill {length} tokens ({target})"):
-                    t = time_interleaved(fns, repeats)
+                    t = interleave(fns, repeats, warmup=1)
                 for variant in ("baseline", "compressed"):
                     where = base_target if variant == "baseline" else target
                     rows.append(
@@ -311,7 +279,7 @@ def _evaluate_target(
                 p = prompt(batch, g.decode_prompt)
                 fns = {"baseline": lambda p=p: torch_gen(p, g.new_tokens), "compressed": lambda p=p: onnx_gen(p, g.new_tokens)}
                 with reporter.task(f"decode b{batch}, {g.new_tokens} new tokens ({target})"):
-                    t = time_interleaved(fns, max(1, min(repeats, 3)))
+                    t = interleave(fns, max(1, min(repeats, 3)), warmup=1)
                 for variant in ("baseline", "compressed"):
                     where = base_target if variant == "baseline" else target
                     rows.append(

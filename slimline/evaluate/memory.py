@@ -122,7 +122,8 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
                 feeds[i.name] = np.zeros((batch, kv, 0, hd), float_dtype(i))
         names = [i.name for i in session.get_inputs()]
         feeds = {k: feeds[k] for k in names}
-        from slimline.generate import LOGITS_TO_KEEP, keeps_last_logits
+        from slimline.generate import keeps_last_logits
+        from slimline.measure.inputs import LOGITS_TO_KEEP
 
         if keeps_last_logits(session):
             feeds[LOGITS_TO_KEEP] = np.array([1], np.int64)  # a prefill before generation, as `generate` runs it
@@ -130,22 +131,19 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
         session.run(None, feeds)
     else:
         import torch
-        from transformers import AutoModel, AutoModelForSequenceClassification
+
+        from slimline.family import family_of
 
         if threads:
             torch.set_num_threads(threads)
         device = "cuda" if kind == "torch-cuda" else "cpu"
-        from transformers import AutoModelForCausalLM
-
-        auto = {"feature-extraction": AutoModel, "text-generation": AutoModelForCausalLM}.get(
-            task, AutoModelForSequenceClassification
-        )
-        model = auto.from_pretrained(path).eval()
+        family = family_of(task)
+        model = family.auto_class().from_pretrained(path).eval()
         if not getattr(model, "is_quantized", False):  # bitsandbytes models refuse .to() and load in place
             model = model.to(device)
         accepted = set(inspect.signature(model.forward).parameters)
         extra = {}
-        if task == "text-generation" and "logits_to_keep" in accepted:
+        if family.is_decoder and "logits_to_keep" in accepted:
             extra["logits_to_keep"] = 1  # the same prefill as the ONNX side's
             result["logits"] = "last position"
         with torch.inference_mode():

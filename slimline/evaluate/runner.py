@@ -13,10 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory, speed
+from slimline.evaluate.fidelity import encode
 from slimline.evaluate.report import finish_report, report_header
 from slimline.evaluate.targets import TARGET_DEVICE, Runner, available, ort_runner, torch_runner
+from slimline.family import family_of
+from slimline.measure import metrics
+from slimline.measure.inputs import fixed_batch, traffic_batches
+from slimline.measure.timer import cpu_busy, summarize
 from slimline.stage import Context, Reporter
 
 WEIGHT_FILES = (".safetensors", ".bin", ".onnx", ".data", ".pt")
@@ -46,21 +50,22 @@ def _accuracy(
 ) -> tuple[dict, np.ndarray]:
     texts = ctx_data.evaluation
     with reporter.task(f"accuracy ({runner.name})", total=len(texts)) as step:
-        vecs = fid.encode(runner, info.tokenizer, texts, info.task, info.pooling, max_length, step)
-    acc = fid.fidelity(ref if ref is not None else vecs, vecs, info.task)
+        vecs = encode(runner, info.tokenizer, texts, info.family, info.pooling, max_length, step)
+    acc = metrics.fidelity(ref if ref is not None else vecs, vecs, info.family.vectors)
     if ctx_data.pairs:
         a, b = ([p[j] for p in ctx_data.pairs] for j in (0, 1))
-        va = fid.encode(runner, info.tokenizer, a, info.task, info.pooling, max_length)
-        vb = fid.encode(runner, info.tokenizer, b, info.task, info.pooling, max_length)
-        acc["spearman"] = fid.pair_spearman(va, vb, ctx_data.pair_scores)
-    if ctx_data.labels and info.task == "text-classification":
-        acc.update(fid.classification(vecs.argmax(-1), np.asarray(ctx_data.labels)))
+        va = encode(runner, info.tokenizer, a, info.family, info.pooling, max_length)
+        vb = encode(runner, info.tokenizer, b, info.family, info.pooling, max_length)
+        acc["spearman"] = metrics.pair_spearman(va, vb, ctx_data.pair_scores)
+    if ctx_data.labels and info.family.vectors == "logits":
+        acc.update(metrics.classification(vecs.argmax(-1), np.asarray(ctx_data.labels)))
     return {k: round(float(v), 6) for k, v in acc.items()}, vecs
 
 
 class _Info:
     def __init__(self, reference: Any) -> None:
         self.tokenizer, self.task, self.pooling = reference.tokenizer, reference.info.task, reference.info.pooling
+        self.family = family_of(self.task)
 
 
 def evaluate_run(
@@ -106,7 +111,7 @@ def evaluate_run(
     traffic: dict[str, dict[str, float]] = {}
     busy_before = busy_after = None
     if spec.speed.enabled and runners:
-        busy_before = speed.cpu_busy()
+        busy_before = cpu_busy()
         if busy_before is not None and busy_before > 0.15:
             reporter.warn(
                 f"evaluate: other processes keep {busy_before:.0%} of the CPUs busy; speed figures will be noisy "
@@ -115,26 +120,26 @@ def evaluate_run(
         for device in devices:
             group = [baselines[device], *[r for r in runners if r.device == device]]
             for batch in spec.speed.batch_sizes:
-                feeds = speed.fixed_batch(info.tokenizer, data.evaluation, batch, spec.speed.seq_len)
+                feeds = fixed_batch(info.tokenizer, data.evaluation, batch, spec.speed.seq_len)
                 with reporter.task(
                     f"speed {device} b{batch} s{spec.speed.seq_len}", total=spec.speed.repeats * len(group)
                 ) as step:
-                    secs = speed.time_interleaved(group, feeds, spec.speed.warmup, spec.speed.repeats, step)
+                    secs = speed.time_runners(group, feeds, spec.speed.warmup, spec.speed.repeats, step)
                 for runner_name, s in secs.items():
-                    fixed[(runner_name, batch)] = speed.summarize(s, batch)
+                    fixed[(runner_name, batch)] = summarize(s, batch)
             if spec.speed.traffic:
                 texts = data.evaluation[: spec.speed.traffic_texts]
-                batches = speed.traffic_batches(info.tokenizer, texts, spec.speed.traffic_batch_size, max_length)
+                batches = traffic_batches(info.tokenizer, texts, spec.speed.traffic_batch_size, max_length)
                 passes = max(1, min(3, spec.speed.repeats))
                 with reporter.task(
                     f"real traffic {device} ({len(texts)} texts)", total=passes * len(batches) * len(group)
                 ) as step:
                     timed = speed.time_traffic(group, batches, passes, step)
                 for runner_name, t in timed.items():
-                    row = speed.summarize(t["batch_s"], spec.speed.traffic_batch_size)
+                    row = summarize(t["batch_s"], spec.speed.traffic_batch_size)
                     row["throughput_per_s"] = round(len(texts) / float(np.median(t["pass_s"])), 2)
                     traffic[runner_name] = row
-        busy_after = speed.cpu_busy()
+        busy_after = cpu_busy()
 
     # -- memory and size ------------------------------------------------------------------------
     base_size = folder_size_mb([p for p in weight_files(reference.info.path) if p.suffix != ".onnx"])
@@ -148,7 +153,9 @@ def evaluate_run(
                     path = reference.info.path
                 else:
                     path = folder / "model.onnx" if runner.target.startswith("ort") else folder / "model"
-                probes[runner.name] = memory.measure(PROBE_KIND[runner.target], path, task=info.task, threads=threads)
+                probes[runner.name] = memory.measure(
+                    PROBE_KIND[runner.target], path, task=info.task, seq_len=spec.speed.seq_len, threads=threads
+                )
                 if "error" in probes[runner.name]:
                     reporter.warn(f"evaluate: {runner.name}: {probes[runner.name]['error']}")
                 step.advance()
@@ -237,8 +244,8 @@ def evaluate_run(
             "percentiles": "p50/p95/p99 over the timed runs (with few repeats, p99 is close to the maximum)",
             "cpu_busy_by_others_before": busy_before,
             "cpu_busy_by_others_after": busy_after,
-            "memory": "peak RSS (VmHWM) of a fresh process that loads the model and runs batch 1; on CUDA also the "
-            "process's device memory from nvidia-smi",
+            "memory": f"peak RSS (VmHWM) of a fresh process that loads the model and runs batch 1 x {spec.speed.seq_len} "
+            "tokens; on CUDA also the process's device memory from nvidia-smi",
             "accuracy": f"{len(data.evaluation)} evaluation texts against torch fp32 on the CPU, dynamic padding, max_length {max_length}",
         },
         "results": rows,

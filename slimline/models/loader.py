@@ -21,6 +21,7 @@ from pathlib import Path
 
 from slimline.artifact import ModelInfo, TorchModel
 from slimline.errors import ModelError
+from slimline.family import family_of
 from slimline.runfolder import make_hidden_dir, sweep_stale
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -189,7 +190,7 @@ def load_model(
 ) -> TorchModel:
     """Load tokenizer and float32 model in eval mode. Raises ``ModelError`` naming the fix."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     where = resolve_source(source)
     gguf_hashes: dict[str, str] = {}
@@ -199,17 +200,16 @@ def load_model(
         if not (where / "config.json").is_file():
             raise ModelError(f"model.source `{source}`: the hub repository has no config.json; it is not a transformers model.")
         revision = None  # the snapshot folder is that revision
+    family = family_of(task)
     if isinstance(where, Path) and where.suffix == ".gguf":
-        if task != "text-generation":
+        if not family.is_decoder:
             raise ModelError(
                 f"model.source `{source}` is a GGUF file: set model.task: text-generation (GGUF holds decoder LLMs)."
             )
         folder = from_gguf(where)
         gguf_hashes = {where.name: (folder / "slimline_source.txt").read_text().split("sha256 ")[-1].strip()}
         where = folder
-    auto = {"feature-extraction": AutoModel, "text-generation": AutoModelForCausalLM}.get(
-        task, AutoModelForSequenceClassification
-    )
+    auto = family.auto_class()
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)

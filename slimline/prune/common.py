@@ -41,19 +41,6 @@ def linear_layers(model: Any, include: list[str], exclude: list[str], kind: str,
     return chosen
 
 
-def calibration_batches(artifact: TorchModel, texts: list[str], batch: int = 16, max_length: int = 128) -> list[dict]:
-    if not texts:
-        raise StageError("This pruner needs calibration text, and the recipe's evaluate.data gave none.")
-    tokenizer = artifact.tokenizer
-    if tokenizer.pad_token is None:  # decoders ship without one; padded positions are masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = tokenizer(texts[i : i + batch], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out.append(dict(enc))
-    return out
-
-
 def forward(model: Any, batch: dict) -> Any:
     accepted = set(inspect.signature(model.forward).parameters)
     return model(**{k: v for k, v in batch.items() if k in accepted})
@@ -90,7 +77,7 @@ def output_error(reference: Any, pruned: Any, batches: list[dict]) -> dict[str, 
     import numpy as np
     import torch
 
-    from slimline.models.heads import cosine, cosine_summary, pool
+    from slimline.measure.metrics import cosine, cosine_summary, pool
 
     cos = []
     with torch.no_grad():

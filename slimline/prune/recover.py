@@ -8,7 +8,7 @@ distribution from the teacher's, averaged over real tokens.
 No labels are needed, and the report says how much it helped on held-back calibration texts.
 
 With ``fake_quant: int8`` the student trains through simulated ONNX Runtime dynamic int8
-(slimline.quantize.fakequant): the distillation then also teaches it to absorb the rounding that a
+(slimline.measure.quantsim): the distillation then also teaches it to absorb the rounding that a
 later ``quantize.dynamic_int8`` will apply (quantization-aware distillation). The report adds the
 held-out cosine measured through that simulation, before and after.
 """
@@ -23,9 +23,10 @@ from pydantic import Field
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
-from slimline.prune.common import calibration_batches, clone, forward, next_token_fidelity, output_error, token_kl
-from slimline.quantize.common import resolve_reduce_range
-from slimline.quantize.fakequant import fake_quant_int8
+from slimline.family import family_of
+from slimline.measure.inputs import calibration_batches
+from slimline.measure.quantsim import fake_quant_int8, resolve_reduce_range
+from slimline.prune.common import clone, forward, next_token_fidelity, output_error, token_kl
 from slimline.stage import Context, Stage, StageResult
 
 
@@ -72,9 +73,9 @@ class Recover(Stage):
         teacher = ctx.reference.model
         out = clone(artifact)
         student = out.model
-        held = calibration_batches(out, texts[: self.held_out], max_length=self.max_length)
+        held = calibration_batches(out.tokenizer, texts[: self.held_out], max_length=self.max_length)
         train_texts = texts[self.held_out :]
-        kl = self.loss == "kl" or (self.loss == "auto" and artifact.info.task == "text-generation")
+        kl = (self.loss if self.loss != "auto" else family_of(artifact.info.task).default_loss) == "kl"
         before = output_error(teacher, student, held)
         if kl:
             before.update(next_token_fidelity(teacher, student, held))
@@ -95,7 +96,7 @@ class Recover(Stage):
             for _ in range(self.steps):
                 idx = torch.randint(len(train_texts), (self.batch_size,), generator=gen).tolist()
                 (batch,) = calibration_batches(
-                    out, [train_texts[i] for i in idx], batch=self.batch_size, max_length=self.max_length
+                    out.tokenizer, [train_texts[i] for i in idx], batch=self.batch_size, max_length=self.max_length
                 )
                 mask = batch["attention_mask"][..., None].float()  # (B, T, 1)
                 with torch.no_grad():

@@ -31,8 +31,8 @@ from pydantic import Field
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
+from slimline.measure.inputs import calibration_batches
 from slimline.prune.common import (
-    calibration_batches,
     clone,
     count_params,
     forward,
@@ -129,7 +129,7 @@ class Structured(Stage):
             raise StageError("prune.structured: refit_target: original needs refit: true (it is a kind of refit).")
         compensate = self.refit and self.refit_target in ("auto", "original")
 
-        batches = calibration_batches(out, ctx.data.calibration[: self.samples])
+        batches = calibration_batches(out.tokenizer, ctx.data.calibration[: self.samples])
         unseen = ctx.data.calibration[self.samples : self.samples + 128]
         report: dict = {"params_before": count_params(model), "refit": self.refit}
         report["refit_target"] = "original" if compensate else "layer" if self.refit else "none"
@@ -137,7 +137,7 @@ class Structured(Stage):
         heads_cut = [n_heads_cut] * len(blocks)
         total = int(round(self.head_sparsity * heads * len(blocks)))
         if total and self.head_allocation == "sensitivity":  # a total, so 1 of 72 heads is possible too
-            check = calibration_batches(out, unseen) if unseen else batches[:8]
+            check = calibration_batches(out.tokenizer, unseen) if unseen else batches[:8]
             heads_cut, costs = self._allocate_heads(model, blocks, groups, batches[:64], check, total)
             report["head_allocation"] = "sensitivity"
             for i, c in enumerate(costs):  # the measured cost of each layer's cut, alone, as 1 - cosine
@@ -189,7 +189,7 @@ class Structured(Stage):
             report[f"pruned_heads.layer{i}"] = ",".join(map(str, hs))
         # the fit saw `batches`: measure on calibration texts it did not see, when there are any
         if unseen:
-            err = output_error(artifact.model, model, calibration_batches(out, unseen))
+            err = output_error(artifact.model, model, calibration_batches(out.tokenizer, unseen))
             report.update({k.replace("calibration.", "held_out."): v for k, v in err.items()})
         else:
             report.update({f"{k} (in-sample)": v for k, v in output_error(artifact.model, model, batches[:8]).items()})
@@ -261,7 +261,7 @@ class Structured(Stage):
         ffn = config.intermediate_size
         n_cut = self._ffn_cut(ffn) if self.ffn_sparsity else 0
         plan = self._gqa_plan(config) if self.head_sparsity else None
-        batches = calibration_batches(out, ctx.data.calibration[: self.samples])
+        batches = calibration_batches(out.tokenizer, ctx.data.calibration[: self.samples])
         pruned = []
         if plan:
             pruned.append("query heads per key/value group" if plan["per_group"] else "key/value groups")
@@ -299,7 +299,7 @@ class Structured(Stage):
         )
         report["params_removed"] = round(1 - report["params_after"] / report["params_before"], 4)
         unseen = ctx.data.calibration[self.samples : self.samples + 64]
-        check = calibration_batches(out, unseen) if unseen else batches[:8]
+        check = calibration_batches(out.tokenizer, unseen) if unseen else batches[:8]
         err = output_error(artifact.model, model, check)
         where = "held_out." if unseen else "calibration.in_sample."
         report.update({k.replace("calibration.", where): v for k, v in err.items()})

@@ -20,8 +20,8 @@ from pydantic import Field, model_validator
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
+from slimline.measure.inputs import calibration_batches
 from slimline.prune.common import (
-    calibration_batches,
     clone,
     count_params,
     forward,
@@ -114,7 +114,7 @@ class _WeightPruner(Stage):
         model = out.model
         layers = linear_layers(model, self.include, self.exclude, self.kind, ctx)
         self.check_layers(layers)
-        batches = calibration_batches(out, ctx.data.calibration[: self.samples])
+        batches = calibration_batches(out.tokenizer, ctx.data.calibration[: self.samples])
         grams = input_grams(model, layers, batches)
         report: dict = {}
         zeros = total = 0

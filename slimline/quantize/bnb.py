@@ -22,6 +22,8 @@ from pydantic import Field
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
+from slimline.measure.inputs import calibration_batches, check_texts
+from slimline.measure.metrics import relative_error
 from slimline.quantize import calib
 from slimline.stage import Context, Stage, StageResult
 
@@ -59,9 +61,9 @@ class BitsAndBytes(Stage):
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise StageError(f"{self.kind}: the bitsandbytes package is not installed. `pip install bitsandbytes==0.50.0`.")
-        from slimline.prune.common import calibration_batches, forward, hooks
+        from slimline.prune.common import forward, hooks
 
-        texts = calib.check_texts(ctx.data.calibration[:64], self.kind)
+        texts = check_texts(ctx.data.calibration[:64], self.kind)
         float_dir = ctx.stage_dir("bitsandbytes") / "float"
         artifact.model.save_pretrained(float_dir)
         cls = type(artifact.model)
@@ -79,12 +81,12 @@ class BitsAndBytes(Stage):
                 f"{self.kind}: no Linear layer was quantized (exclude={self.exclude}); a float model is not a quantized one."
             )
         reference = dict(artifact.model.named_modules())
-        batches = calibration_batches(artifact, texts)
+        batches = calibration_batches(artifact.tokenizer, texts)
         errors: dict[str, float] = {}
 
         def layer_error(name: str, _module: Any, inputs: Any, output: Any) -> None:
             ref = reference[name](inputs[0].to(torch.float32))
-            errors[name] = max(errors.get(name, 0.0), calib.relative_error(ref.numpy(), output.float().numpy()))
+            errors[name] = max(errors.get(name, 0.0), relative_error(ref.numpy(), output.float().numpy()))
 
         small = [n for n, m in quantized.items() if getattr(m, "in_features", 64) < 64]
         try:
@@ -99,12 +101,14 @@ class BitsAndBytes(Stage):
             raise StageError(f"{self.kind}: bitsandbytes ({self.scheme}) failed running the quantized model: {e}.{hint}") from e
         with torch.no_grad():
             refs = [forward(artifact.model, b)[0] for b in batches[:4]]
-        from slimline.models.heads import cosine, cosine_summary, task_vectors
+        from slimline.family import family_of
+        from slimline.measure.metrics import cosine, cosine_summary
 
+        family = family_of(artifact.info.task)
         cos = [
             cosine(
-                task_vectors(r.numpy(), b["attention_mask"].numpy(), artifact.info.task, artifact.info.pooling),
-                task_vectors(o.float().numpy(), b["attention_mask"].numpy(), artifact.info.task, artifact.info.pooling),
+                family.task_vectors(r.numpy(), b["attention_mask"].numpy(), artifact.info.pooling),
+                family.task_vectors(o.float().numpy(), b["attention_mask"].numpy(), artifact.info.pooling),
             )
             for r, o, b in zip(refs, outs, batches, strict=False)
         ]

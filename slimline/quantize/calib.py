@@ -1,5 +1,8 @@
 """Calibration activations of an ONNX graph, and the per-layer output error a quantizer causes.
 
+The feeds (``calibration_feeds``) and the error figures (``relative_error``, ``to_db``) come from the
+measurement floor (``slimline.measure``); this module runs the float graph and collects rows.
+
 Every quantizer reports, for each layer it touched, how far that layer's *output* moved on real
 calibration inputs: ``rel_error = ||X W - Q(X, W)||_F / ||X W||_F`` with ``X`` the layer's float
 input captured from the float graph (padding tokens dropped), and the same figure in dB
@@ -15,86 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from slimline.errors import DataError
-
-MIN_TEXTS = 8
-
-
-def calibration_feeds(
-    tokenizer: Any,
-    texts: list[str],
-    inputs: list[str],
-    batch: int = 16,
-    max_length: int = 128,
-    fixed: bool = False,
-    config: Any = None,
-) -> list[dict]:
-    """Tokenized batches of ``texts`` holding only the graph's ``inputs`` (int64).
-
-    ``fixed`` pads every batch to ``max_length`` (ONNX Runtime's histogram calibrators stack batches).
-    A decoder graph (``past_key_values.*`` inputs; pass its ``config``) gets position ids and an empty
-    KV cache: calibration runs as a prefill.
-    """
-    decoder = any(i.startswith("past_key_values.") for i in inputs)
-    if decoder and not fixed:
-        return packed_feeds(tokenizer, texts, batch, max_length, config)
-    if decoder and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    feeds = []
-    side = getattr(tokenizer, "padding_side", None)
-    for i in range(0, len(texts), batch):
-        padding = "max_length" if fixed else True
-        try:
-            if decoder:  # GroupQueryAttention reads each row's length off the mask: padding must be on the right
-                tokenizer.padding_side = "right"
-            enc = tokenizer(texts[i : i + batch], padding=padding, truncation=True, max_length=max_length, return_tensors="np")
-        finally:
-            if decoder:
-                tokenizer.padding_side = side
-        feed = {k: v.astype(np.int64) for k, v in enc.items() if k in inputs}
-        if decoder:
-            from slimline.compile.export_llm import empty_past
-
-            n, length = feed["input_ids"].shape
-            feed["position_ids"] = np.broadcast_to(np.arange(length, dtype=np.int64), (n, length)).copy()
-            feed.update(empty_past(config, n))
-        feeds.append(feed)
-    return feeds
-
-
-def packed_feeds(tokenizer: Any, texts: list[str], batch: int, length: int, config: Any) -> list[dict]:
-    """Decoder calibration as a language model sees text: the lines joined into one token stream and cut
-    into full ``length``-token sequences (no padding), each run as a prefill with an empty KV cache."""
-    from slimline.compile.export_llm import empty_past
-    from slimline.evaluate.llm import token_stream
-
-    ids = token_stream(tokenizer, texts, 10**9)
-    rows = max(len(ids) // length, 1)
-    ids = np.resize(ids, rows * length).reshape(rows, length)  # a short text repeats rather than pads
-    feeds = []
-    for i in range(0, rows, batch):
-        chunk = ids[i : i + batch]
-        n = len(chunk)
-        feeds.append(
-            {
-                "input_ids": chunk,
-                "attention_mask": np.ones_like(chunk),
-                "position_ids": np.broadcast_to(np.arange(length, dtype=np.int64), (n, length)).copy(),
-                **empty_past(config, n),
-            }
-        )
-    return feeds
-
-
-def check_texts(texts: list[str], stage: str, needed: int = MIN_TEXTS) -> list[str]:
-    """Refuse calibration data that is empty or too short to estimate anything."""
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if len(texts) < needed:
-        raise DataError(
-            f"{stage}: needs at least {needed} non-empty calibration texts, got {len(texts)}. "
-            "Point evaluate.data at more text, or raise evaluate.data.calibration_size."
-        )
-    return texts
+from slimline.measure.metrics import to_db
 
 
 @dataclass
@@ -174,15 +98,6 @@ def capture(
     finally:
         path.unlink(missing_ok=True)
     return out
-
-
-def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
-    denom = float(np.linalg.norm(reference))
-    return float(np.linalg.norm(reference - approx)) / denom if denom > 0 else 0.0
-
-
-def to_db(rel: float) -> float:
-    return float("inf") if rel <= 0 else -20.0 * float(np.log10(rel))
 
 
 def layer_report(errors: dict[str, float], report: dict, top: int = 5) -> None:

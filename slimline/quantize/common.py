@@ -8,8 +8,6 @@ float MatMul on this machine at the layer's own shape. Both reasons are listed i
 from __future__ import annotations
 
 import fnmatch
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +16,9 @@ import numpy as np
 from pydantic import Field
 
 from slimline.errors import StageError
+from slimline.family import family_of
+from slimline.measure.quantsim import resolve_reduce_range
+from slimline.measure.timer import interleave, median
 from slimline.stage import Context, Stage
 
 QUANTIZED_OPS = {
@@ -46,13 +47,6 @@ class OnnxQuantizer(Stage):
     )
     measure_speed: bool = Field(False, description="fallback: auto also keeps layers whose quantized kernel is not faster")
     speed_rows: int = Field(4096, ge=1, le=1_000_000, description="rows (batch x tokens) of the kernel timing for measure_speed")
-
-
-def resolve_reduce_range(option: bool | str) -> bool:
-    """``reduce_range: auto`` is 7-bit weights exactly where the int8 GEMM would saturate (no VNNI)."""
-    from slimline.env import has_vnni
-
-    return (not has_vnni()) if option == "auto" else bool(option)
 
 
 def reduce_range_note(option: bool | str) -> str:
@@ -153,7 +147,7 @@ def single_matmul(k: int, n: int, seed: int = 0) -> Any:
 def kernel_speedups(
     shapes: set[tuple[int, int]], quantize: Callable[[Path, Path], None], workdir: Path, threads: int, rows: int, repeats: int = 7
 ) -> dict[tuple[int, int], float]:
-    """Float-MatMul time / quantized-kernel time per ``(K, N)``, interleaved, median of ``repeats``."""
+    """Float-MatMul time / quantized-kernel time per ``(K, N)``, interleaved (ABBA), median of ``repeats``."""
     import onnx
 
     from slimline.runtime import ort_session
@@ -163,17 +157,10 @@ def kernel_speedups(
         f32, q = workdir / f"mm_{k}x{n}.onnx", workdir / f"mm_{k}x{n}_q.onnx"
         onnx.save_model(single_matmul(k, n), str(f32))
         quantize(f32, q)
-        sessions = [ort_session(f32, threads), ort_session(q, threads)]
+        sessions = {"float": ort_session(f32, threads, spinning=False), "quantized": ort_session(q, threads, spinning=False)}
         x = {"X": np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)}
-        times: list[list[float]] = [[], []]
-        for s in sessions:
-            s.run(None, x)  # warm up
-        for _ in range(repeats):
-            for i, s in enumerate(sessions):
-                t0 = time.perf_counter()
-                s.run(None, x)
-                times[i].append(time.perf_counter() - t0)
-        out[(k, n)] = statistics.median(times[0]) / statistics.median(times[1])
+        times = interleave({name: lambda s=s, x=x: s.run(None, x) for name, s in sessions.items()}, repeats, warmup=1)
+        out[(k, n)] = median(times["float"]) / median(times["quantized"])
     return out
 
 
@@ -203,14 +190,12 @@ def choose_fallback(
 
 def fidelity_guard(stage: Any, artifact: Any, out: Path, ctx: Context, report: dict, worst: list[str], hint: str = "") -> None:
     """Cosine of the quantized outputs against the float graph on calibration text; below min_cosine, fail."""
-    from slimline.quantize.error import output_fidelity
-
     texts = ctx.data.calibration[:64] if ctx.load_data else []
     if not texts:
         ctx.warn(f"{stage.kind}: no calibration text, so the output error was not measured.")
         return
-    fid = output_fidelity(
-        artifact.path, out, artifact.tokenizer, texts, artifact.info.task, artifact.info.pooling, ctx.threads, artifact.config
+    fid = family_of(artifact.info.task).output_fidelity(
+        artifact.path, out, artifact.tokenizer, texts, artifact.info.pooling, ctx.threads, artifact.config
     )
     report.update(fid)
     if fid["calibration.mean_cosine"] < stage.min_cosine:

@@ -22,6 +22,9 @@ from pydantic import Field
 
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
+from slimline.measure.inputs import calibration_feeds, check_texts
+from slimline.measure.metrics import relative_error
+from slimline.measure.quantsim import resolve_reduce_range, uint8_roundtrip
 from slimline.quantize import calib
 from slimline.quantize.common import (
     QUANTIZED_OPS,
@@ -32,7 +35,6 @@ from slimline.quantize.common import (
     reduce_range_note,
     refuse_quantized,
     report_fallback,
-    resolve_reduce_range,
     weighted_layers,
 )
 from slimline.quantize.error import consumers, dequantized_weights, weight_sqnr
@@ -41,14 +43,6 @@ from slimline.stage import Context, StageResult
 
 FLOAT_OPS = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm")
 WEIGHTED_OPS = ("MatMul", "Attention")  # layers whose input 1 is a [K, N] weight
-
-
-def fake_quant_u8(x: np.ndarray) -> np.ndarray:
-    """What DynamicQuantizeLinear does to an activation tensor: per-tensor uint8 with 0 in range."""
-    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = (hi - lo) / 255 or 1.0
-    zero = np.clip(np.round(-lo / scale), 0, 255)
-    return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
 class DynamicInt8(OnnxQuantizer):
@@ -139,13 +133,13 @@ class DynamicInt8(OnnxQuantizer):
         layers = {name: v for name, v in layers.items() if v[1] in deq}
         if not layers:
             return {}
-        texts = calib.check_texts(ctx.data.calibration[:128], self.kind)
-        feeds = calib.calibration_feeds(artifact.tokenizer, texts, [i.name for i in model.graph.input])
+        texts = check_texts(ctx.data.calibration[:128], self.kind)
+        feeds = calibration_feeds(artifact.tokenizer, texts, [i.name for i in model.graph.input])
         acts = calib.capture(
             model, sorted({a for a, _, _ in layers.values()}), feeds, threads=ctx.threads, workdir=ctx.stage_dir("calibration")
         )
         errors = {}
         for name, (act, wname, w) in layers.items():
             x = acts[act].sample
-            errors[name] = calib.relative_error(x @ w, fake_quant_u8(x) @ deq[wname].astype(np.float32))
+            errors[name] = relative_error(x @ w, uint8_roundtrip(x) @ deq[wname].astype(np.float32))
         return errors

@@ -1,18 +1,15 @@
-"""How much a quantizer changed a model: per-layer weight SQNR and end-to-end output cosine."""
+"""What ONNX Runtime's quantizers wrote: each weight's dequantized value and its SQNR against the float one.
+
+The end-to-end output cosine is the model family's ``output_fidelity`` (``slimline.family``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-
-def sqnr_db(ref: np.ndarray, approx: np.ndarray) -> float:
-    """Signal-to-quantization-noise ratio in dB (higher is better; int8 weights are typically 35-45)."""
-    noise = float(np.sum((ref.astype(np.float64) - approx) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
+from slimline.measure.metrics import sqnr_db
 
 
 def _broadcast(param: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -70,42 +67,3 @@ def consumers(model: Any) -> dict[str, str]:
         for inp in node.input:
             names.setdefault(inp, node.name or node.op_type)
     return names
-
-
-def output_fidelity(
-    ref_path: Path,
-    new_path: Path,
-    tokenizer: Any,
-    texts: list[str],
-    task: str,
-    pooling: str,
-    threads: int = 0,
-    config: Any = None,
-) -> dict[str, float]:
-    """Mean/min cosine of the new graph's task vectors against the reference graph's on ``texts``.
-
-    For a decoder (text-generation) the vectors are each real token's next-token logits, and the
-    share of tokens whose top-1 prediction is unchanged is reported too.
-    """
-    from slimline.models.heads import cosine, cosine_summary, task_vectors
-    from slimline.quantize.calib import calibration_feeds
-    from slimline.runtime import ort_function
-
-    run_ref, inputs = ort_function(ref_path, threads)
-    run_new, _ = ort_function(new_path, threads)
-    cos, agree = [], []
-    for feeds in calibration_feeds(tokenizer, texts, inputs, config=config):
-        a = next(iter(run_ref(feeds).values()))
-        b = next(iter(run_new(feeds).values()))
-        mask = feeds["attention_mask"]
-        if task == "text-generation":
-            keep = mask.astype(bool)
-            a, b = a[keep], b[keep]
-            cos.append(cosine(a, b))
-            agree.append(a.argmax(-1) == b.argmax(-1))
-        else:
-            cos.append(cosine(task_vectors(a, mask, task, pooling), task_vectors(b, mask, task, pooling)))
-    out = cosine_summary(np.concatenate(cos) if cos else np.ones(1))
-    if agree:
-        out["calibration.top1_agreement"] = round(float(np.concatenate(agree).mean()), 5)
-    return out

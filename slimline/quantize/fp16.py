@@ -135,7 +135,7 @@ class Fp16(Stage):
     def _range_guard(self, model: Any, tables: list[str], artifact: OnnxModel, ctx: Context, report: dict) -> list[str]:
         """Measure what fp16 would hold on calibration text (module docstring); fail on a tensor past
         fp16's range, and return the Skip norms whose fp16 accumulator would overflow, to keep in fp32."""
-        from slimline.quantize.calib import calibration_feeds
+        from slimline.measure.inputs import calibration_feeds
 
         texts = ctx.data.calibration[:16] if ctx.load_data else []
         if not texts:

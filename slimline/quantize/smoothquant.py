@@ -24,6 +24,7 @@ from pydantic import Field
 
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
+from slimline.measure.inputs import calibration_feeds, check_texts
 from slimline.quantize import calib
 from slimline.quantize.common import loads_in_ort, refuse_quantized, weight_of
 from slimline.stage import Context, Stage, StageResult
@@ -57,8 +58,8 @@ class SmoothQuant(Stage):
                     readers[node.input[0]].append(node)
         if not readers:
             raise StageError(f"{self.kind}: no MatMul with a constant weight matches include={self.include}.")
-        texts = calib.check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
-        feeds = calib.calibration_feeds(artifact.tokenizer, texts, [i.name for i in model.graph.input])
+        texts = check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
+        feeds = calibration_feeds(artifact.tokenizer, texts, [i.name for i in model.graph.input])
         acts = calib.capture(
             model, sorted(readers), feeds, max_rows=256, threads=ctx.threads, workdir=ctx.stage_dir("calibration")
         )

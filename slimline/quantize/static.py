@@ -25,6 +25,9 @@ from pydantic import Field
 
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
+from slimline.measure.inputs import calibration_feeds, check_texts
+from slimline.measure.metrics import relative_error
+from slimline.measure.quantsim import resolve_reduce_range
 from slimline.quantize import calib
 from slimline.quantize.common import (
     OnnxQuantizer,
@@ -34,7 +37,6 @@ from slimline.quantize.common import (
     reduce_range_note,
     refuse_quantized,
     report_fallback,
-    resolve_reduce_range,
     weight_of,
     weighted_layers,
 )
@@ -143,9 +145,9 @@ class StaticInt8(OnnxQuantizer):
         refuse_quantized(model, self.kind)
         if not ctx.load_data:
             raise StageError(f"{self.kind}: static quantization calibrates activation ranges and needs data; the run has none.")
-        texts = calib.check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
+        texts = check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
         inputs = [i.name for i in model.graph.input]
-        feeds = calib.calibration_feeds(artifact.tokenizer, texts, inputs, fixed=self.calibrate_method != "MinMax")
+        feeds = calibration_feeds(artifact.tokenizer, texts, inputs, fixed=self.calibrate_method != "MinMax")
         excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
         # ONNX Runtime's MatMulConstBOnly is ignored in QDQ mode: keep the attention-score MatMuls
         # (activation x activation, next to the softmax and the mask) in float by name.
@@ -214,7 +216,7 @@ class StaticInt8(OnnxQuantizer):
             x = x_all[act].sample
             scale, zero, lo, hi = acts[name]
             xq = (np.clip(np.round(x / scale) + zero, lo, hi) - zero) * scale
-            errors[name] = calib.relative_error(x @ w, xq.astype(np.float32) @ deq[wname].astype(np.float32))
+            errors[name] = relative_error(x @ w, xq.astype(np.float32) @ deq[wname].astype(np.float32))
         return errors
 
     @staticmethod

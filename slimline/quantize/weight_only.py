@@ -19,6 +19,8 @@ from pydantic import Field
 from slimline import onnxfile
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
+from slimline.measure.inputs import calibration_feeds, check_texts
+from slimline.measure.metrics import relative_error
 from slimline.quantize import calib, nbits
 from slimline.quantize.common import (
     OnnxQuantizer,
@@ -190,7 +192,7 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             continue
         e = numpy_helper.to_array(table)
         b = nbits.rtn(np.ascontiguousarray(e.T), bits, block_size)  # q: [vocab, hidden]
-        errors[node.name] = calib.relative_error(e, b.dequantize().T)
+        errors[node.name] = relative_error(e, b.dequantize().T)
         base = f"{node.name}_q{bits}"
         if bits == 4:
             data = helper.make_tensor(f"{base}_data", TensorProto.UINT4, list(e.shape), _int4(b.q), raw=True)
@@ -328,7 +330,7 @@ class WeightOnly(OnnxQuantizer):
                     raise StageError(f"{self.kind}: layer {name}: {e}") from e
                 if c is not None:
                     x = c.sample
-                    errors[name] = calib.relative_error(x @ w, x @ blocks[name].dequantize())
+                    errors[name] = relative_error(x @ w, x @ blocks[name].dequantize())
                 step.advance()
 
         shapes = {name: w.shape for name, (_, w) in layers.items()}
@@ -341,7 +343,7 @@ class WeightOnly(OnnxQuantizer):
                 act, w = layers[name]
                 c = captured[act]
                 trial = self.quantize_weight(w, c.gram, None, self.fallback_block_size)
-                err = calib.relative_error(c.sample @ w, c.sample @ trial.dequantize())
+                err = relative_error(c.sample @ w, c.sample @ trial.dequantize())
                 if err <= self.max_layer_error:
                     blocks[name], errors[name] = trial, err
                     finer[name] = f"{kept.pop(name)}: {self.bits}-bit in blocks of {self.fallback_block_size} instead ({err:.4f})"
@@ -351,7 +353,7 @@ class WeightOnly(OnnxQuantizer):
                 act, w = layers[name]
                 c = captured[act] if captured else None
                 blocks[name] = self.quantize_weight(w, c.gram if c else None, self.fallback_bits)
-                errors[name] = calib.relative_error(c.sample @ w, c.sample @ blocks[name].dequantize()) if c else errors[name]
+                errors[name] = relative_error(c.sample @ w, c.sample @ blocks[name].dequantize()) if c else errors[name]
                 promoted[name] = kept.pop(name)
             else:
                 blocks.pop(name)
@@ -405,9 +407,9 @@ class WeightOnly(OnnxQuantizer):
     def _capture(self, model: Any, artifact: OnnxModel, layers: dict, ctx: Context) -> dict | None:
         if not ctx.load_data:
             return None
-        texts = calib.check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
+        texts = check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
         inputs = [i.name for i in model.graph.input]
-        feeds = calib.calibration_feeds(artifact.tokenizer, texts, inputs, config=artifact.config)
+        feeds = calibration_feeds(artifact.tokenizer, texts, inputs, config=artifact.config)
         acts = sorted({a for a, _ in layers.values()})
         gram = set(acts) if self.algorithm == "gptq" else set()
         return calib.capture(model, acts, feeds, gram=gram, threads=ctx.threads, workdir=ctx.stage_dir("calibration"))

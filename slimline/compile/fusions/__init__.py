@@ -13,36 +13,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimline.compile.fusions import (
-    attention,
-    embed_layer_norm,
-    gelu,
-    group_query_attention,
-    rms_norm,
-    rotary_embedding,
-    skip_layer_norm,
-    skip_rms_norm,
-    static_shape,
-)
+from slimline.compile.fusions import static_shape
 from slimline.compile.fusions._base import Tracer, layer_of, locate
+from slimline.compile.fusions.registry import FUSED_OPS_TABLE, GRAPH_PASSES, FusedOp, fused_ops, skipped
+from slimline.measure.inputs import LOGITS_TO_KEEP
 
-# (step name, module, how to run it, diagnose after it). Order matters: the embedding sum looks like a skip-LayerNorm,
-# slimline's BERT attention must see the graph before onnxscript's SDPA rule, and
-# GroupQueryAttention must take decoders' SDPA before the MultiHeadAttention chain does.
-# Each step's leftovers are diagnosed right after it, on the graph its rules saw (a later rule may
-# take the same nodes: SkipLayerNormalization fuses an embedding sum EmbedLayerNormalization rejected).
-STEPS: list[tuple[str, Any, Any, bool]] = [
-    ("embed_layer_norm", embed_layer_norm, None, True),
-    ("attention", attention, attention.apply, False),  # diagnosed after onnxscript's chain has had its turn
-    ("rms_norm", rms_norm, None, True),
-    ("skip_layer_norm", skip_layer_norm, None, True),
-    ("skip_rms_norm", skip_rms_norm, None, True),
-    ("rotary_embedding", rotary_embedding, rotary_embedding.apply, True),
-    ("group_query_attention", group_query_attention, group_query_attention.apply, True),
-    ("attention_chain", attention, lambda model, tracer=None: attention.apply_chain(model), True),
-    ("gelu", gelu, None, True),
-]
-MODULES = {m.OP: m for _, m, _, _ in STEPS}
 SUPPORTED_OPSETS = range(17, 24)  # LayerNormalization is one op from 17; onnxscript's rules are written for 18+
 
 
@@ -64,18 +39,17 @@ class FusionResult:
 
 
 def fused_counts(model: Any) -> dict[str, int]:
-    from slimline.compile.fuse import FUSED_OPS
-
     counts = Counter(node.op_type for node in model.graph.all_nodes())
-    return {op: counts[op] for op in FUSED_OPS if counts.get(op) and op != "LayerNormalization"}  # a standard op since opset 17
+    return {op: counts[op] for op in fused_ops() if counts.get(op) and op != "LayerNormalization"}  # a standard op since opset 17
 
 
-def _run(module: Any, runner: Any, model: Any, tracer: Tracer | None = None) -> int:
+def _run(record: FusedOp, model: Any, tracer: Tracer | None = None) -> int:
     from onnxscript.rewriter import RewriteRuleSet
 
+    runner = (record.diagnose_with or record.apply) if tracer is not None else record.apply
     if runner is not None:
         return runner(model, tracer=tracer)
-    return RewriteRuleSet(module.rules()).apply_to_model(model, tracer=tracer)
+    return RewriteRuleSet(record.module.rules()).apply_to_model(model, tracer=tracer)
 
 
 def check_opset(model: Any) -> int:
@@ -105,16 +79,15 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
     optimize(model)  # constant-fold what the static shapes made constant (attention's scale)
     steps: dict[str, int] = {}
     unfused: list[dict] = []
-    for name, module, runner, diagnosed in STEPS:
-        if module.OP in skip or (module is gelu and "Gelu" in skip):
+    for record in FUSED_OPS_TABLE:
+        if skipped(record, skip):
             continue
-        steps[name] = _run(module, runner, model)
-        if steps[name]:
+        steps[record.step] = _run(record, model)
+        if steps[record.step]:
             common_passes.RemoveUnusedNodesPass()(model)  # blocks a rule replaced but kept (remove_nodes=False)
             common_passes.ShapeInferencePass()(model)  # fused outputs carry their shapes: propagate them
-        if diagnose and diagnosed:
-            tracer_runner = attention.apply if module is attention else runner
-            unfused += diagnose_step(model, module, tracer_runner)
+        if diagnose and record.diagnose:
+            unfused += diagnose_step(model, record)
     if any(node.domain == "ai.onnxruntime._fusion" for node in model.graph):
         # onnxscript's intermediate SDPA op (no kernel) left when its consumer was skipped or rejected
         from onnxscript.rewriter.ort_fusions.sdpa_via_mha import replace_sdpa_by_mha
@@ -125,8 +98,6 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
     rewrite(model, ORT_PATTERN_REWRITE_RULES)
     # initializers listed as inputs can't be folded, so they leave the inputs; an intended one stays
     # (compile.export's `logits_to_keep`, a default the caller may override)
-    from slimline.compile.export_llm import LOGITS_TO_KEEP
-
     overridable = [v for v in model.graph.inputs if v.name == LOGITS_TO_KEEP and v.const_value is not None]
     ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
@@ -137,71 +108,40 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
     return FusionResult(model, fused_counts(model), steps, nodes_before, sum(1 for _ in model.graph), unfused)
 
 
-# fused ops whose outputs after the first are optional statistics or side results
-OPTIONAL_OUTPUTS = {
-    "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization",
-    "LayerNormalization",
-    "SimplifiedLayerNormalization",
-}
-
-
-def drop_unused_outputs(model: Any) -> int:
-    """Unname optional outputs nobody reads, so the kernels skip computing and writing them.
-
-    onnxscript's norm fusions name every output of SkipSimplifiedLayerNormalization (mean and inverse
-    standard deviation included); ONNX Runtime then allocates and fills them on every run. On SmolLM2
-    the 60 skip norms took 0.43 ms of a decode step with them and 0.37 ms without. Returns the count.
-    """
-    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    dropped = 0
-    for node in model.graph.node:
-        if node.op_type not in OPTIONAL_OUTPUTS:
-            continue
-        outputs = list(node.output)
-        for i in range(1, len(outputs)):
-            if outputs[i] and outputs[i] not in read:
-                outputs[i] = ""
-                dropped += 1
-        while len(outputs) > 1 and not outputs[-1]:
-            outputs.pop()
-        del node.output[:]
-        node.output.extend(outputs)
-    return dropped
-
-
 def fuse_to_proto(model: Any, decoder: bool, skip: tuple[str, ...] = (), diagnose: bool = True) -> tuple[Any, FusionResult, dict]:
-    """What compile.fuse ships: the rules, then for decoders slimline's sibling-MatMul merge and packed
-    Q/K/V into GroupQueryAttention (on the proto). Returns (ModelProto, result, {input: why its MatMuls were not merged})."""
+    """What compile.fuse ships: the rules, then the registry's graph passes on the proto (for decoders
+    the sibling-MatMul merge and packed Q/K/V into GroupQueryAttention). Returns (ModelProto, result,
+    {input: why its MatMuls were not merged})."""
     import onnx_ir as ir
-
-    from slimline.compile.fusions.gqa_lengths import lengths_from_mask
-    from slimline.compile.fusions.sibling_matmul import merge_sibling_matmuls, pack_attention_inputs
 
     result = fuse_model(model, skip=skip, diagnose=diagnose)
     proto, rejected = ir.to_proto(model), {}
-    result.steps["dropped_unused_outputs"] = drop_unused_outputs(proto)
-    if decoder:
-        result.steps["merged_sibling_matmuls"], rejected = merge_sibling_matmuls(proto)
-        result.steps["packed_qkv_attention"] = pack_attention_inputs(proto)
-        result.steps["gqa_lengths_from_mask"] = lengths_from_mask(proto)
+    for graph_pass in GRAPH_PASSES:
+        if graph_pass.decoder_only and not decoder:
+            continue
+        done = graph_pass.run(proto)
+        if isinstance(done, tuple):  # (count, {input: why not})
+            done, why = done
+            rejected.update(why)
+        result.steps[graph_pass.name] = done
     return proto, result, rejected
 
 
-def diagnose_step(model: Any, module: Any, runner: Any) -> list[dict]:
-    """The candidates ``module`` left unfused, each with its closest rule's reason (changes nothing)."""
+def diagnose_step(model: Any, record: FusedOp) -> list[dict]:
+    """The candidates ``record``'s rules left unfused, each with its closest rule's reason (changes nothing)."""
+    module = record.module
     candidate = getattr(module, "candidate", lambda node: True)
     anchors = [n for n in model.graph if n.op_type in getattr(module, "ANCHORS", ()) and candidate(n)]
     found: list[dict] = []
     if anchors:
         tracer = Tracer()
-        _run(module, runner, model, tracer)
+        _run(record, model, tracer)
         for anchor in anchors:
             attempt = tracer.explain(anchor)
             where = locate(anchor)
             found.append(
                 {
-                    "op": module.OP,
+                    "op": record.op,
                     "where": where,
                     "layer": layer_of(where),
                     "node": anchor.name or anchor.op_type,

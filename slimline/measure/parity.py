@@ -1,7 +1,10 @@
 """Parity checks: run two implementations on the same inputs and measure how far they drift.
 
-Inputs are both random token ids (several batch sizes and lengths, with padding) and real texts, so
-that a graph that is only right on full-length inputs, or only on one batch size, is caught.
+``compare`` takes two functions from feeds to named outputs (torch against ONNX Runtime, a fused graph
+against the unfused one) over the cases of ``inputs.sample_feeds``: random token ids at several batch
+sizes and lengths, with padding, and real texts, so that a graph that is only right on full-length
+inputs, or on one batch size, is caught. ``decoder_parity`` does the same for a decoder's prefill and
+greedy decode steps, each side with its own KV cache.
 """
 
 from __future__ import annotations
@@ -13,9 +16,6 @@ from typing import Any
 import numpy as np
 
 from slimline.runtime import Feeds
-
-# (batch, sequence length, padded tokens in the last row)
-RANDOM_SHAPES = ((1, 7, 0), (2, 16, 5), (4, 33, 20))
 
 
 @dataclass
@@ -32,29 +32,6 @@ class ParityResult:
             f"{prefix}.max_rel_error": self.max_rel_error,
             f"{prefix}.cases": self.cases,
         }
-
-
-def sample_feeds(tokenizer: Any, input_names: list[str], texts: list[str], seed: int = 0) -> dict[str, Feeds]:
-    """Named input batches: random ids with padding at several shapes, and real texts if given."""
-    rng = np.random.default_rng(seed)
-    vocab = max(int(getattr(tokenizer, "vocab_size", 1000)), 10)
-    special = set(getattr(tokenizer, "all_special_ids", []))
-    cases: dict[str, Feeds] = {}
-    for batch, length, pad in RANDOM_SHAPES:
-        ids = rng.integers(0, vocab, size=(batch, length), dtype=np.int64)
-        ids = np.where(np.isin(ids, list(special)), 100 % vocab, ids)
-        mask = np.ones_like(ids)
-        if pad:
-            mask[-1, length - pad :] = 0
-            ids[-1, length - pad :] = tokenizer.pad_token_id or 0
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        cases[f"random b{batch} s{length} pad{pad}"] = {k: v for k, v in feeds.items() if k in input_names}
-    if texts:
-        enc = tokenizer(texts[:8], padding=True, truncation=True, max_length=128, return_tensors="np")
-        cases[f"text b{len(texts[:8])} s{enc['input_ids'].shape[1]}"] = {
-            k: v.astype(np.int64) for k, v in enc.items() if k in input_names
-        }
-    return cases
 
 
 def compare(
@@ -84,3 +61,26 @@ def compare(
                 worst.max_abs_error, worst.worst_output, worst.worst_case = err, name, case
             worst.max_rel_error = max(worst.max_rel_error, rel)
     return worst
+
+
+def decoder_parity(reference: Any, candidate: Any, prompts: list[np.ndarray], steps: int = 5) -> dict[str, Any]:
+    """Prefill then ``steps`` greedy decode steps; each side keeps its own KV cache.
+
+    ``reference`` and ``candidate`` are ``(tokens [1, n]) -> last logits`` callables with a ``reset``
+    flag: ``fn(tokens, reset=True)`` starts a new sequence (the prompt), ``fn(tokens)`` appends.
+    The reference's greedy token drives both.
+    """
+    worst, where, cases = 0.0, "", 0
+    for ids in prompts:
+        a = reference(ids, reset=True)
+        b = candidate(ids, reset=True)
+        for step in range(steps + 1):
+            err = float(np.abs(a - b).max())
+            cases += 1
+            if err > worst or not where:
+                worst, where = err, f"{'prefill' if step == 0 else f'decode step {step}'} ({ids.shape[1]}-token prompt)"
+            if step == steps:
+                break
+            token = np.array([[int(a.argmax())]])
+            a, b = reference(token), candidate(token)
+    return {"parity.max_abs_error": worst, "parity.worst_case": where, "parity.cases": cases}

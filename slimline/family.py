@@ -1,0 +1,120 @@
+"""The model-family adapter: the one place that knows what differs between kinds of model.
+
+Stages, evaluators and checks ask the model's family instead of testing the task string:
+
+| question | encoder (feature-extraction, text-classification) | decoder (text-generation) |
+|---|---|---|
+| transformers class | AutoModel / AutoModelForSequenceClassification | AutoModelForCausalLM |
+| what fidelity compares | pooled sentence embeddings, or class logits | every real token's next-token logits |
+| calibration inputs | padded batches of texts | the texts as one token stream, cut into full windows, with an empty KV cache |
+| export | optimum's exporter | dynamo, with its KV cache |
+| fusion | BERT attention, EmbedLayerNorm, SkipLayerNorm, BiasGelu | RMSNorm, rotary, GroupQueryAttention, merged sibling MatMuls |
+| distillation loss | token states + pooled cosine | next-token KL |
+| evaluation | fidelity, neighbours, encoder speed | perplexity, top-1 agreement, prefill and decode speed |
+| lengths a run asks for | `evaluate.data.max_length`, `evaluate.speed.seq_len` | `evaluate.generation.*` |
+
+New families (issue 22's Gemma, GPT-2, DeBERTa...) are new entries here, not new forks in the stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimline.measure import metrics
+from slimline.measure.inputs import calibration_feeds
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one kind of model needs. ``task`` is the recipe's ``model.task``."""
+
+    name: str  # "encoder" | "decoder"
+    task: str
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.name == "decoder"
+
+    @property
+    def vectors(self) -> str:
+        """What fidelity compares: ``embeddings`` or ``logits``."""
+        return "embeddings" if self.task == "feature-extraction" else "logits"
+
+    @property
+    def default_loss(self) -> str:
+        """``prune.recover``'s ``loss: auto``."""
+        return "kl" if self.is_decoder else "embedding"
+
+    def auto_class(self) -> Any:
+        """The transformers class that loads this kind of model (imports transformers)."""
+        import transformers
+
+        if self.is_decoder:
+            return transformers.AutoModelForCausalLM
+        if self.task == "feature-extraction":
+            return transformers.AutoModel
+        return transformers.AutoModelForSequenceClassification
+
+    def task_vectors(self, output: np.ndarray, mask: np.ndarray, pooling: str = "mean") -> np.ndarray:
+        """What fidelity is measured on: pooled embeddings (feature-extraction) or logits (the others)."""
+        if self.task == "feature-extraction":
+            return metrics.pool(output, mask, pooling)
+        return output.astype(np.float32)
+
+    def evaluation_lengths(self, evaluate: Any, timed: bool) -> list[tuple[str, int]]:
+        """The sequence lengths a run's evaluation asks of the model, by recipe path."""
+        if self.is_decoder:
+            g = evaluate.generation
+            wanted = [("evaluate.generation.context", g.context)]
+            if timed:
+                wanted += [("evaluate.generation.prompt_lengths", max(g.prompt_lengths))]
+                wanted += [("evaluate.generation.decode_prompt + new_tokens", g.decode_prompt + g.new_tokens)]
+            return wanted
+        wanted = [("evaluate.data.max_length", evaluate.data.max_length)]
+        if timed:
+            wanted += [("evaluate.speed.seq_len", evaluate.speed.seq_len)]
+        return wanted
+
+    def output_fidelity(
+        self,
+        ref_path: Path,
+        new_path: Path,
+        tokenizer: Any,
+        texts: list[str],
+        pooling: str,
+        threads: int = 0,
+        config: Any = None,
+    ) -> dict[str, float]:
+        """Mean/min cosine of the new graph's task vectors against the reference graph's on ``texts``.
+
+        For a decoder the vectors are each real token's next-token logits, and the share of tokens
+        whose top-1 prediction is unchanged is reported too."""
+        from slimline.runtime import ort_function
+
+        run_ref, inputs = ort_function(ref_path, threads)
+        run_new, _ = ort_function(new_path, threads)
+        cos, agree = [], []
+        for feeds in calibration_feeds(tokenizer, texts, inputs, config=config):
+            a = next(iter(run_ref(feeds).values()))
+            b = next(iter(run_new(feeds).values()))
+            mask = feeds["attention_mask"]
+            if self.is_decoder:
+                keep = mask.astype(bool)
+                a, b = a[keep], b[keep]
+                cos.append(metrics.cosine(a, b))
+                agree.append(a.argmax(-1) == b.argmax(-1))
+            else:
+                cos.append(metrics.cosine(self.task_vectors(a, mask, pooling), self.task_vectors(b, mask, pooling)))
+        out = metrics.cosine_summary(np.concatenate(cos) if cos else np.ones(1))
+        if agree:
+            out["calibration.top1_agreement"] = round(float(np.concatenate(agree).mean()), 5)
+        return out
+
+
+def family_of(task: str) -> Family:
+    """The family of a model by its recipe task."""
+    return Family("decoder" if task == "text-generation" else "encoder", task)
