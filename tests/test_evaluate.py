@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from slimline.errors import DataError
-from slimline.measure import data as D
 from slimline.evaluate.budgets import check_budgets
 from slimline.evaluate.report import to_markdown, validate_report
+from slimline.measure import data as D
 from slimline.measure.metrics import fidelity, pool, spearman, top_k_overlap
 from slimline.recipe import Budgets
 

@@ -223,5 +223,7 @@ def test_refit_to_the_original_keeps_a_layer_whose_inputs_carry_no_error(ctx):
     block, original_block = bert_blocks(copy.model)[0], bert_blocks(ref.model)[0]
     before = block.output.dense.weight.detach().clone()
     with torch.no_grad():
-        _refit_to_original(copy.model, block.output, ref.model, original_block.output, calibration_batches(copy.tokenizer, texts(40)), 0.01)
+        _refit_to_original(
+            copy.model, block.output, ref.model, original_block.output, calibration_batches(copy.tokenizer, texts(40)), 0.01
+        )
     assert torch.allclose(block.output.dense.weight, before, atol=1e-5)

@@ -109,8 +109,6 @@ def export_decoder(model: Any, path: Any, opset: int) -> None:
         onnx.save_model(graph, str(path))
 
 
-
-
 def add_logits_to_keep(model: Any) -> bool:
     """Give the LM head a ``logits_to_keep`` input: ``Slice(hidden, -k, end, axis=1)`` before it.
 

@@ -129,7 +129,6 @@ class Tune(Stage):
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
 
-
         current = onnx.load(str(artifact.path))
         texts = ctx.data.calibration[:64] if ctx.load_data else []
         if not texts:

@@ -64,7 +64,9 @@ FUSED_OPS_TABLE: tuple[FusedOp, ...] = (
         skip_names={"EmbedLayerNormalization": ("enable_embed_layer_norm",)},
     ),
     # diagnosed after onnxscript's chain has had its turn
-    FusedOp("Attention", "attention", attention, attention.apply, diagnose=False, skip_names={"Attention": ("enable_attention",)}),
+    FusedOp(
+        "Attention", "attention", attention, attention.apply, diagnose=False, skip_names={"Attention": ("enable_attention",)}
+    ),
     FusedOp("SimplifiedLayerNormalization", "rms_norm", rms_norm, skip_names={"SimplifiedLayerNormalization": ()}),
     FusedOp(
         "SkipLayerNormalization",
@@ -112,7 +114,15 @@ ORT_ONLY_SKIPS: dict[str, tuple[str, ...]] = {"LayerNormalization": ("enable_lay
 
 # Fused ops counted in reports and contracts besides the records' own: what onnxscript's chain and
 # ORT's optimizer make, and what dynamic int8 makes of Attention (inspect shows them on quantized files).
-ALSO_COUNTED = ("MultiHeadAttention", "FastGelu", "Gelu", "LayerNormalization", "FusedMatMul", "QAttention", "QEmbedLayerNormalization")
+ALSO_COUNTED = (
+    "MultiHeadAttention",
+    "FastGelu",
+    "Gelu",
+    "LayerNormalization",
+    "FusedMatMul",
+    "QAttention",
+    "QEmbedLayerNormalization",
+)
 
 
 @dataclass(frozen=True)
