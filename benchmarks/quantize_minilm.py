@@ -30,7 +30,7 @@ from slimline.measure.data import load_shakespeare
 from slimline.measure.inputs import fixed_batch
 from slimline.measure.timer import cpu_busy
 from slimline.models import load_model
-from slimline.pipeline import stage_class
+from slimline.registry import STAGES
 from slimline.runtime import quiet
 from slimline.stage import Context
 
@@ -76,11 +76,11 @@ def main() -> None:
     t0 = time.perf_counter()
     ctx = Context(workdir=work / "fp32", load_data=lambda: data, reference=ref, threads=2)
     fused = (
-        stage_class("compile.fuse")(engine="ort")
-        .run(stage_class("compile.export")(opset=18).run(ref, ctx).artifact, ctx)
+        STAGES["compile.fuse"](engine="ort")
+        .run(STAGES["compile.export"](opset=18).run(ref, ctx).artifact, ctx)
         .artifact
     )
-    tuned = stage_class("compile.tune")().run(fused, ctx).artifact
+    tuned = STAGES["compile.tune"]().run(fused, ctx).artifact
     paths = {
         "ORT fused fp32": fused.path,
         "ORT fused fp32 + compile.tune": tuned.path,

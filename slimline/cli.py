@@ -104,11 +104,9 @@ def guarded(interrupted: str) -> Callable[[Callable[..., Any]], Callable[..., An
 
 
 def _load_recipe(recipe: str, overrides: tuple[str, ...]):
-    from slimline import recipe as recipe_mod
-    from slimline.builtin import find_recipe
+    from slimline.api import load_recipe
 
-    path = find_recipe(recipe)
-    return path, recipe_mod.load(path, overrides)
+    return load_recipe(recipe, overrides)
 
 
 def _print_verdict(report: dict, report_md: Path) -> None:
@@ -151,16 +149,14 @@ def main() -> None:
 @guarded("no output folder was written.")
 def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, no_eval: bool) -> None:
     """Run RECIPE (a YAML file or a built-in recipe name) and write the run folder."""
-    from slimline.pipeline import run_recipe
+    from slimline import api
     from slimline.progress import RichReporter
 
-    path, parsed = _load_recipe(recipe, overrides)
-    out = out or Path("runs") / parsed.name
     with RichReporter(err_console) as reporter:
-        report = run_recipe(parsed, out, force=force, reporter=reporter, recipe_path=str(path), evaluate=not no_eval)
-    console.print(Text("run folder: ") + Text(str(out), style="bold"))
-    if report:
-        _print_verdict(report, out / "report.md")
+        result = api.run(recipe, out, overrides=overrides, force=force, evaluate=not no_eval, reporter=reporter)
+    console.print(Text("run folder: ") + Text(str(result.folder), style="bold"))
+    if result.report:
+        _print_verdict(result.report, result.folder / "report.md")
 
 
 @main.command()
@@ -171,12 +167,12 @@ def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, 
 @guarded("the run folder was left as it was (no report was replaced).")
 def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
     """Evaluate RUN_DIR's artifact again on this machine (built elsewhere with `run --no-eval`)."""
-    from slimline.pipeline import evaluate_folder
+    from slimline import api
     from slimline.progress import RichReporter
 
     with RichReporter(err_console) as reporter:
-        report = evaluate_folder(run_dir, overrides, reporter)
-    _print_verdict(report, run_dir / "report.md")
+        result = api.evaluate(run_dir, overrides, reporter)
+    _print_verdict(result.report, run_dir / "report.md")
 
 
 @main.command()
@@ -291,10 +287,17 @@ def inspect(path: Path, as_json: bool, fusions: bool) -> None:
 @guarded("nothing was written.")
 def check(run_dir: Path, overrides: tuple[str, ...], require: tuple[str, ...], junit: Path | None) -> None:
     """Check RUN_DIR's budgets: exit 0 if all hold, 1 if any fails, 2 for bad input."""
-    from slimline.evaluate.gate import junit_xml, run_check, write_junit
+    from slimline import api
+    from slimline.evaluate.gate import junit_xml, write_junit
     from slimline.evaluate.report import budget_line
 
-    report, rows = run_check(run_dir, list(overrides), list(require))
+    result = api.check(run_dir, overrides, require)
+    if result.verdict.state == "no budgets":
+        raise SlimlineError(
+            f"{run_dir}: no budgets to check. Set evaluate.budgets in the recipe or pass --budget, "
+            "e.g. --budget min_speedup=1.5 --budget max_fidelity_drop=0.01."
+        )
+    report, rows = result.report, result.verdict.rows
     for row in rows:
         console.print(budget_line(row), style="green" if row["passed"] else "red", markup=False, highlight=False, soft_wrap=True)
     for s in report.get("skipped_targets", []):

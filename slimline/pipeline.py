@@ -7,7 +7,6 @@ half-written run where a user (or a CI job) would mistake it for a finished one.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -26,31 +25,8 @@ from slimline.models.loader import sha256_file as sha256
 from slimline.preflight import preflight
 from slimline.recipe import Recipe
 from slimline.runfolder import check_output, make_hidden_dir, make_scratch, make_staging, publish, read_manifest, sweep_stale
-from slimline.stage import Context, Reporter, Stage
-
-# kind -> "module:Class"; imported lazily so that validating a recipe imports no torch.
-STAGES: dict[str, str] = {
-    "prune.magnitude": "slimline.prune.unstructured:Magnitude",
-    "prune.nm": "slimline.prune.unstructured:NM",
-    "prune.wanda": "slimline.prune.unstructured:Wanda",
-    "prune.structured": "slimline.prune.structured:Structured",
-    "prune.recover": "slimline.prune.recover:Recover",
-    "quantize.smoothquant": "slimline.quantize.smoothquant:SmoothQuant",
-    "compile.export": "slimline.compile.export:Export",
-    "compile.fuse": "slimline.compile.fuse:Fuse",
-    "compile.tune": "slimline.compile.tune:Tune",
-    "quantize.dynamic_int8": "slimline.quantize.dynamic:DynamicInt8",
-    "quantize.weight_only": "slimline.quantize.weight_only:WeightOnly",
-    "quantize.static_int8": "slimline.quantize.static:StaticInt8",
-    "quantize.fp16": "slimline.quantize.fp16:Fp16",
-    "quantize.bitsandbytes": "slimline.quantize.bnb:BitsAndBytes",
-}
-
-
-def stage_class(kind: str) -> type[Stage]:
-    module, _, name = STAGES[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
-
+from slimline.stage import Context, Reporter
+from slimline.yamlconf import apply_override
 
 # -- the artifact folder ---------------------------------------------------------------------------
 
@@ -209,7 +185,7 @@ def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Re
     manifest_path = run_dir / "manifest.json"
     raw = json.loads(json.dumps(manifest["recipe"]))  # the manifest keeps the recipe the artifact was built with
     for text in overrides:
-        recipe_mod.apply_override(raw, text)
+        apply_override(raw, text)
     recipe = recipe_mod.from_dict(raw, f"{manifest_path}:recipe")
     if recipe.output_type is not OnnxModel:
         raise RecipeError(f"{run_dir}: its recipe produces a torch model; `slimline evaluate` re-measures ONNX artifacts.")

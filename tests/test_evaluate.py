@@ -11,9 +11,9 @@ from pydantic import ValidationError
 from slimline.errors import DataError
 from slimline.evaluate.budgets import check_budgets
 from slimline.evaluate.report import to_markdown, validate_report
+from slimline.evaluate.spec import Budgets
 from slimline.measure import data as D
 from slimline.measure.metrics import fidelity, pool, spearman, top_k_overlap
-from slimline.recipe import Budgets
 
 
 def test_spearman_known_values():
@@ -190,7 +190,7 @@ def test_file_errors(tmp_path):
 
 
 def test_hf_dataset_source_needs_datasets_or_a_folder(tmp_path):
-    from slimline.recipe import DataSpec
+    from slimline.evaluate.spec import DataSpec
 
     try:
         import datasets  # noqa: F401

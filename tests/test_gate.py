@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from junitparser import Failure, JUnitXml, Skipped
 
 from slimline import recipe as R
+from slimline.api import check
 from slimline.cli import main
-from slimline.evaluate.gate import junit_xml, run_check
+from slimline.evaluate.gate import junit_xml
 from slimline.pipeline import run_recipe
 from tests.models import tiny_recipe
 
@@ -75,7 +76,8 @@ def test_check_fails_on_tightened_budget_and_required_target(run_dir, tmp_path):
 
 
 def test_junit_marks_optional_skipped_targets_skipped(run_dir):
-    report, rows = run_check(run_dir)
+    result = check(run_dir)
+    report, rows = result.report, result.verdict.rows
     xml = junit_xml(report, rows)
     xmlschema.XMLSchema(str(XSD)).validate(xml)
     path = run_dir.parent / "j.xml"

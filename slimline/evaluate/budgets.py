@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimline.recipe import Budgets, Limits, parse_accuracy_limit
+from slimline.evaluate.spec import Budgets, Limits, parse_accuracy_limit
 
 # metrics where a larger value is worse, so a "drop" is an increase
 LOWER_IS_BETTER = {"perplexity", "max_abs_error"}

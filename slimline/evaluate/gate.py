@@ -16,9 +16,10 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from slimline.errors import RecipeError, SlimlineError
-from slimline.evaluate.budgets import NO_BUDGETS, Verdict, judge
+from slimline.evaluate.budgets import Verdict, judge
 from slimline.evaluate.report import ReportFile, validate_report
-from slimline.recipe import Budgets, TargetName, apply_override, explain_error, parse_override
+from slimline.evaluate.spec import Budgets, TargetName
+from slimline.yamlconf import apply_override, explain_error, parse_override
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
@@ -86,18 +87,6 @@ def judge_report(report: dict[str, Any], overrides: list[str] = (), require: lis
     skipped = [s.model_dump() for s in parsed.skipped_targets]
     required = sorted(set(parsed.required_targets) | set(check_targets(list(require))))
     return judge(spec, summary, skipped, required, extra_budgets(list(overrides)))
-
-
-def run_check(run_dir: Path, overrides: list[str] = (), require: list[str] = ()) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The report and its budget rows, recomputed from the stored figures."""
-    report = load_report(run_dir)
-    verdict = judge_report(report, list(overrides), list(require))
-    if verdict.state == NO_BUDGETS:
-        raise SlimlineError(
-            f"{run_dir}: no budgets to check. Set evaluate.budgets in the recipe or pass --budget, "
-            "e.g. --budget min_speedup=1.5 --budget max_fidelity_drop=0.01."
-        )
-    return report, verdict.rows
 
 
 def write_junit(path: Path, text: str) -> None:

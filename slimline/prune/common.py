@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
+from slimline.models.modules import forward
 
 # Layers no weight pruner touches by default: the pooler and classifier heads are tiny and sensitive.
 DEFAULT_EXCLUDE = ("pooler.*", "classifier*", "lm_head*")
@@ -39,22 +37,6 @@ def linear_layers(model: Any, include: list[str], exclude: list[str], kind: str,
     if not chosen:
         raise StageError(f"{kind}: no Linear layer left to prune after include={include} exclude={exclude}. Widen `include`.")
     return chosen
-
-
-def forward(model: Any, batch: dict) -> Any:
-    accepted = set(inspect.signature(model.forward).parameters)
-    return model(**{k: v for k, v in batch.items() if k in accepted})
-
-
-@contextmanager
-def hooks(modules: dict[str, Any], fn: Callable[[str, Any, Any, Any], None]) -> Iterator[None]:
-    """Forward hooks calling ``fn(name, module, inputs, output)``; removed on exit."""
-    handles = [m.register_forward_hook(lambda mod, inp, out, n=n: fn(n, mod, inp, out)) for n, m in modules.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def token_gram(x: Any, mask: Any, constant: bool = False) -> Any:

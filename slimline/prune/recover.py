@@ -26,7 +26,8 @@ from slimline.errors import StageError
 from slimline.family import family_of
 from slimline.measure.inputs import calibration_batches
 from slimline.measure.quantsim import fake_quant_int8, resolve_reduce_range
-from slimline.prune.common import clone, forward, next_token_fidelity, output_error, token_kl
+from slimline.models.modules import forward
+from slimline.prune.common import clone, next_token_fidelity, output_error, token_kl
 from slimline.stage import Context, Stage, StageResult
 
 

@@ -32,10 +32,10 @@ from pydantic import Field
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
 from slimline.measure.inputs import calibration_batches
+from slimline.models.modules import forward
 from slimline.prune.common import (
     clone,
     count_params,
-    forward,
     next_token_fidelity,
     output_error,
     token_gram,

@@ -21,11 +21,10 @@ from pydantic import Field, model_validator
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
 from slimline.measure.inputs import calibration_batches
+from slimline.models.modules import forward, hooks
 from slimline.prune.common import (
     clone,
     count_params,
-    forward,
-    hooks,
     linear_layers,
     output_error,
     token_gram,

@@ -61,7 +61,7 @@ class BitsAndBytes(Stage):
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise StageError(f"{self.kind}: the bitsandbytes package is not installed. `pip install bitsandbytes==0.50.0`.")
-        from slimline.prune.common import forward, hooks
+        from slimline.models.modules import forward, hooks
 
         texts = check_texts(ctx.data.calibration[:64], self.kind)
         float_dir = ctx.stage_dir("bitsandbytes") / "float"
@@ -141,7 +141,7 @@ class BitsAndBytes(Stage):
         """
         import torch
 
-        from slimline.prune.common import forward
+        from slimline.models.modules import forward
 
         copy.save_pretrained(folder)
         with _quiet_bnb():

@@ -1,0 +1,103 @@
+"""slimline's Python API: three verbs, the same ones the CLI runs.
+
+```python
+import slimline
+
+result = slimline.run("minilm-int8", out="runs/minilm-int8")  # a recipe file, a built-in name, or a Recipe
+result.verdict.state                                              # "passed" | "failed" | "no budgets"
+again = slimline.evaluate("runs/minilm-int8", overrides=["evaluate.targets=[ort-cuda]"])
+gate = slimline.check("runs/minilm-int8", budgets=["min_speedup=2"], require=["ort-cpu"])
+gate.passed, [row["name"] for row in gate.verdict.failed]
+```
+
+Errors are ``slimline.errors.SlimlineError`` subclasses whose message says what is wrong, where and
+how to fix it (the CLI prints them and exits 2). A ``Recipe`` built in Python and the same recipe
+loaded from YAML are equal objects, so ``run`` takes either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimline.builtin import find_recipe
+from slimline.evaluate.budgets import Verdict
+from slimline.evaluate.gate import judge_report, load_report
+from slimline.pipeline import evaluate_folder, run_recipe
+from slimline.recipe import Recipe, from_dict, load
+from slimline.stage import Reporter
+
+
+@dataclass
+class Result:
+    """A run folder and what its evaluation found (``report`` and ``verdict`` are None without one)."""
+
+    folder: Path
+    report: dict[str, Any] | None
+    verdict: Verdict | None
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict is not None and self.verdict.passed
+
+
+def load_recipe(recipe: str | Path | Recipe | dict, overrides: Sequence[str] = ()) -> tuple[Path | None, Recipe]:
+    """A recipe from a YAML path, a built-in recipe's name, a mapping, or a ``Recipe``, with ``--set``-style overrides."""
+    if isinstance(recipe, Recipe):
+        if overrides:
+            from slimline.yamlconf import apply_override
+
+            raw = recipe.model_dump(mode="json")
+            for text in overrides:
+                apply_override(raw, text)
+            return None, from_dict(raw, f"recipe {recipe.name}")
+        return None, recipe
+    if isinstance(recipe, dict):
+        from slimline.yamlconf import apply_override
+
+        raw = dict(recipe)
+        for text in overrides:
+            apply_override(raw, text)
+        return None, from_dict(raw)
+    path = find_recipe(str(recipe))
+    return path, load(path, tuple(overrides))
+
+
+def run(
+    recipe: str | Path | Recipe | dict,
+    out: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    evaluate: bool = True,
+    reporter: Reporter | None = None,
+) -> Result:
+    """Run a recipe: its stages, then (unless ``evaluate=False``) its evaluation. ``out`` defaults to
+    ``runs/<recipe name>``; an existing folder is replaced only with ``force`` and only if slimline wrote it."""
+    path, parsed = load_recipe(recipe, overrides)
+    folder = Path(out) if out is not None else Path("runs") / parsed.name
+    report = run_recipe(
+        parsed, folder, force=force, reporter=reporter, recipe_path=str(path) if path else None, evaluate=evaluate
+    )
+    if not report:
+        return Result(folder, None, None)
+    return Result(folder, report, Verdict(report["budgets"]))
+
+
+def evaluate(run_dir: str | Path, overrides: Sequence[str] = (), reporter: Reporter | None = None) -> Result:
+    """Evaluate a run folder's ONNX artifact again on this machine (e.g. built with ``evaluate=False``
+    on a CPU box, measured on a GPU box with ``overrides=["evaluate.targets=[ort-cuda]"]``)."""
+    folder = Path(run_dir)
+    report = evaluate_folder(folder, tuple(overrides), reporter)
+    return Result(folder, report, Verdict(report["budgets"]))
+
+
+def check(run_dir: str | Path, budgets: Sequence[str] = (), require: Sequence[str] = ()) -> Result:
+    """The CI gate: recompute a run's verdict from its stored figures and budgets. ``budgets`` add or
+    tighten limits (``"min_speedup=2"``, ``"targets.ort-cuda.min_speedup=3"``); ``require`` names
+    targets that must have been measured."""
+    folder = Path(run_dir)
+    report = load_report(folder)
+    return Result(folder, report, judge_report(report, list(budgets), list(require)))
