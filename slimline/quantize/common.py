@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -35,7 +35,9 @@ QUANTIZED_OPS = {
 
 
 class OnnxQuantizer(Stage):
-    """Options common to the ONNX quantizers."""
+    """Options common to the ONNX quantizers. Those that hand the graph to one of ONNX Runtime's
+    quantizers (``FileQuantizer`` below) share its whole sequence; ``weight_only`` and ``fp16`` write
+    their own graphs and call the same helpers step by step."""
 
     exclude: list[str] = Field(default_factory=list, description="node-name glob patterns kept in float")
     min_cosine: float = Field(0.9, ge=0, le=1, description="fail if calibration outputs fall below this cosine")
@@ -47,6 +49,74 @@ class OnnxQuantizer(Stage):
     )
     measure_speed: bool = Field(False, description="fallback: auto also keeps layers whose quantized kernel is not faster")
     speed_rows: int = Field(4096, ge=1, le=1_000_000, description="rows (batch x tokens) of the kernel timing for measure_speed")
+
+
+class FileQuantizer(OnnxQuantizer):
+    """The sequence every stage that calls one of ONNX Runtime's quantizers (file in, file out) runs,
+    written once:
+
+        refuse a quantized graph -> prepare (calibration) -> exclude -> quantize -> each layer's error
+        -> fallback: auto (quantize again with the offenders in float) -> report -> the output guard
+
+    A stage fills in only what differs: ``quantize_file`` (the ORT call), and optionally ``prepare``,
+    ``always_float``, ``layer_errors``, ``timing_quantizer`` and ``describe``."""
+
+    workdir: ClassVar[str]  # its folder in the run's scratch
+
+    def prepare(self, model: Any, artifact: Any, ctx: Context) -> Any:
+        """What the quantizer needs besides the graph (e.g. calibration feeds); None by default."""
+        return None
+
+    def quantize_file(self, src: Path, dst: Path, prepared: Any, exclude: set[str]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def always_float(self, model: Any, prepared: Any) -> set[str]:
+        """Nodes this quantizer keeps in float whatever the options say (reported by ``describe``)."""
+        return set()
+
+    def layer_errors(
+        self, model: Any, quantized: Any, artifact: Any, prepared: Any, ctx: Context
+    ) -> tuple[dict[str, float], dict[str, tuple[int, int]]]:
+        """Each quantized layer's output error on calibration inputs, and its weight shape (K, N)."""
+        return {}, {}
+
+    def timing_quantizer(self) -> Callable[[Path, Path], None] | None:
+        """How to quantize a one-MatMul model for ``measure_speed`` (None: no kernel timing)."""
+        return None
+
+    def describe(self, model: Any, quantized: Any, excluded: set[str], floats: set[str], report: dict) -> None:
+        """The stage's own report lines; raises StageError when nothing was quantized."""
+
+    def worst_layers(self, model: Any, quantized: Any, errors: dict[str, float]) -> list[str]:
+        return sorted(errors, key=lambda n: -errors[n])
+
+    def run(self, artifact: Any, ctx: Context) -> Any:
+        import onnx
+
+        from slimline.artifact import OnnxModel
+        from slimline.quantize.calib import layer_report
+        from slimline.stage import StageResult
+
+        model = onnx.load(str(artifact.path))
+        refuse_quantized(model, self.kind)
+        prepared = self.prepare(model, artifact, ctx)
+        excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
+        floats = excluded | self.always_float(model, prepared)
+        out = ctx.stage_dir(self.workdir) / "model.onnx"
+        self.quantize_file(artifact.path, out, prepared, floats)
+        quantized = onnx.load(str(out))
+        errors, shapes = self.layer_errors(model, quantized, artifact, prepared, ctx)
+        kept = choose_fallback(self, errors, shapes, self.timing_quantizer(), ctx, ctx.stage_dir(f"{self.workdir}_kernels"))
+        if kept:
+            self.quantize_file(artifact.path, out, prepared, floats | set(kept))
+            quantized = onnx.load(str(out))
+            errors = {n: e for n, e in errors.items() if n not in kept}
+        report: dict[str, Any] = {}
+        self.describe(model, quantized, excluded, floats, report)
+        report_fallback(report, kept)
+        layer_report(errors, report)
+        fidelity_guard(self, artifact, out, ctx, report, self.worst_layers(model, quantized, errors))
+        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
 
 
 def reduce_range_note(option: bool | str) -> str:

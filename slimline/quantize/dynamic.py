@@ -28,28 +28,24 @@ from slimline.measure.quantsim import resolve_reduce_range, uint8_roundtrip
 from slimline.quantize import calib
 from slimline.quantize.common import (
     QUANTIZED_OPS,
-    OnnxQuantizer,
-    choose_fallback,
-    excluded_nodes,
-    fidelity_guard,
+    FileQuantizer,
     reduce_range_note,
-    refuse_quantized,
-    report_fallback,
     weighted_layers,
 )
 from slimline.quantize.error import consumers, dequantized_weights, weight_sqnr
 from slimline.runtime import quiet
-from slimline.stage import Context, StageResult
+from slimline.stage import Context
 
 FLOAT_OPS = ("MatMul", "Attention", "EmbedLayerNormalization", "Gemm")
 WEIGHTED_OPS = ("MatMul", "Attention")  # layers whose input 1 is a [K, N] weight
 
 
-class DynamicInt8(OnnxQuantizer):
+class DynamicInt8(FileQuantizer):
     """Dynamic int8 quantization with ONNX Runtime, reporting per-layer and output error."""
 
     kind = "quantize.dynamic_int8"
     consumes = (OnnxModel,)
+    workdir = "quantize_dynamic_int8"
 
     per_channel: bool = Field(True, description="one scale per output channel (more accurate than per-tensor)")
     reduce_range: bool | Literal["auto"] = Field(
@@ -58,7 +54,7 @@ class DynamicInt8(OnnxQuantizer):
     )
     op_types: list[str] | None = Field(None, description="op types to quantize; default: all ORT supports")
 
-    def quantize(self, src: Path, dst: Path, exclude: set[str]) -> None:
+    def quantize_file(self, src: Path, dst: Path, prepared: Any, exclude: set[str]) -> None:
         import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -74,65 +70,47 @@ class DynamicInt8(OnnxQuantizer):
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
 
-    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
-        import onnx
+    def timing_quantizer(self) -> Any:
+        return lambda src, dst: self.quantize_file(src, dst, None, set())
 
-        model = onnx.load(str(artifact.path))
-        refuse_quantized(model, self.kind)
-        excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
-        out = ctx.stage_dir("quantize_dynamic_int8") / "model.onnx"
-        self.quantize(artifact.path, out, excluded)
-        quantized = onnx.load(str(out))
-
-        layers = weighted_layers(model, WEIGHTED_OPS)
-        errors = self._layer_errors(model, quantized, artifact, layers, ctx)
-        shapes = {name: w.shape for name, (_, _, w) in layers.items() if name in errors}
-        kept = choose_fallback(
-            self, errors, shapes, lambda s, d: self.quantize(s, d, set()), ctx, ctx.stage_dir("dynamic_int8_kernels")
-        )
-        if kept:
-            self.quantize(artifact.path, out, excluded | set(kept))
-            quantized = onnx.load(str(out))
-            errors = {n: e for n, e in errors.items() if n not in kept}
-
+    def describe(self, model: Any, quantized: Any, excluded: set[str], floats: set[str], report: dict) -> None:
         counts = Counter(n.op_type for n in quantized.graph.node)
-        report: dict[str, Any] = {f"quantized.{op}": counts[op] for op in sorted(QUANTIZED_OPS) if counts.get(op)}
+        report.update({f"quantized.{op}": counts[op] for op in sorted(QUANTIZED_OPS) if counts.get(op)})
         report.update({f"float.{op}": counts[op] for op in FLOAT_OPS if counts.get(op)})
         report["reduce_range"] = reduce_range_note(self.reduce_range)
         report["excluded_nodes"] = len(excluded)
         if excluded:
             report["excluded"] = ", ".join(sorted(excluded))
-        report_fallback(report, kept)
         if not any(counts.get(op) for op in ("MatMulInteger", "QAttention", "QLinearMatMul")):
             raise StageError(
                 f"{self.kind}: no layer was quantized (no MatMul/Attention left after `exclude`, `op_types` and "
                 "fallback). Check those options; a float model passed through is not an int8 model."
             )
-
         sqnr = weight_sqnr(model, quantized)
-        layer_of = consumers(model)
         report["weights_quantized"] = len(sqnr)
         if sqnr:
             ranked = sorted(sqnr.items(), key=lambda kv: kv[1])
             report["weight_sqnr_db.min"] = round(ranked[0][1], 2)
             report["weight_sqnr_db.median"] = round(ranked[len(ranked) // 2][1], 2)
-        calib.layer_report(errors, report)
-        worst = sorted(errors, key=lambda n: -errors[n]) or [
-            layer_of.get(n, n) for n, _ in sorted(sqnr.items(), key=lambda kv: kv[1])
-        ]
-        fidelity_guard(self, artifact, out, ctx, report, worst)
-        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
 
-    def _layer_errors(self, model: Any, quantized: Any, artifact: OnnxModel, layers: dict, ctx: Context) -> dict[str, float]:
+    def worst_layers(self, model: Any, quantized: Any, errors: dict[str, float]) -> list[str]:
+        """By measured output error; without calibration text, by the weights' SQNR."""
+        if errors:
+            return sorted(errors, key=lambda n: -errors[n])
+        layer_of = consumers(model)
+        return [layer_of.get(n, n) for n, _ in sorted(weight_sqnr(model, quantized).items(), key=lambda kv: kv[1])]
+
+    def layer_errors(self, model: Any, quantized: Any, artifact: OnnxModel, prepared: Any, ctx: Context) -> tuple[dict, dict]:
         """Each quantized layer's output error on calibration inputs: fake-quantized X times the int8 weight."""
         if not ctx.load_data:
             if self.fallback == "auto":
                 raise StageError(f"{self.kind}: fallback: auto needs calibration data; the run has none.")
-            return {}
+            return {}, {}
+        layers = weighted_layers(model, WEIGHTED_OPS)
         deq = dequantized_weights(model, quantized)
         layers = {name: v for name, v in layers.items() if v[1] in deq}
         if not layers:
-            return {}
+            return {}, {}
         texts = check_texts(ctx.data.calibration[:128], self.kind)
         feeds = calibration_feeds(artifact.tokenizer, texts, [i.name for i in model.graph.input])
         acts = calib.capture(
@@ -142,4 +120,4 @@ class DynamicInt8(OnnxQuantizer):
         for name, (act, wname, w) in layers.items():
             x = acts[act].sample
             errors[name] = relative_error(x @ w, uint8_roundtrip(x) @ deq[wname].astype(np.float32))
-        return errors
+        return errors, {name: layers[name][2].shape for name in errors}

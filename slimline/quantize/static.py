@@ -30,19 +30,14 @@ from slimline.measure.metrics import relative_error
 from slimline.measure.quantsim import resolve_reduce_range
 from slimline.quantize import calib
 from slimline.quantize.common import (
-    OnnxQuantizer,
-    choose_fallback,
-    excluded_nodes,
-    fidelity_guard,
+    FileQuantizer,
     reduce_range_note,
-    refuse_quantized,
-    report_fallback,
     weight_of,
     weighted_layers,
 )
 from slimline.quantize.error import dequantized_weights, weight_sqnr
 from slimline.runtime import quiet
-from slimline.stage import Context, StageResult
+from slimline.stage import Context
 
 
 def with_types(model: Any) -> Any:
@@ -91,11 +86,12 @@ def activation_quant(quantized: Any) -> dict[str, tuple[float, float, int, int]]
     return out
 
 
-class StaticInt8(OnnxQuantizer):
+class StaticInt8(FileQuantizer):
     """QDQ static int8 with calibrated activation ranges, reporting per-layer and output error."""
 
     kind = "quantize.static_int8"
     consumes = (OnnxModel,)
+    workdir = "quantize_static_int8"
 
     calibrate_method: Literal["MinMax", "Entropy", "Percentile"] = Field("MinMax", description="how activation ranges are set")
     percentile: float = Field(99.999, gt=90, le=100, description="Percentile calibration: the range's percentile of |x|")
@@ -108,7 +104,7 @@ class StaticInt8(OnnxQuantizer):
     op_types: list[str] = Field(["MatMul", "Gemm"], description="op types to quantize (constant-weight ones only)")
     calibration_texts: int = Field(128, ge=8, le=100_000, description="calibration texts for the activation ranges")
 
-    def quantize(self, src: Path, dst: Path, feeds: list[dict], exclude: set[str]) -> None:
+    def _quantize_static(self, src: Path, dst: Path, feeds: list[dict], exclude: set[str]) -> None:
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -138,43 +134,29 @@ class StaticInt8(OnnxQuantizer):
             )
         typed.unlink()
 
-    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
-        import onnx
-
-        model = onnx.load(str(artifact.path))
-        refuse_quantized(model, self.kind)
+    def prepare(self, model: Any, artifact: OnnxModel, ctx: Context) -> list[dict]:
+        """The calibration feeds that set the activation ranges."""
         if not ctx.load_data:
             raise StageError(f"{self.kind}: static quantization calibrates activation ranges and needs data; the run has none.")
         texts = check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
         inputs = [i.name for i in model.graph.input]
-        feeds = calibration_feeds(artifact.tokenizer, texts, inputs, fixed=self.calibrate_method != "MinMax")
-        excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
+        return calibration_feeds(artifact.tokenizer, texts, inputs, fixed=self.calibrate_method != "MinMax")
+
+    def always_float(self, model: Any, prepared: Any) -> set[str]:
         # ONNX Runtime's MatMulConstBOnly is ignored in QDQ mode: keep the attention-score MatMuls
         # (activation x activation, next to the softmax and the mask) in float by name.
-        dynamic_b = {n.name for n in model.graph.node if n.op_type in self.op_types and weight_of(model, n) is None}
-        out = ctx.stage_dir("quantize_static_int8") / "model.onnx"
+        return {n.name for n in model.graph.node if n.op_type in self.op_types and weight_of(model, n) is None}
+
+    def timing_quantizer(self) -> Any:
+        return lambda src, dst: self.quantize_file(src, dst, self._timing_feeds(src), set())
+
+    def quantize_file(self, src: Path, dst: Path, feeds: list[dict], exclude: set[str]) -> None:
         try:
-            self.quantize(artifact.path, out, feeds, excluded | dynamic_b)
+            self._quantize_static(src, dst, feeds, exclude)
         except (ValueError, RuntimeError) as e:  # ORT's calibrator on a shape it can't handle
             raise StageError(f"{self.kind}: ONNX Runtime's static quantizer failed: {e}") from e
-        quantized = onnx.load(str(out))
 
-        layers = weighted_layers(model, self.op_types)
-        errors = self._layer_errors(model, quantized, layers, feeds, ctx)
-        shapes = {name: layers[name][2].shape for name in errors}
-        kept = choose_fallback(
-            self,
-            errors,
-            shapes,
-            lambda s, d: self.quantize(s, d, self._timing_feeds(s), set()),
-            ctx,
-            ctx.stage_dir("static_kernels"),
-        )
-        if kept:
-            self.quantize(artifact.path, out, feeds, excluded | dynamic_b | set(kept))
-            quantized = onnx.load(str(out))
-            errors = {n: e for n, e in errors.items() if n not in kept}
-
+    def describe(self, model: Any, quantized: Any, excluded: set[str], floats: set[str], report: dict) -> None:
         counts = Counter(n.op_type for n in quantized.graph.node)
         quantized_layers = len(activation_quant(quantized))
         if not quantized_layers:
@@ -182,32 +164,31 @@ class StaticInt8(OnnxQuantizer):
                 f"{self.kind}: no layer was quantized (no {'/'.join(self.op_types)} with a constant weight left after "
                 "`exclude` and fallback). A float model passed through is not an int8 model."
             )
-        report: dict[str, Any] = {
-            "calibrate_method": self.calibrate_method,
-            "scheme": self.scheme,
-            "reduce_range": reduce_range_note(self.reduce_range),
-            "quantized_layers": quantized_layers,
-            "QuantizeLinear": counts["QuantizeLinear"],
-            "DequantizeLinear": counts["DequantizeLinear"],
-        }
+        report.update(
+            {
+                "calibrate_method": self.calibrate_method,
+                "scheme": self.scheme,
+                "reduce_range": reduce_range_note(self.reduce_range),
+                "quantized_layers": quantized_layers,
+                "QuantizeLinear": counts["QuantizeLinear"],
+                "DequantizeLinear": counts["DequantizeLinear"],
+            }
+        )
         report.update({f"float.{op}": counts[op] for op in ("Attention", "EmbedLayerNormalization", "Softmax") if counts.get(op)})
         report["excluded_nodes"] = len(excluded)
-        report["float.activation_matmuls"] = len(dynamic_b)
-        report_fallback(report, kept)
+        report["float.activation_matmuls"] = len(self.always_float(model, None))
         sqnr = weight_sqnr(model, quantized)
         if sqnr:
             report["weight_sqnr_db.min"] = round(min(sqnr.values()), 2)
-        calib.layer_report(errors, report)
-        fidelity_guard(self, artifact, out, ctx, report, sorted(errors, key=lambda n: -errors[n]))
-        return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, artifact.config), report)
 
-    def _layer_errors(self, model: Any, quantized: Any, layers: dict, feeds: list[dict], ctx: Context) -> dict[str, float]:
+    def layer_errors(self, model: Any, quantized: Any, artifact: OnnxModel, feeds: list[dict], ctx: Context) -> tuple[dict, dict]:
         """Each layer's output error with its calibrated activation scale and int8 weight."""
+        layers = weighted_layers(model, self.op_types)
         deq = dequantized_weights(model, quantized)
         acts = activation_quant(quantized)
         layers = {n: v for n, v in layers.items() if n in acts and v[1] in deq}
         if not layers:
-            return {}
+            return {}, {}
         x_all = calib.capture(
             model, sorted({a for a, _, _ in layers.values()}), feeds, threads=ctx.threads, workdir=ctx.stage_dir("calibration")
         )
@@ -217,7 +198,7 @@ class StaticInt8(OnnxQuantizer):
             scale, zero, lo, hi = acts[name]
             xq = (np.clip(np.round(x / scale) + zero, lo, hi) - zero) * scale
             errors[name] = relative_error(x @ w, xq.astype(np.float32) @ deq[wname].astype(np.float32))
-        return errors
+        return errors, {name: layers[name][2].shape for name in errors}
 
     @staticmethod
     def _timing_feeds(src: Path) -> list[dict]:
