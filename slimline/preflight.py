@@ -156,6 +156,10 @@ def preflight(recipe: Any, ctx: Any, out_dir: Path, scratch: Path, *, evaluate: 
     reference = ctx.reference
     check_lengths(recipe, reference.config, evaluate)
     check_threads(recipe, ctx.reporter)
+    for stage in recipe.stages:  # option checks against the config, until a stage changes the config
+        stage.check_model(reference)
+        if stage.reshapes:
+            break
     if evaluate or recipe.stages:
         check_labels(recipe, reference.config, ctx.data)
     check_disk(recipe, reference, out_dir, scratch, build)

@@ -95,9 +95,15 @@ class Stage(BaseModel):
     kind: ClassVar[str]
     consumes: ClassVar[tuple[type, ...]]
     produces: ClassVar[type | None] = None  # None: same type as the input
+    reshapes: ClassVar[bool] = False  # changes the model's config (heads, widths): later checks can't use the source's
 
     def run(self, artifact: Any, ctx: Context) -> StageResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_model(self, reference: TorchModel) -> None:
+        """Checks of the options against the loaded model's config that need no compute (head counts,
+        widths, the architecture). The runner calls it before any stage runs; it raises StageError.
+        Checks that need only the options belong in a pydantic validator, which runs at recipe load."""
 
     def output_type(self, input_type: type) -> type:
         return self.produces or input_type

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
+from pydantic import ValidationError
 
 from slimline import onnxfile
 from slimline.compile.export import Export
@@ -641,8 +642,8 @@ def test_fallback_tries_smaller_blocks_before_more_bits(fused, tmp_path):
         assert (nodes[name]["bits"], nodes[name]["block_size"]) == (4, 16)
     for name in eight:
         assert nodes[name]["bits"] == 8
-    with pytest.raises(StageError, match="fallback_block_size 32 needs fallback: auto and a block_size larger"):
-        WeightOnly(bits=4, block_size=32, fallback="auto", fallback_block_size=32).run(fused.artifact, context(tmp_path / "x"))
+    with pytest.raises(ValidationError, match="fallback_block_size 32 needs fallback: auto and a block_size larger"):
+        WeightOnly(bits=4, block_size=32, fallback="auto", fallback_block_size=32)  # refused at recipe load
 
 
 @pytest.mark.parametrize("on_bound_buffers", [False, True])

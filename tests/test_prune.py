@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
@@ -129,8 +130,8 @@ def test_structured_refit_helps(ctx):
 def test_structured_refuses_to_remove_every_head_and_nothing(ctx):
     r = Structured(head_sparsity=0.99).run(ctx.reference, ctx)
     assert r.report["heads_per_layer"] == 1 and any("keeping 1" in w for w in ctx.reporter.warnings)
-    with pytest.raises(StageError, match="nothing would be pruned"):
-        Structured().run(ctx.reference, ctx)
+    with pytest.raises(ValidationError, match="nothing would be pruned"):  # at recipe load, before any compute
+        Structured()
     Structured(ffn_sparsity=0.25, gqa_heads="whole_groups").run(ctx.reference, ctx)
     assert any("gqa_heads has no effect on `bert`" in w for w in ctx.reporter.warnings)
 
@@ -205,8 +206,8 @@ def test_structured_refit_to_the_original_corrects_upstream_error(ctx):
     original = Structured(**cut).run(loud, ctx).report
     assert layer["refit_target"] == "layer" and original["refit_target"] == "original"
     assert original[key] > layer[key] + 0.002  # measured 0.9775 vs 0.9718
-    with pytest.raises(StageError, match="needs refit"):
-        Structured(ffn_sparsity=0.5, refit=False, refit_target="original").run(ctx.reference, ctx)
+    with pytest.raises(ValidationError, match="needs refit"):
+        Structured(ffn_sparsity=0.5, refit=False, refit_target="original")
 
 
 def test_refit_to_the_original_keeps_a_layer_whose_inputs_carry_no_error(ctx):

@@ -153,3 +153,41 @@ def test_override_bad_index_and_bad_key(tmp_path):
         R.load(path, ["stages.2.quantize.dynamic_int8.per_chanel=false"])
     with pytest.raises(RecipeError, match="KEY=VALUE"):
         R.load(path, ["evaluate.speed.repeats"])
+
+
+@pytest.mark.parametrize(
+    "stage,needle",
+    [
+        ({"quantize.weight_only": {"algorithm": "hqq", "symmetric": True}}, "HQQ fits asymmetric zero points"),
+        ({"quantize.weight_only": {"fallback_block_size": 16}}, "needs fallback: auto"),
+        ({"prune.wanda": {"pattern": "nm", "n": 4, "m": 4}}, "n=4 must be below m=4"),
+        ({"prune.structured": {}}, "nothing would be pruned"),
+        ({"prune.structured": {"ffn_sparsity": 0.5, "refit": False, "refit_target": "original"}}, "needs refit"),
+    ],
+)
+def test_option_conflicts_are_refused_when_the_recipe_loads(tmp_path, stage, needle):
+    """Checks that need only the options run at recipe load, before any model is loaded."""
+    export = [{"compile.export": {}}] if "quantize" in next(iter(stage)) else []
+    msg = error_of(tmp_path, {**BASE, "stages": [*export, stage] if export else [stage]})
+    assert needle in msg, msg
+
+
+def test_checks_against_the_models_config_run_before_any_stage(tiny_bert_dir, tmp_path, monkeypatch):
+    """prune.structured's head arithmetic fails in the preflight (after the model loads, before compute)."""
+    from slimline.errors import StageError
+    from slimline.pipeline import run_recipe
+    from slimline.prune.structured import Structured
+    from tests.models import tiny_llama
+
+    ran = []
+    monkeypatch.setattr(Structured, "run", lambda self, a, ctx: ran.append(1))
+    llama = tiny_llama(tmp_path / "llama")
+    data = {
+        "name": "x",
+        "model": {"source": str(llama), "task": "text-generation"},
+        "stages": [{"prune.structured": {"head_sparsity": 0.1}}],
+        "evaluate": {"targets": ["torch-cpu"]},
+    }
+    with pytest.raises(StageError, match="removes no query head"):
+        run_recipe(R.from_dict(data), tmp_path / "run", evaluate=False)
+    assert ran == [] and not (tmp_path / "run").exists()

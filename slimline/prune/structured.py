@@ -25,9 +25,9 @@ whole groups (``num_key_value_heads`` shrinks too, and with it the KV cache). do
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slimline.artifact import TorchModel
 from slimline.errors import StageError
@@ -72,6 +72,7 @@ class Structured(Stage):
     """Remove the least important heads and FFN channels of every layer."""
 
     kind = "prune.structured"
+    reshapes = True
     consumes = (TorchModel,)
 
     head_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of attention heads removed per layer")
@@ -102,12 +103,42 @@ class Structured(Stage):
         "layer's own unpruned output from its already-perturbed inputs; auto: original for encoders, layer for decoders",
     )
 
+    @model_validator(mode="after")
+    def _options(self) -> Structured:
+        if self.head_sparsity == 0 and self.ffn_sparsity == 0:
+            raise ValueError("prune.structured: head_sparsity and ffn_sparsity are both 0, so nothing would be pruned. Set one.")
+        if self.refit_target == "original" and not self.refit:
+            raise ValueError("prune.structured: refit_target: original needs refit: true (it is a kind of refit).")
+        return self
+
+    def check_model(self, reference: TorchModel) -> None:
+        """The architecture, and the head and channel arithmetic against the model's config."""
+        model, config = reference.model, reference.model.config
+        if bert_blocks(model) is None:
+            if gated_mlp_blocks(model) is None:
+                raise unsupported(model)
+            self._check_gated(config)
+            if self.head_sparsity:
+                self._gqa_plan(config)
+        if self.ffn_sparsity:
+            self._ffn_cut(config.intermediate_size)
+
+    def _check_gated(self, config: Any) -> None:
+        why = {
+            ("head_allocation", "sensitivity"): "keeps the same head count in every layer (its config has one)",
+            ("refit_target", "original"): "adds its residuals outside any module slimline can hook, so only `layer` is built",
+        }
+        for (name, value), reason in why.items():
+            if getattr(self, name) == value:
+                raise StageError(
+                    f"prune.structured: {name}: {value} is for BERT-family encoders; `{config.model_type}` {reason}. "
+                    f"Leave {name} out."
+                )
+
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
         import torch
         from transformers.pytorch_utils import prune_linear_layer
 
-        if self.head_sparsity == 0 and self.ffn_sparsity == 0:
-            raise StageError("prune.structured: head_sparsity and ffn_sparsity are both 0, so nothing would be pruned. Set one.")
         out = clone(artifact)
         model, config = out.model, out.model.config
         blocks = bert_blocks(model)
@@ -125,8 +156,6 @@ class Structured(Stage):
             ctx.warn(f"prune.structured: head_sparsity={self.head_sparsity} would remove every head; keeping 1 per layer.")
         ffn = config.intermediate_size
         n_ffn_cut = self._ffn_cut(ffn)
-        if self.refit_target == "original" and not self.refit:
-            raise StageError("prune.structured: refit_target: original needs refit: true (it is a kind of refit).")
         compensate = self.refit and self.refit_target in ("auto", "original")
 
         batches = calibration_batches(out.tokenizer, ctx.data.calibration[: self.samples])
@@ -247,16 +276,7 @@ class Structured(Stage):
         from transformers.pytorch_utils import prune_linear_layer
 
         model, config = out.model, out.model.config
-        why = {
-            ("head_allocation", "sensitivity"): "keeps the same head count in every layer (its config has one)",
-            ("refit_target", "original"): "adds its residuals outside any module slimline can hook, so only `layer` is built",
-        }
-        for (name, value), reason in why.items():
-            if getattr(self, name) == value:
-                raise StageError(
-                    f"prune.structured: {name}: {value} is for BERT-family encoders; `{config.model_type}` {reason}. "
-                    f"Leave {name} out."
-                )
+        self._check_gated(config)
         blocks = gated_mlp_blocks(model)
         ffn = config.intermediate_size
         n_cut = self._ffn_cut(ffn) if self.ffn_sparsity else 0

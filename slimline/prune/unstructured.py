@@ -225,10 +225,14 @@ class Wanda(_WeightPruner):
     reconstruct: bool = Field(False, description="refit kept weights by least squares (SparseGPT-style)")
     damp: float = Field(0.01, gt=0)
 
+    @model_validator(mode="after")
+    def _n_below_m(self) -> Wanda:
+        if self.pattern == "nm" and self.n >= self.m:
+            raise ValueError(f"prune.wanda: n={self.n} must be below m={self.m} (e.g. 2:4)")
+        return self
+
     def check_layers(self, layers) -> None:
         if self.pattern == "nm":
-            if self.n >= self.m:
-                raise StageError(f"prune.wanda: n={self.n} must be below m={self.m}.")
             _check_divisible(self.kind, layers, self.m)
 
     def masks(self, weight, norm):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from slimline import onnxfile
 from slimline.artifact import OnnxModel
@@ -273,16 +273,20 @@ class WeightOnly(OnnxQuantizer):
             return nbits.hqq(w, bits, block)
         return nbits.rtn(w, bits, block, self.symmetric, clip=self.clip_search)
 
-    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
-        import onnx
-
+    @model_validator(mode="after")
+    def _options(self) -> WeightOnly:
         if self.fallback_block_size and (self.fallback_block_size >= self.block_size or self.fallback != "auto"):
-            raise StageError(
+            raise ValueError(
                 f"{self.kind}: fallback_block_size {self.fallback_block_size} needs fallback: auto and a block_size larger "
                 f"than it (block_size is {self.block_size}). Use a smaller fallback_block_size or remove it."
             )
         if self.algorithm == "hqq" and self.symmetric:
-            raise StageError("quantize.weight_only: HQQ fits asymmetric zero points; set symmetric: false or algorithm: rtn.")
+            raise ValueError("quantize.weight_only: HQQ fits asymmetric zero points; set symmetric: false or algorithm: rtn.")
+        return self
+
+    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        import onnx
+
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
         excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
