@@ -17,6 +17,7 @@ loaded from YAML are equal objects, so ``run`` takes either.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from slimline.builtin import find_recipe
 from slimline.evaluate.budgets import Verdict
 from slimline.evaluate.gate import judge_report, load_report
 from slimline.pipeline import evaluate_folder, run_recipe
-from slimline.recipe import Recipe, from_dict, load
+from slimline.recipe import Recipe, expand_shorthands, from_dict, load
 from slimline.stage import Reporter
 
 
@@ -57,7 +58,7 @@ def load_recipe(recipe: str | Path | Recipe | dict, overrides: Sequence[str] = (
     if isinstance(recipe, dict):
         from slimline.yamlconf import apply_override
 
-        raw = dict(recipe)
+        raw = expand_shorthands(json.loads(json.dumps(recipe)))
         for text in overrides:
             apply_override(raw, text)
         return None, from_dict(raw)

@@ -212,10 +212,20 @@ def from_dict(raw: dict[str, Any], where: str = "<recipe>") -> Recipe:
         raise RecipeError(validation_message(err, where)) from None
 
 
+def expand_shorthands(raw: dict[str, Any]) -> dict[str, Any]:
+    """Write shorthand values in full, so that ``--set`` can reach into them (``evaluate.data:
+    builtin:shakespeare`` becomes ``{source: builtin:shakespeare}``, whose ``evaluation_size`` a
+    ``--set evaluate.data.evaluation_size=200`` can then set)."""
+    evaluate = raw.get("evaluate")
+    if isinstance(evaluate, dict) and isinstance(evaluate.get("data"), str):
+        evaluate["data"] = {"source": evaluate["data"]}
+    return raw
+
+
 def load(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe file. Raises ``RecipeError`` with a fix in its message."""
     path = Path(path)
-    raw = read_yaml(path)
+    raw = expand_shorthands(read_yaml(path))
     for text in overrides:
         apply_override(raw, text)
     return from_dict(raw, str(path))

@@ -191,3 +191,8 @@ def test_checks_against_the_models_config_run_before_any_stage(tiny_bert_dir, tm
     with pytest.raises(StageError, match="removes no query head"):
         run_recipe(R.from_dict(data), tmp_path / "run", evaluate=False)
     assert ran == [] and not (tmp_path / "run").exists()
+
+
+def test_set_reaches_into_a_shorthand_value():
+    recipe = R.load(builtin_recipes()["minilm-int8"], ["evaluate.data.evaluation_size=200"])
+    assert recipe.evaluate.data.source == "builtin:shakespeare" and recipe.evaluate.data.evaluation_size == 200

@@ -37,21 +37,26 @@ class BitsAndBytes(Stage):
     scheme: Literal["int8", "nf4", "fp4"] = Field("int8", description="int8: LLM.int8; nf4/fp4: 4-bit blockwise")
     threshold: float = Field(6.0, ge=0, description="int8: activation magnitude above which a column runs in fp16")
     double_quant: bool = Field(False, description="4-bit: quantize the block scales too")
-    exclude: list[str] = Field(["pooler", "classifier", "lm_head"], description="module names kept in float")
+    exclude: list[str] = Field(
+        ["*pooler*", "*classifier*", "lm_head"],
+        description="glob patterns of Linear module names kept in float (the same globs as every stage's exclude)",
+    )
     min_cosine: float = Field(0.9, ge=0, le=1, description="fail if calibration outputs fall below this cosine")
 
-    def config(self) -> Any:
+    def config(self, skip: list[str]) -> Any:
+        """transformers' config; ``skip`` is the exact module names ``exclude`` matched (transformers
+        itself matches skip names as substrings, which a glob must not be fed to)."""
         import torch
         from transformers import BitsAndBytesConfig
 
         if self.scheme == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.threshold, llm_int8_skip_modules=self.exclude)
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.threshold, llm_int8_skip_modules=skip)
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=self.scheme,
             bnb_4bit_compute_dtype=torch.float32,
             bnb_4bit_use_double_quant=self.double_quant,
-            llm_int8_skip_modules=self.exclude,
+            llm_int8_skip_modules=skip,
         )
 
     def run(self, artifact: TorchModel, ctx: Context) -> StageResult:
@@ -67,11 +72,13 @@ class BitsAndBytes(Stage):
         float_dir = ctx.stage_dir("bitsandbytes") / "float"
         artifact.model.save_pretrained(float_dir)
         cls = type(artifact.model)
+        linears = [n for n, m in artifact.model.named_modules() if isinstance(m, torch.nn.Linear)]
+        skip = sorted({n for n in linears for p in self.exclude if fnmatch.fnmatchcase(n, p)})
 
         def load(device: str = "cpu") -> Any:
             with _quiet_bnb():
                 return cls.from_pretrained(
-                    float_dir, quantization_config=self.config(), device_map=device, dtype=torch.float32
+                    float_dir, quantization_config=self.config(skip), device_map=device, dtype=torch.float32
                 ).eval()
 
         model = load()
@@ -127,7 +134,7 @@ class BitsAndBytes(Stage):
                 f"{self.kind}: outputs on calibration text fell to mean cosine {report['calibration.mean_cosine']:.3f} "
                 f"(< min_cosine={self.min_cosine}). Highest-error layers: {', '.join(worst)}. Add them to `exclude`."
             )
-        unmatched = [p for p in self.exclude if not any(fnmatch.fnmatchcase(n, f"*{p}*") for n in reference)]
+        unmatched = [p for p in self.exclude if not any(fnmatch.fnmatchcase(n, p) for n in reference)]
         for p in unmatched:
             ctx.warn(f"{self.kind}: exclude `{p}` matches no module.")
         # a bitsandbytes model refuses .to(): the torch-cuda target quantizes the float weights again on

@@ -40,6 +40,7 @@ class OnnxQuantizer(Stage):
     their own graphs and call the same helpers step by step."""
 
     exclude: list[str] = Field(default_factory=list, description="node-name glob patterns kept in float")
+    calibration_texts: int = Field(128, ge=8, le=100_000, description="calibration texts for the per-layer error (and ranges)")
     min_cosine: float = Field(0.9, ge=0, le=1, description="fail if calibration outputs fall below this cosine")
     fallback: Literal["none", "auto"] = Field(
         "none", description="auto: keep layers in float whose error is above max_layer_error (or that got slower)"

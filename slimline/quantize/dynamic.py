@@ -111,7 +111,7 @@ class DynamicInt8(FileQuantizer):
         layers = {name: v for name, v in layers.items() if v[1] in deq}
         if not layers:
             return {}, {}
-        texts = check_texts(ctx.data.calibration[:128], self.kind)
+        texts = check_texts(ctx.data.calibration[: self.calibration_texts], self.kind)
         feeds = calibration_feeds(artifact.tokenizer, texts, [i.name for i in model.graph.input])
         acts = calib.capture(
             model, sorted({a for a, _, _ in layers.values()}), feeds, threads=ctx.threads, workdir=ctx.stage_dir("calibration")

@@ -103,7 +103,6 @@ class StaticInt8(FileQuantizer):
         description="7-bit weights, for CPUs without VNNI whose int8 GEMM saturates; auto: on when this CPU has no VNNI",
     )
     op_types: list[str] = Field(["MatMul", "Gemm"], description="op types to quantize (constant-weight ones only)")
-    calibration_texts: int = Field(128, ge=8, le=100_000, description="calibration texts for the activation ranges")
 
     def _quantize_static(self, src: Path, dst: Path, feeds: list[dict], exclude: set[str]) -> None:
         import onnx

@@ -230,7 +230,6 @@ class WeightOnly(OnnxQuantizer):
         description="RTN/GPTQ: per block, shrink the range by up to 25% where that lowers the squared rounding error "
         "(clips rare outliers for a finer step)",
     )
-    calibration_texts: int = Field(128, ge=8, le=100_000, description="calibration texts for GPTQ and the per-layer error")
     fallback_bits: Literal[8] | None = Field(
         None, description="fallback: auto puts layers over max_layer_error in this many bits instead of float"
     )
