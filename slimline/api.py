@@ -1,12 +1,12 @@
 """slimline's Python API: three verbs, the same ones the CLI runs.
 
 ```python
-import slimline
+from slimline import api
 
-result = slimline.run("minilm-int8", out="runs/minilm-int8")  # a recipe file, a built-in name, or a Recipe
-result.verdict.state                                              # "passed" | "failed" | "no budgets"
-again = slimline.evaluate("runs/minilm-int8", overrides=["evaluate.targets=[ort-cuda]"])
-gate = slimline.check("runs/minilm-int8", budgets=["min_speedup=2"], require=["ort-cpu"])
+result = api.run("minilm-int8", out="runs/minilm-int8")  # a recipe file, a built-in name, or a Recipe
+result.verdict.state                                      # "passed" | "failed" | "no budgets"
+again = api.evaluate("runs/minilm-int8", overrides=["evaluate.targets=[ort-cuda]"])
+gate = api.check("runs/minilm-int8", budgets=["min_speedup=2"], require=["ort-cpu"])
 gate.passed, [row["name"] for row in gate.verdict.failed]
 ```
 
