@@ -19,7 +19,7 @@ from typing import Any
 
 from slimline.artifact import OnnxModel, TorchModel
 from slimline.env import host_info, package_versions
-from slimline.errors import RecipeError
+from slimline.errors import ModelError, RecipeError
 from slimline.family import family_of
 from slimline.models.loader import sha256_file as sha256
 from slimline.preflight import preflight
@@ -167,7 +167,20 @@ def load_run_manifest(run_dir: Path) -> dict[str, Any]:
         )
     if not isinstance(manifest.get("stages", []), list):
         raise RecipeError(f"{manifest_path}: `stages` is not a list; the manifest is damaged. Run the recipe again.")
+    _check_onnx_file(run_dir / "model.onnx")
     return manifest
+
+
+def _check_onnx_file(path: Path) -> None:
+    """The artifact must at least parse as an ONNX model with a graph (a damaged file is the user's to fix)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError and friends
+        model = None
+    if model is None or not model.graph.node:
+        raise ModelError(f"{path}: not a readable ONNX model (empty or damaged). Run the recipe again to rebuild the folder.")
 
 
 def evaluate_folder(run_dir: Path, overrides: tuple[str, ...] = (), reporter: Reporter | None = None) -> dict[str, Any]:

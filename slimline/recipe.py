@@ -185,6 +185,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         )
     if path.is_dir():
         raise RecipeError(f"{path}: is a folder; give a YAML recipe file.")
+    if not path.is_file():
+        raise RecipeError(f"{path}: is not a regular file (a device or a pipe); give a YAML recipe file.")
     try:
         if path.stat().st_size > 1_000_000:
             raise RecipeError(f"{path}: is {path.stat().st_size:,} bytes; a recipe is a small YAML file. Check the path.")

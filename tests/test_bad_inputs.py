@@ -537,3 +537,32 @@ def test_hub_repository_that_is_not_there(fake_hub, tmp_path):
     code, out = invoke("run", recipe, "--out", tmp_path / "run")
     assert_clean_error(code, out, "model.source `hf:acme/absent@main`")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_that_is_a_pipe_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "r.yaml")
+    assert_clean_error(*invoke("validate", tmp_path / "r.yaml"), "not a regular file")
+
+
+def test_data_that_is_a_device_is_refused(tiny_bert_dir, tmp_path):
+    data = tiny_recipe(tiny_bert_dir, speed={"enabled": False})
+    data["evaluate"]["data"] = {"source": "/dev/zero"}
+    code, out = invoke("run", write_recipe(tmp_path, data), "--out", tmp_path / "run")
+    assert_clean_error(code, out, "/dev/zero is not a regular file")
+
+
+def test_evaluate_on_a_damaged_artifact(good_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_run, run)
+    (run / "model.onnx").write_bytes(b"garbage")
+    before = snapshot(run)
+    assert_clean_error(*invoke("evaluate", run), "model.onnx: not a readable ONNX model")
+    assert snapshot(run) == before
+
+
+def test_a_csv_with_a_byte_order_mark_reads_its_first_column(tiny_bert_dir, tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext\n" + b"".join(f"line {i} of the verse\n".encode() for i in range(20)))
+    data = tiny_recipe(tiny_bert_dir, speed={"enabled": False})
+    data["evaluate"]["data"] = {"source": str(tmp_path / "bom.csv")}
+    code, out = invoke("run", write_recipe(tmp_path, data), "--out", tmp_path / "run")
+    assert code == 0, out

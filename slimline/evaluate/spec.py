@@ -52,6 +52,8 @@ class SpeedSpec(Strict):
     def _positive(cls, v: list[int]) -> list[int]:
         if any(b < 1 or b > MAX_BATCH for b in v):
             raise ValueError(f"batch sizes must be between 1 and {MAX_BATCH}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"a batch size is listed twice in {v}; list each once")
         return v
 
 
@@ -164,6 +166,13 @@ class EvaluateSpec(Strict):
     @classmethod
     def _data_shorthand(cls, v: Any) -> Any:
         return {"source": v} if isinstance(v, str) else v
+
+    @field_validator("targets", "required_targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"a target is listed twice in {v}; list each once")
+        return v
 
     @model_validator(mode="after")
     def _required_are_targets(self) -> EvaluateSpec:

@@ -113,12 +113,12 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     try:
         if suffix in (".csv", ".tsv"):
             csv.field_size_limit(10_000_000)
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a BOM is not part of the first column's name
                 reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
                 return [(reader.line_num, row) for row in reader]
         if suffix in (".jsonl", ".json"):
             rows = []
-            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -133,7 +133,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
                     )
                 rows.append((n, row))
             return rows
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
         return [(n, {"text": t}) for n, t in enumerate(lines, 1) if t.strip()]
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text. Name a .txt, .csv, .tsv or .jsonl file.") from None
@@ -182,8 +182,12 @@ def load_file(
     seed: int = 0,
 ) -> TextData:
     """Rows of a local .txt (one text a line), .csv/.tsv or .jsonl file."""
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"evaluate.data: {path} does not exist. Name an existing file or `{BUILTIN_SHAKESPEARE}`.")
+    if not path.is_file():
+        raise DataError(
+            f"evaluate.data: {path} is not a regular file (a folder, device or pipe). Name a .txt, .csv, .tsv or .jsonl file."
+        )
     return rows_to_data(
         str(path), _read_rows(path), text_column, pair_column, score_column, label_column, n_calibration, n_evaluation, seed
     )
