@@ -14,10 +14,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from slimline import recipe as R
-from slimline.builtin import builtin_recipes
+from slimline import api
 from slimline.measure.timer import cpu_busy
-from slimline.pipeline import run_recipe
 
 
 def main() -> None:
@@ -26,12 +24,12 @@ def main() -> None:
     p.add_argument("--recipe", default="minilm-int8")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     a = p.parse_args()
-    recipe = R.load(builtin_recipes().get(a.recipe, Path(a.recipe)), a.overrides)
+    _, recipe = api.load_recipe(a.recipe, a.overrides)
     print(f"recipe {recipe.name}; other processes keep {cpu_busy():.0%} of the CPUs busy before the first run")
     figures: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.runs):
-            report = run_recipe(recipe, Path(tmp) / f"run{i}")
+            report = api.run(recipe, Path(tmp) / f"run{i}").report
             rows = {(r["variant"], r["mode"], r["batch_size"]): r for r in report["results"]}
             s = report["summary"]["ort-cpu"]
             line = {

@@ -206,27 +206,29 @@ def list_recipes() -> None:
 
 
 def _print_fusions(info: dict) -> None:
+    """The fusion report as tables; every value is printed as plain text (node names are not markup)."""
+    t = Text
     console.print(
-        f"[bold]{info['path']}[/bold]  {info['nodes']['before']} nodes -> {info['nodes']['after']} after slimline's rules"
+        t(info["path"], style="bold") + t(f"  {info['nodes']['before']} nodes -> {info['nodes']['after']} after slimline's rules")
     )
     counts = Table("fused op", "in the file", "after the rules")
     for op in dict.fromkeys([*info["already_fused"], *info["fused_after_rules"]]):
-        counts.add_row(op, str(info["already_fused"].get(op, 0)), str(info["fused_after_rules"].get(op, 0)))
+        counts.add_row(t(op), str(info["already_fused"].get(op, 0)), str(info["fused_after_rules"].get(op, 0)))
     console.print(counts)
-    console.print("rules that matched: " + (", ".join(f"{k} x{v}" for k, v in info["rules"].items()) or "none"))
+    console.print(t("rules that matched: " + (", ".join(f"{k} x{v}" for k, v in info["rules"].items()) or "none")))
     for note in info.get("tuned", []):
-        console.print(f"[yellow]compile.tune left these unfused on purpose:[/yellow] {note}")
+        console.print(t("compile.tune left these unfused on purpose: ", style="yellow") + t(note))
     matched = Table("fused op", "where")
     for m in info["matched"]:
-        matched.add_row(m["op"], m["where"])
+        matched.add_row(t(m["op"]), t(m["where"]))
     console.print(matched)
     if info["unfused"]:
         unfused = Table("not fused", "where", "node", "closest rule", "why not", title="candidates left unfused")
         for u in info["unfused"]:
-            unfused.add_row(u["op"], u["where"], u["node"], u["rule"] or "-", u["reason"])
+            unfused.add_row(t(u["op"]), t(u["where"]), t(u["node"]), t(u["rule"] or "-"), t(u["reason"]))
         console.print(unfused)
     else:
-        console.print("[green]no unfused candidates[/green]")
+        console.print(t("no unfused candidates", style="green"))
 
 
 @main.command()

@@ -54,7 +54,7 @@ def test_yaml_and_python_recipes_are_equal_and_round_trip(tmp_path):
 @settings(max_examples=25, deadline=None)
 @given(
     repeats=st.integers(1, 50),
-    batches=st.lists(st.integers(1, 64), min_size=1, max_size=4),
+    batches=st.lists(st.integers(1, 64), min_size=1, max_size=4, unique=True),
     drop=st.none() | st.floats(0, 1),
     per_channel=st.booleans(),
     exclude=st.lists(st.text("abc/.*", min_size=1, max_size=8), max_size=3),
