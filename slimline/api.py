@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from slimline.builtin import find_recipe
+from slimline.errors import RecipeError
 from slimline.evaluate.budgets import Verdict
 from slimline.evaluate.gate import judge_report, load_report
 from slimline.pipeline import evaluate_folder, run_recipe
-from slimline.recipe import Recipe, expand_shorthands, from_dict, load
+from slimline.recipe import Recipe, expand_shorthands, from_dict, read_yaml
 from slimline.stage import Reporter
 
 
@@ -44,26 +45,36 @@ class Result:
         return self.verdict is not None and self.verdict.passed
 
 
-def load_recipe(recipe: str | Path | Recipe | dict, overrides: Sequence[str] = ()) -> tuple[Path | None, Recipe]:
-    """A recipe from a YAML path, a built-in recipe's name, a mapping, or a ``Recipe``, with ``--set``-style overrides."""
+def load_recipe(
+    recipe: str | Path | Recipe | dict,
+    overrides: Sequence[str] = (),
+    model: str | None = None,
+    task: str | None = None,
+) -> tuple[Path | None, Recipe]:
+    """A recipe from a YAML path, a built-in recipe's name, a mapping, or a ``Recipe``, with ``--set``-style
+    overrides. ``model`` and ``task`` replace the recipe's model (a generic recipe on your model:
+    ``load_recipe("encoder-int8", model="models/my-finetune", task="text-classification")``)."""
+    from slimline.yamlconf import apply_override
+
     if isinstance(recipe, Recipe):
-        if overrides:
-            from slimline.yamlconf import apply_override
-
-            raw = recipe.model_dump(mode="json")
-            for text in overrides:
-                apply_override(raw, text)
-            return None, from_dict(raw, f"recipe {recipe.name}")
-        return None, recipe
-    if isinstance(recipe, dict):
-        from slimline.yamlconf import apply_override
-
-        raw = expand_shorthands(json.loads(json.dumps(recipe)))
-        for text in overrides:
-            apply_override(raw, text)
-        return None, from_dict(raw)
-    path = find_recipe(str(recipe))
-    return path, load(path, tuple(overrides))
+        raw, where, path = recipe.model_dump(mode="json"), f"recipe {recipe.name}", None
+    elif isinstance(recipe, dict):
+        raw, where, path = expand_shorthands(json.loads(json.dumps(recipe))), "<recipe>", None
+    else:
+        path = find_recipe(str(recipe))
+        raw, where = expand_shorthands(read_yaml(path)), str(path)
+    if model is not None or task is not None:
+        spec = raw.setdefault("model", {})
+        if not isinstance(spec, dict):
+            raise RecipeError(f"{where}: `model` is not a mapping, so --model/--task can't replace its parts.")
+        if model is not None:
+            spec["source"] = str(model)
+            spec.pop("revision", None)
+        if task is not None:
+            spec["task"] = task
+    for text in overrides:
+        apply_override(raw, text)
+    return path, from_dict(raw, where)
 
 
 def run(
@@ -71,13 +82,16 @@ def run(
     out: str | Path | None = None,
     *,
     overrides: Sequence[str] = (),
+    model: str | None = None,
+    task: str | None = None,
     force: bool = False,
     evaluate: bool = True,
     reporter: Reporter | None = None,
 ) -> Result:
-    """Run a recipe: its stages, then (unless ``evaluate=False``) its evaluation. ``out`` defaults to
-    ``runs/<recipe name>``; an existing folder is replaced only with ``force`` and only if slimline wrote it."""
-    path, parsed = load_recipe(recipe, overrides)
+    """Run a recipe: its stages, then (unless ``evaluate=False``) its evaluation. ``model``/``task``
+    replace the recipe's model. ``out`` defaults to ``runs/<recipe name>``; an existing folder is
+    replaced only with ``force`` and only if slimline wrote it."""
+    path, parsed = load_recipe(recipe, overrides, model, task)
     folder = Path(out) if out is not None else Path("runs") / parsed.name
     report = run_recipe(
         parsed, folder, force=force, reporter=reporter, recipe_path=str(path) if path else None, evaluate=evaluate

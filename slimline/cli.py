@@ -103,10 +103,24 @@ def guarded(interrupted: str) -> Callable[[Callable[..., Any]], Callable[..., An
     return wrap
 
 
-def _load_recipe(recipe: str, overrides: tuple[str, ...]):
+def _load_recipe(recipe: str, overrides: tuple[str, ...], model: str | None = None, task: str | None = None):
     from slimline.api import load_recipe
 
-    return load_recipe(recipe, overrides)
+    return load_recipe(recipe, overrides, model, task)
+
+
+MODEL_OPTION = click.option(
+    "--model",
+    "model",
+    metavar="SOURCE",
+    help="run the recipe on this model: a local HF folder, a GGUF file, pip:<package> or hf:org/name@rev",
+)
+TASK_OPTION = click.option(
+    "--task",
+    "task",
+    type=click.Choice(["feature-extraction", "text-classification", "text-generation"]),
+    help="the model's task, when it differs from the recipe's",
+)
 
 
 def _print_verdict(report: dict, report_md: Path) -> None:
@@ -144,16 +158,22 @@ def main() -> None:
     metavar="KEY=VALUE",
     help="override a recipe value, e.g. stages.2.quantize.dynamic_int8.per_channel=false",
 )
+@MODEL_OPTION
+@TASK_OPTION
 @click.option("--force", is_flag=True, help="replace an existing run folder")
 @click.option("--no-eval", is_flag=True, help="build the artifact only; skip evaluation")
 @guarded("no output folder was written.")
-def run(recipe: str, out: Path | None, overrides: tuple[str, ...], force: bool, no_eval: bool) -> None:
+def run(
+    recipe: str, out: Path | None, overrides: tuple[str, ...], model: str | None, task: str | None, force: bool, no_eval: bool
+) -> None:
     """Run RECIPE (a YAML file or a built-in recipe name) and write the run folder."""
     from slimline import api
     from slimline.progress import RichReporter
 
     with RichReporter(err_console) as reporter:
-        result = api.run(recipe, out, overrides=overrides, force=force, evaluate=not no_eval, reporter=reporter)
+        result = api.run(
+            recipe, out, overrides=overrides, model=model, task=task, force=force, evaluate=not no_eval, reporter=reporter
+        )
     console.print(Text("run folder: ") + Text(str(result.folder), style="bold"))
     if result.report:
         _print_verdict(result.report, result.folder / "report.md")
@@ -178,12 +198,14 @@ def evaluate(run_dir: Path, overrides: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@MODEL_OPTION
+@TASK_OPTION
 @guarded("nothing was written.")
-def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+def validate(recipe: str, overrides: tuple[str, ...], model: str | None, task: str | None) -> None:
     """Check RECIPE without running it (keys, types, stage order)."""
     from slimline.recipe import dump
 
-    path, parsed = _load_recipe(recipe, overrides)
+    path, parsed = _load_recipe(recipe, overrides, model, task)
     console.print(Text(f"{path}: valid ({len(parsed.stages)} stages)"))
     click.echo(dump(parsed))
 
@@ -203,6 +225,26 @@ def list_recipes() -> None:
         except SlimlineError as err:
             table.add_row(name, "?", Text(f"invalid: {err}", style="red"), "")
     console.print(table)
+
+
+def _print_model(m: dict, say) -> None:  # noqa: ANN001
+    """``slimline inspect MODEL``: what the model is and what slimline can do with it (no weights loaded)."""
+    params = f"{m['parameters'] / 1e6:,.1f}M parameters" if m.get("parameters") else "parameters unknown"
+    say(f"{m['source']} ({m['format']}, {m['path']})")
+    say(f"  {m.get('model_type')} {m['family']}, task {m['task']}, {params}, {m.get('size_mb', '?')} MB on disk")
+    shape = {k: m.get(k) for k in ("layers", "hidden_size", "heads", "kv_heads", "vocab_size", "max_positions") if m.get(k)}
+    if shape:
+        say("  " + ", ".join(f"{k} {v}" for k, v in shape.items()))
+    if m.get("memory_mb"):
+        say(
+            f"  memory: {m['memory_mb']['float32_weights']:,} MB of float32 weights, about {m['memory_mb']['run_peak_estimate']:,} MB at a run's peak"
+        )
+    if m.get("fusions"):
+        expected = ", ".join(f"{op} {n}" for op, n in m["fusions"]["expected"].items()) or "none known"
+        say(f"  fusion contract (expect: auto): {expected}")
+    say("  supported: " + ("yes" if m["supported"] and not m["unsupported"] else "no" if not m["supported"] else "with problems"))
+    for why in m["unsupported"]:
+        say(f"  - {why}")
 
 
 def _print_fusions(info: dict) -> None:
@@ -249,6 +291,9 @@ def inspect(path: Path, as_json: bool, fusions: bool) -> None:
         click.echo(json.dumps(info, indent=2))
         return
     say = functools.partial(console.print, markup=False, highlight=False)
+    if "model" in info:
+        _print_model(info["model"], say)
+        return
     say(f"{info['path']}  {info['size_mb']} MB, {info['nodes']} nodes, opsets {info['opsets']}")
     io = Table("", "name", "type", "shape")
     for kind in ("inputs", "outputs"):

@@ -115,6 +115,54 @@ class Family:
         return out
 
 
+# Encoders whose position ids start at padding_idx + 1: EmbedLayerNormalization can't express the offset,
+# so their embedding sum becomes one more SkipLayerNormalization instead (docs/compile.md).
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+# The encoder and decoder types whose fused graphs the tests check op by op (tests/test_family.py).
+KNOWN_ENCODERS = ("bert", "distilbert", "electra", *OFFSET_POSITIONS)
+KNOWN_DECODERS = ("llama", "mistral", "qwen2")
+
+
+def layer_count(config: Any) -> int:
+    for name in ("num_hidden_layers", "n_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def expected_fusions(family: Family, config: Any) -> tuple[dict[str, int], str]:
+    """The fusion contract (minimum count per fused op) slimline's rules reach on this model, computed
+    from its config, and how it was worked out. Empty for a model type the tests don't cover."""
+    model_type = getattr(config, "model_type", "")
+    layers = layer_count(config)
+    if family.is_decoder:
+        if model_type not in KNOWN_DECODERS or not layers:
+            return {}, f"no contract known for decoder type `{model_type}`"
+        # every layer's two norms take the residual Add before them, but the first layer's input norm
+        # (no residual yet); the final norm takes the last layer's residual
+        contract = {
+            "GroupQueryAttention": layers,
+            "SkipSimplifiedLayerNormalization": 2 * layers,
+            "SimplifiedLayerNormalization": 1,
+        }
+        return contract, f"{model_type}, {layers} layers: one GroupQueryAttention and two skip RMSNorms per layer, one RMSNorm"
+    if model_type not in KNOWN_ENCODERS or not layers:
+        return {}, f"no contract known for encoder type `{model_type}`"
+    act = getattr(config, "hidden_act", None) or getattr(config, "activation", None)
+    contract = {"Attention": layers, "SkipLayerNormalization": 2 * layers}
+    if act == "gelu":  # the erf GELU: BiasGelu; tanh approximations fuse otherwise
+        contract["BiasGelu"] = layers
+    if model_type not in OFFSET_POSITIONS:
+        contract["EmbedLayerNormalization"] = 1
+    how = f"{model_type}, {layers} layers: one Attention and two skip LayerNorms per layer"
+    return contract, how + (", one BiasGelu per layer" if "BiasGelu" in contract else "") + (
+        ", one EmbedLayerNormalization"
+        if "EmbedLayerNormalization" in contract
+        else " (offset positions: no EmbedLayerNormalization)"
+    )
+
+
 def family_of(task: str) -> Family:
     """The family of a model by its recipe task."""
     return Family("decoder" if task == "text-generation" else "encoder", task)

@@ -45,9 +45,21 @@ def _manifest_summary(folder: Path) -> dict[str, Any]:
         ) from None
 
 
+def is_model_source(path: Path) -> bool:
+    """A model to describe (not an ONNX file or run folder): pip:, hf:, a GGUF file, or an HF folder."""
+    text = str(path)
+    if text.startswith(("pip:", "hf:")) or path.suffix == ".gguf":
+        return True
+    return path.is_dir() and (path / "config.json").is_file() and not (path / "model.onnx").exists()
+
+
 def inspect_path(path: Path) -> dict[str, Any]:
     import onnx
 
+    if is_model_source(path):
+        from slimline.models.describe import describe_model
+
+        return {"model": describe_model(str(path))}
     folder = path if path.is_dir() else None
     path = _model_file(path)
     if path.is_dir():

@@ -82,6 +82,7 @@ def run_recipe(
     reporter = reporter or Reporter()
     out = Path(out)
     seen = check_output(out, force)
+    refuse_model(recipe)
     for line in sweep_stale(out.resolve().parent):
         reporter.info(line)
     started = datetime.now(timezone.utc)
@@ -150,6 +151,18 @@ def run_recipe(
         shutil.rmtree(scratch, ignore_errors=True)
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_model(recipe: Recipe) -> None:
+    """Stop before loading anything when the model can't go through this recipe (its files say so)."""
+    from slimline.models.describe import refusals
+
+    kinds = {"model.load", *(s.kind for s in recipe.stages)}
+    problems = [p for p in refusals(recipe.model.source, recipe.model.task) if p["stage"] in kinds]
+    if problems:
+        first = problems[0]
+        more = f" ({len(problems) - 1} more problem(s): {'; '.join(p['why'] for p in problems[1:])})" if len(problems) > 1 else ""
+        raise ModelError(f"model.source `{recipe.model.source}` ({first['stage']}): {first['why']}. Fix: {first['fix']}.{more}")
 
 
 def load_run_manifest(run_dir: Path) -> dict[str, Any]:

@@ -116,3 +116,27 @@ def test_sigterm_mid_run_leaves_no_output(tiny_bert_dir, tmp_path):
     assert proc.returncode == 130, err
     assert "no output folder was written" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+
+
+def test_python_dash_m_knows_every_command():
+    """`if __name__ == "__main__"` once stood before the generate command, so `python -m slimline.cli
+    generate` didn't know it."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "slimline.cli", "generate", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--prompt" in done.stdout, done.stderr
+
+
+def test_the_memory_probe_measures_the_recipes_sequence_length(tiny_bert_dir, tmp_path, monkeypatch):
+    """evaluate.speed.seq_len once never reached the memory probe (it always measured 128 tokens)."""
+    from slimline import recipe as R
+    from slimline.evaluate import memory
+    from slimline.pipeline import run_recipe
+
+    seen = []
+    monkeypatch.setattr(memory, "measure", lambda kind, path, **kw: seen.append(kw["seq_len"]) or {"peak_rss_mb": 1.0})
+    data = tiny_recipe(tiny_bert_dir, memory=True, speed={"batch_sizes": [1], "seq_len": 24, "repeats": 1, "traffic": False})
+    report = run_recipe(R.from_dict(data), tmp_path / "run")
+    assert seen and set(seen) == {24}
+    assert "batch 1 x 24 tokens" in report["measurement"]["memory"]

@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from slimline.errors import StageError
+from slimline.family import KNOWN_DECODERS
 from slimline.measure.inputs import LOGITS_TO_KEEP, kv_shape
 
-DECODER_TYPES = ("llama", "qwen2", "mistral")
+DECODER_TYPES = KNOWN_DECODERS  # the decoder types whose export, fusion and int4 path the tests cover
 
 
 class _WithCache:

@@ -22,7 +22,7 @@ from pydantic import Field
 from slimline.artifact import OnnxModel
 from slimline.compile.fusions.registry import fused_ops, ort_switches, skip_names
 from slimline.errors import StageError
-from slimline.family import family_of
+from slimline.family import expected_fusions, family_of
 from slimline.measure.inputs import parity_prompts, sample_feeds
 from slimline.measure.parity import compare, decoder_parity
 from slimline.runtime import ort_function, quiet
@@ -51,8 +51,9 @@ class Fuse(Stage):
         "slimline",
         description="slimline's fusion rules (encoders and decoders), or ONNX Runtime's transformers optimizer (BERT family)",
     )
-    expect: dict[str, Annotated[int, Field(ge=0, le=1_000_000)]] = Field(
-        default_factory=dict, description="minimum count per fused op, e.g. {Attention: 6}"
+    expect: dict[str, Annotated[int, Field(ge=0, le=1_000_000)]] | Literal["auto"] = Field(
+        default_factory=dict,
+        description="minimum count per fused op, e.g. {Attention: 6}; auto: computed from the model's config (layers, type)",
     )
     allow_partial: bool = Field(False, description="a shortfall against `expect` warns instead of failing")
     atol: float = Field(1e-3, gt=0, description="max abs error of fused vs unfused before the stage fails")
@@ -104,7 +105,7 @@ class Fuse(Stage):
         report["nodes_before"] = len(before.graph.node)
         report["nodes_after"] = len(after.graph.node)
         report["unfused.MatMul"] = counts.get("MatMul", 0)
-        self._contract(fused, report, ctx)
+        self._contract(fused, report, ctx, expect=self.expected(artifact, report, ctx))
 
         self._encoder_parity(artifact, out, report, ctx, "drop compile.fuse or report it with the model's config")
         return StageResult(OnnxModel(out, artifact.tokenizer, artifact.info, config), report)
@@ -129,12 +130,29 @@ class Fuse(Stage):
                 f"these inputs; {fix}."
             )
 
-    def _contract(self, fused: dict[str, int], report: dict, ctx: Context, unfused: list[dict] | None = None) -> None:
-        """Check ``expect``: a shortfall fails the stage, or warns with ``allow_partial``.
+    def expected(self, artifact: OnnxModel, report: dict, ctx: Context) -> dict[str, int]:
+        """The contract: ``expect`` as written, or (``auto``) the family's, computed from the config.
+        Ops in ``skip`` are left out of it."""
+        if self.expect != "auto":
+            return self.expect
+        contract, how = expected_fusions(family_of(artifact.info.task), artifact.config)
+        report["contract.auto"] = how
+        if not contract:
+            ctx.warn(
+                f"compile.fuse: expect: auto has no contract for this model ({how}); the fused counts are reported unchecked."
+            )
+        return {op: n for op, n in contract.items() if op not in self.skip}
+
+    def _contract(
+        self, fused: dict[str, int], report: dict, ctx: Context, unfused: list[dict] | None = None, expect: dict | None = None
+    ) -> None:
+        """Check the contract: a shortfall fails the stage, or warns with ``allow_partial``.
 
         With slimline's engine the message names each unfused layer and why its rule rejected it.
         """
-        shortfall = {op: (n, fused.get(op, 0)) for op, n in self.expect.items() if fused.get(op, 0) < n}
+        expect = self.expect if expect is None else expect
+        report["contract.expected"] = ", ".join(f"{op} {n}" for op, n in expect.items()) or "nothing"
+        shortfall = {op: (n, fused.get(op, 0)) for op, n in expect.items() if fused.get(op, 0) < n}
         report["contract"] = "met" if not shortfall else "partial" if self.allow_partial else "failed"
         for op, (want, got) in shortfall.items():
             report[f"unfused.{op}"] = want - got
@@ -202,7 +220,7 @@ class Fuse(Stage):
             report[f"rejected.merged_sibling_matmuls.{x}"] = why
         for u in result.unfused[:20]:
             report[f"unfused_at.{u['op']}.{u['where']}"] = u["reason"]
-        self._contract(result.counts, report, ctx, result.unfused)
+        self._contract(result.counts, report, ctx, result.unfused, self.expected(artifact, report, ctx))
         return out, report
 
     def _run_slimline(self, artifact: OnnxModel, ctx: Context) -> StageResult:

@@ -81,7 +81,9 @@ def verdict(report: dict[str, Any]) -> str:
     return VERDICT_WORD[report.get("verdict") or Verdict(report.get("budgets") or []).state]
 
 
-_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*_{}[]<>()#+!|~"})
+# what could break a table row or turn a name into a link, code, emphasis or HTML; GFM takes
+# intra-word underscores literally, so names like loadavg_1m stay readable in a terminal
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\`*[]<>|"})
 
 
 def md(value: Any) -> str:

@@ -1,0 +1,146 @@
+"""The model-family adapter: contracts computed from a model's config (compile.fuse: {expect: auto}) hold
+on every family the rules cover, and the generic recipes take any model by --model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from slimline.cli import main
+from slimline.compile.export import Export
+from slimline.compile.fuse import Fuse
+from slimline.family import expected_fusions, family_of
+from slimline.models import load_model
+from tests.test_compile import context
+
+
+def family_model(kind: str, tiny_bert_dir, tmp_path):
+    """A tiny random model of ``kind`` with the tiny BERT's tokenizer, saved as an HF folder."""
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+
+    vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
+    like = {"vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}
+    config, cls = {
+        "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=3, n_heads=4, hidden_dim=128), DistilBertModel),
+        "roberta": (RobertaConfig(**like, max_position_embeddings=130, pad_token_id=0), RobertaModel),
+        "electra": (ElectraConfig(**like, embedding_size=32), ElectraModel),
+    }[kind]
+    folder = tmp_path / kind
+    shutil.copytree(tiny_bert_dir, folder)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "electra"])
+def test_expect_auto_is_met_on_every_encoder_family(kind, tiny_bert_dir, tmp_path):
+    folder = tiny_bert_dir if kind == "bert" else family_model(kind, tiny_bert_dir, tmp_path)
+    model = load_model(str(folder))
+    ctx = context(tmp_path)
+    contract, how = expected_fusions(family_of("feature-extraction"), model.config)
+    layers = 2 if kind == "bert" else 3
+    assert contract["Attention"] == layers and contract["SkipLayerNormalization"] == 2 * layers, how
+    assert ("EmbedLayerNormalization" in contract) == (kind != "roberta")
+    r = Fuse(expect="auto").run(Export().run(model, ctx).artifact, ctx).report
+    assert r["contract"] == "met", r
+    assert r["contract.auto"] == how and r["contract.expected"].startswith("Attention")
+
+
+def test_expect_auto_on_a_llama_decoder(tmp_path):
+    from tests.models import tiny_llama
+
+    model = load_model(str(tiny_llama(tmp_path / "llama")), "text-generation")
+    ctx = context(tmp_path)
+    r = Fuse(expect="auto").run(Export().run(model, ctx).artifact, ctx).report
+    assert r["contract"] == "met", r
+    assert r["contract.expected"] == "GroupQueryAttention 2, SkipSimplifiedLayerNormalization 4, SimplifiedLayerNormalization 1"
+
+
+def test_expect_auto_without_a_known_contract_warns_and_checks_nothing():
+    from transformers import DebertaV2Config
+
+    contract, how = expected_fusions(family_of("feature-extraction"), DebertaV2Config(num_hidden_layers=2))
+    assert contract == {} and "deberta-v2" in how
+
+
+def test_expect_auto_leaves_skipped_ops_out(tiny_bert_dir, tmp_path):
+    model = load_model(str(tiny_bert_dir))
+    ctx = context(tmp_path)
+    r = Fuse(expect="auto", skip=["Attention"]).run(Export().run(model, ctx).artifact, ctx).report
+    assert r["contract"] == "met" and "Attention" not in r["contract.expected"]
+
+
+def test_generic_recipe_takes_the_model_from_the_command_line(tiny_bert_dir):
+    result = CliRunner().invoke(
+        main, ["validate", "encoder-int8", "--model", str(tiny_bert_dir), "--task", "text-classification"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"source: {tiny_bert_dir}" in result.output and "task: text-classification" in result.output
+    bad = CliRunner().invoke(main, ["validate", "encoder-int8", "--task", "summarization"])
+    assert bad.exit_code == 2 and "summarization" in bad.output
+
+
+# -- describing a model without loading it, and refusing before anything loads -----------------------------
+
+
+def test_inspect_a_model_folder_loads_no_weights(tiny_bert_dir, tmp_path, monkeypatch):
+    import transformers
+
+    def no_loading(*a, **k):
+        raise AssertionError("inspect MODEL must not load weights")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_loading)
+    result = CliRunner().invoke(main, ["inspect", str(tiny_bert_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    m = json.loads(result.output)["model"]
+    assert m["model_type"] == "bert" and m["family"] == "encoder" and m["supported"] and m["unsupported"] == []
+    assert m["layers"] == 2 and m["parameters"] > 10_000 and m["fusions"]["expected"]["Attention"] == 2
+
+
+def test_a_task_without_its_head_is_refused_before_loading(tiny_bert_dir, tmp_path):
+    """A base encoder run as a classifier would get a random head from transformers: refused, with the fix."""
+    import yaml
+
+    from tests.models import tiny_recipe
+
+    data = tiny_recipe(tiny_bert_dir, speed={"enabled": False})
+    data["model"]["task"] = "text-classification"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "has no such head" in result.output and "BertModel" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unsupported_decoder_is_refused_before_loading(tiny_bert_dir, tmp_path):
+    import json
+
+    import yaml
+
+    folder = tmp_path / "gemma-like"
+    shutil.copytree(tiny_bert_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]})
+    (folder / "config.json").write_text(json.dumps(config))
+    recipe = {"name": "d", "model": {"source": str(folder), "task": "text-generation"}, "stages": [{"compile.export": {}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "gemma3_text" in result.output and "compile.export" in result.output, result.output
+
+
+def test_missing_tokenizer_is_refused_before_loading(tiny_bert_dir, tmp_path):
+    import yaml
+
+    from tests.models import tiny_recipe
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny_bert_dir, folder)
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tiny_recipe(folder, speed={"enabled": False})))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "no tokenizer files" in result.output
