@@ -84,3 +84,29 @@ def tiny_llama(folder: Path, layers: int = 2, hidden: int = 64, heads: int = 4, 
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -> Path:
+    """A tiny random encoder of ``kind`` (distilbert, roberta, electra) with the tiny BERT's tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+
+    vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
+    like = {
+        "vocab_size": vocab,
+        "hidden_size": 32,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+    }
+    config, cls = {
+        "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=layers, n_heads=4, hidden_dim=128), DistilBertModel),
+        "roberta": (RobertaConfig(**like, max_position_embeddings=130, pad_token_id=0), RobertaModel),
+        "electra": (ElectraConfig(**like, embedding_size=32), ElectraModel),
+    }[kind]
+    shutil.copytree(tiny_bert_dir, folder)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(folder)
+    return folder

@@ -201,35 +201,9 @@ def test_bert_family_exports_fuse_or_say_why(family, tiny_bert_dir, tmp_path):
     """Other BERT-family models, as optimum-onnx exports them: DistilBERT (no token types, its
     embeddings' shape read twice), RoBERTa (positions offset by padding_idx + 1: EmbedLayerNorm
     must refuse, and say so) and ELECTRA (eager attention: the context's shape read with Shape())."""
-    import shutil
+    from tests.models import bert_family
 
-    import torch
-    from transformers import (
-        DistilBertConfig,
-        DistilBertModel,
-        ElectraConfig,
-        ElectraModel,
-        RobertaConfig,
-        RobertaModel,
-    )
-
-    vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
-    bert_like = {
-        "vocab_size": vocab,
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 128,
-    }
-    config, cls = {
-        "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=128), DistilBertModel),
-        "roberta": (RobertaConfig(**bert_like, max_position_embeddings=130, pad_token_id=0), RobertaModel),
-        "electra": (ElectraConfig(**bert_like, embedding_size=32), ElectraModel),
-    }[family]
-    folder = tmp_path / family
-    shutil.copytree(tiny_bert_dir, folder)
-    torch.manual_seed(0)
-    cls(config).save_pretrained(folder)
+    folder = bert_family(family, tiny_bert_dir, tmp_path / family)
     ctx = context(tmp_path)
     exp = Export().run(load_model(str(folder)), ctx)
     r = Fuse(expect={"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}).run(exp.artifact, ctx).report

@@ -13,31 +13,13 @@ from slimline.compile.export import Export
 from slimline.compile.fuse import Fuse
 from slimline.family import expected_fusions, family_of
 from slimline.models import load_model
+from tests.models import bert_family
 from tests.test_compile import context
-
-
-def family_model(kind: str, tiny_bert_dir, tmp_path):
-    """A tiny random model of ``kind`` with the tiny BERT's tokenizer, saved as an HF folder."""
-    import torch
-    from transformers import DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
-
-    vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
-    like = {"vocab_size": vocab, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 128}
-    config, cls = {
-        "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=3, n_heads=4, hidden_dim=128), DistilBertModel),
-        "roberta": (RobertaConfig(**like, max_position_embeddings=130, pad_token_id=0), RobertaModel),
-        "electra": (ElectraConfig(**like, embedding_size=32), ElectraModel),
-    }[kind]
-    folder = tmp_path / kind
-    shutil.copytree(tiny_bert_dir, folder)
-    torch.manual_seed(0)
-    cls(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "electra"])
 def test_expect_auto_is_met_on_every_encoder_family(kind, tiny_bert_dir, tmp_path):
-    folder = tiny_bert_dir if kind == "bert" else family_model(kind, tiny_bert_dir, tmp_path)
+    folder = tiny_bert_dir if kind == "bert" else bert_family(kind, tiny_bert_dir, tmp_path / kind, layers=3)
     model = load_model(str(folder))
     ctx = context(tmp_path)
     contract, how = expected_fusions(family_of("feature-extraction"), model.config)

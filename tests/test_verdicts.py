@@ -151,6 +151,13 @@ limits = st.dictionaries(st.sampled_from(sorted(SIMPLE)), limit, max_size=3)
 figures = st.dictionaries(st.sampled_from(sorted(v for v, _ in SIMPLE.values())), figure, max_size=6)
 
 
+def fuzz_report(**fields) -> dict:
+    """A report with the gate's fields; ``fields`` replace them."""
+    base = {"schema_version": 1, "recipe": "fuzz", "artifact": "run", "results": [], "budgets": [], "passed": True}
+    base.update({"summary": {}, "skipped_targets": [], "required_targets": [], "budget_spec": {}})
+    return {**base, **fields}
+
+
 def oracle(spec: dict, summary: dict, required: list[str]) -> str:
     """pass / fail / none / invalid, from the budgets and figures alone."""
     blocks = [spec, *spec.get("targets", {}).values()]
@@ -183,18 +190,8 @@ def oracle(spec: dict, summary: dict, required: list[str]) -> str:
     stored_passed=st.booleans(),
 )
 def test_check_never_exits_0_when_a_budget_is_breached_or_unmeasured(spec, summary, required, stored_passed, tmp_path):
-    report = {
-        "schema_version": 1,
-        "recipe": "fuzz",
-        "artifact": "run",
-        "results": [],
-        "budgets": [],
-        "passed": stored_passed,  # whatever it says, the gate recomputes
-        "summary": summary,
-        "skipped_targets": [],
-        "required_targets": required,
-        "budget_spec": spec,
-    }
+    # whatever the stored `passed` says, the gate recomputes
+    report = fuzz_report(passed=stored_passed, summary=summary, required_targets=required, budget_spec=spec)
     (tmp_path / "report.json").write_text(json.dumps(report))
     code, out = invoke("check", tmp_path)
     expected = oracle(spec, summary, required)
@@ -221,18 +218,9 @@ def test_check_never_exits_0_when_a_budget_is_breached_or_unmeasured(spec, summa
 def test_a_mutated_report_never_passes_unless_its_figures_do(path, value, tmp_path):
     """Random damage to a passing report: check either refuses it (2), fails it (1), or passes it only
     if the damaged report's own budgets and figures pass."""
-    report = {
-        "schema_version": 1,
-        "recipe": "fuzz",
-        "artifact": "run",
-        "results": [],
-        "budgets": [],
-        "passed": True,
-        "summary": {"ort-cpu": {"speedup": 2.0, "size_mb": 10.0}},
-        "skipped_targets": [],
-        "required_targets": [],
-        "budget_spec": {"min_speedup": 1.5, "max_size_mb": 20.0},
-    }
+    report = fuzz_report(
+        summary={"ort-cpu": {"speedup": 2.0, "size_mb": 10.0}}, budget_spec={"min_speedup": 1.5, "max_size_mb": 20.0}
+    )
     node = report
     for key in path[:-1]:
         child = node.get(key) if isinstance(node, dict) else None

@@ -170,27 +170,15 @@ def _cell(path: Path, line: int, row: dict[str, Any], column: str, kind: str) ->
     return int(text) if text.lstrip("-").isdigit() else text  # a name: checked against the model's labels
 
 
-def load_file(
-    path: Path,
-    *,
-    text_column: str = "text",
-    pair_column: str | None = None,
-    score_column: str | None = None,
-    label_column: str | None = None,
-    n_calibration: int | None = None,
-    n_evaluation: int | None = None,
-    seed: int = 0,
-) -> TextData:
-    """Rows of a local .txt (one text a line), .csv/.tsv or .jsonl file."""
+def load_file(path: Path, **options: Any) -> TextData:
+    """Rows of a local .txt (one text a line), .csv/.tsv or .jsonl file; ``options`` are ``rows_to_data``'s."""
     if not path.exists():
         raise DataError(f"evaluate.data: {path} does not exist. Name an existing file or `{BUILTIN_SHAKESPEARE}`.")
     if not path.is_file():
         raise DataError(
             f"evaluate.data: {path} is not a regular file (a folder, device or pipe). Name a .txt, .csv, .tsv or .jsonl file."
         )
-    return rows_to_data(
-        str(path), _read_rows(path), text_column, pair_column, score_column, label_column, n_calibration, n_evaluation, seed
-    )
+    return rows_to_data(str(path), _read_rows(path), **options)
 
 
 def rows_to_data(
@@ -244,21 +232,20 @@ def load_data(spec) -> TextData:
         return load_hf_dataset(spec)
     if spec.source.startswith("builtin:"):
         raise DataError(f"evaluate.data: unknown built-in data set `{spec.source}`; the built-in one is `{BUILTIN_SHAKESPEARE}`.")
-    return _load_file_for(Path(spec.source).expanduser(), spec)
+    return load_file(Path(spec.source).expanduser(), **_options(spec))
 
 
-def _load_file_for(path: Path, spec) -> TextData:
-    """``load_file`` with the columns, sizes and seed of a ``DataSpec``."""
-    return load_file(
-        path,
-        text_column=spec.text_column,
-        pair_column=spec.pair_column,
-        score_column=spec.score_column,
-        label_column=spec.label_column,
-        n_calibration=spec.calibration_size,
-        n_evaluation=spec.evaluation_size,
-        seed=spec.seed,
-    )
+def _options(spec) -> dict[str, Any]:
+    """The columns, sizes and seed of a ``DataSpec``, as ``rows_to_data`` takes them."""
+    return {
+        "text_column": spec.text_column,
+        "pair_column": spec.pair_column,
+        "score_column": spec.score_column,
+        "label_column": spec.label_column,
+        "n_calibration": spec.calibration_size,
+        "n_evaluation": spec.evaluation_size,
+        "seed": spec.seed,
+    }
 
 
 def load_hf_dataset(spec) -> TextData:
@@ -287,14 +274,4 @@ def load_hf_dataset(spec) -> TextData:
             raise DataError(f"evaluate.data `{spec.source}`: no split `{split}`; the dataset has {names}.")
         loaded = loaded[split]
     rows = [(i + 1, dict(row)) for i, row in enumerate(loaded)]  # read in memory: no temporary files to leave behind
-    return rows_to_data(
-        spec.source,
-        rows,
-        spec.text_column,
-        spec.pair_column,
-        spec.score_column,
-        spec.label_column,
-        spec.calibration_size,
-        spec.evaluation_size,
-        spec.seed,
-    )
+    return rows_to_data(spec.source, rows, **_options(spec))
