@@ -4,8 +4,9 @@
 
 For each ``name==version`` line it lists every file of that release on PyPI (the simple API's JSON
 form carries each file's sha256), plus the files of that version in the local wheel folders and
-mirrors that pip on this machine is configured to read (``find-links`` / file:// ``extra-index-url``;
-the CPU build of torch, ``torch-2.13.0+cpu``, lives there and nowhere on PyPI). With any hash
+mirrors that pip on this machine is configured to read (``find-links`` / file:// ``extra-index-url``).
+torch is the exception: only the local CPU build (``torch-2.13.0+cpu``, on this machine kind's disk and
+nowhere on PyPI) is listed, so pip can't take PyPI's CUDA build instead. With any hash
 present pip runs in hash-checking mode: a file whose bytes differ from every listed hash is refused.
 Run it after changing a pin; it needs the network to reach pypi.org.
 """
@@ -86,7 +87,14 @@ def hash_file(path: Path) -> None:
             out.append(line)
             continue
         name, version = match.groups()
-        hashes = sorted(pypi_hashes(name, version) | local_hashes(name, version))
+        local = local_hashes(name, version)
+        if canonicalize_name(name) == "torch" and local:
+            # Only the local CPU build: pip prefers files whose index link carries an allowed hash, so
+            # with PyPI's hashes listed it took PyPI's torch 2.13.0 (a CUDA build, whose libraries
+            # --no-deps leaves out) over the local 2.13.0+cpu file, whose link carries none.
+            hashes = sorted(local)
+        else:
+            hashes = sorted(pypi_hashes(name, version) | local)
         if not hashes:
             raise SystemExit(f"{path.name}: no files found for {name}=={version}")
         out.append(f"{name}=={version} \\")
