@@ -69,13 +69,6 @@ def check_labels(recipe: Any, config: Any, data: Any) -> None:
     data.labels = ids
 
 
-def folder_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    suffixes = (".safetensors", ".bin", ".pt", ".gguf", ".onnx", ".data")
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in suffixes)
-
-
 def _device(path: Path) -> int:
     return os.stat(path).st_dev
 

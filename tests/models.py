@@ -110,3 +110,23 @@ def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -
     torch.manual_seed(0)
     cls(config).save_pretrained(folder)
     return folder
+
+
+def terminate_when_started(args: list[str], folder: Path, prefix: str, settle: float = 3.0) -> tuple[int, str]:
+    """Run ``python -m slimline.cli ARGS``, send SIGTERM once a hidden ``prefix`` folder appears in
+    ``folder`` (and ``settle`` seconds more, well inside its compute); return (exit code, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slimline.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.name.startswith(prefix) for p in folder.iterdir()):
+        time.sleep(0.2)
+    time.sleep(settle)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err

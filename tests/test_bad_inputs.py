@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import yaml
 from click.testing import CliRunner
 
 from slimline.cli import main
-from tests.models import tiny_recipe
+from tests.models import terminate_when_started, tiny_recipe
 
 CORPUS = Path(__file__).parent / "data" / "bad" / "recipes"
 
@@ -469,33 +468,15 @@ def test_interrupted_evaluate_exits_130_and_leaves_the_folder_as_it_was(good_run
     run = tmp_path / "run"
     shutil.copytree(good_run, run)
     before, scratch = snapshot(run), scratch_dirs()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "slimline.cli",
-            "evaluate",
-            str(run),
-            "--set",
-            "evaluate.speed.enabled=true",
-            "--set",
-            "evaluate.speed.repeats=10000",
-            "--set",
-            "evaluate.speed.batch_sizes=[4]",
-            "--set",
-            "evaluate.speed.seq_len=16",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".evaluate.partial-") for p in run.iterdir()):
-        time.sleep(0.2)
-    time.sleep(3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    settings = [
+        "evaluate.speed.enabled=true",
+        "evaluate.speed.repeats=10000",
+        "evaluate.speed.batch_sizes=[4]",
+        "evaluate.speed.seq_len=16",
+    ]
+    args = ["evaluate", str(run), *(x for s in settings for x in ("--set", s))]
+    code, err = terminate_when_started(args, run, ".evaluate.partial-")
+    assert code == 130, err
     assert "Traceback" not in err and "left as it was" in err
     assert snapshot(run) == before and scratch_dirs() <= scratch
 

@@ -92,28 +92,14 @@ def test_inspect_missing_path(tmp_path):
 
 
 def test_sigterm_mid_run_leaves_no_output(tiny_bert_dir, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tests.models import terminate_when_started
 
     data = tiny_recipe(tiny_bert_dir, speed={"batch_sizes": [4], "seq_len": 16, "repeats": 10000, "traffic": False})
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "slimline.cli", "run", str(path), "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(p.name.startswith(".run.partial-") for p in tmp_path.iterdir()):
-        time.sleep(0.2)
-    time.sleep(3)  # well inside the stages or the (endless) timing loop
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    code, err = terminate_when_started(["run", str(path), "--out", str(out)], tmp_path, ".run.partial-")
+    assert code == 130, err
     assert "no output folder was written" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
 

@@ -12,7 +12,6 @@ import html
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from slimline.evaluate.budgets import finite
 from slimline.evaluate.gate import judge_report, load_report
 from slimline.evaluate.plots import Point, mark_frontier, plot_pareto
 from slimline.evaluate.report import CSS, VERDICT_WORD, _fmt, md
+from slimline.runfolder import make_hidden_dir
 
 FILES = ("compare.md", "compare.json", "compare.png", "compare.html")
 
@@ -110,7 +110,7 @@ def write_comparison(run_dirs: list[Path], out: Path) -> list[dict[str, Any]]:
     check_compare_out(out)
     rows = compare_rows(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    staging = make_hidden_dir(out.resolve().parent, f".{out.name}.partial-")  # owned: swept if compare is killed
     try:
         _write_files(rows, run_dirs, staging)
         for name in FILES:

@@ -4,7 +4,6 @@ JUnit XML with one test case per budget."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import socket
@@ -19,7 +18,7 @@ from slimline.errors import RecipeError, SlimlineError
 from slimline.evaluate.budgets import Verdict, judge
 from slimline.evaluate.report import ReportFile, validate_report
 from slimline.evaluate.spec import Budgets, TargetName
-from slimline.yamlconf import apply_override, explain_error, parse_override
+from slimline.yamlconf import apply_override, did_you_mean, explain_error, parse_override
 
 
 def load_report(run_dir: Path) -> dict[str, Any]:
@@ -65,8 +64,7 @@ def check_targets(names: list[str]) -> list[str]:
     known = list(get_args(TargetName))
     for name in names:
         if name not in known:
-            match = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean `{match[0]}`?" if match else ""
+            hint = did_you_mean(name, known)
             raise RecipeError(f"--require {name[:80]}: not a target.{hint} Targets: {', '.join(known)}.")
     return names
 

@@ -172,11 +172,3 @@ def skipped(record: FusedOp, skip: tuple[str, ...]) -> bool:
 def unfusable() -> dict[str, FusedOp]:
     """op -> record, for the fused ops ``compile.tune`` can time against their unfused form."""
     return {r.op: r for r in FUSED_OPS_TABLE if r.unfuse is not None}
-
-
-def modules() -> dict[str, Any]:
-    """op -> its rule module (the first record's, for ops with two steps)."""
-    out: dict[str, Any] = {}
-    for record in FUSED_OPS_TABLE:
-        out.setdefault(record.op, record.module)
-    return out
