@@ -8,12 +8,12 @@ Stages, evaluators and checks ask the model's family instead of testing the task
 | what fidelity compares | pooled sentence embeddings, or class logits | every real token's next-token logits |
 | calibration inputs | padded batches of texts | the texts as one token stream, cut into full windows, with an empty KV cache |
 | export | optimum's exporter | dynamo, with its KV cache |
-| fusion | BERT attention, EmbedLayerNorm, SkipLayerNorm, BiasGelu | RMSNorm, rotary, GroupQueryAttention, merged sibling MatMuls |
+| fusion | BERT attention, EmbedLayerNorm, SkipLayerNorm, BiasGelu | RMSNorm (or LayerNorm), rotary, GroupQueryAttention with scale, soft-cap and window (GPT-2: MultiHeadAttention), merged sibling MatMuls |
 | distillation loss | token states + pooled cosine | next-token KL |
 | evaluation | fidelity, neighbours, encoder speed | perplexity, top-1 agreement, prefill and decode speed |
 | lengths a run asks for | `evaluate.data.max_length`, `evaluate.speed.seq_len` | `evaluate.generation.*` |
 
-New families (issue 22's Gemma, GPT-2, DeBERTa...) are new entries here, not new forks in the stages.
+New families are new entries here (`decoder_contract`, `KNOWN_DECODERS`), not new forks in the stages.
 """
 
 from __future__ import annotations
@@ -120,7 +120,34 @@ class Family:
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 # The encoder and decoder types whose fused graphs the tests check op by op (tests/test_family.py).
 KNOWN_ENCODERS = ("bert", "distilbert", "electra", *OFFSET_POSITIONS)
-KNOWN_DECODERS = ("llama", "mistral", "qwen2")
+RMS_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+KNOWN_DECODERS = (*RMS_DECODERS, "gpt2")
+QK_NORMS = ("qwen3", "gemma3_text")  # a norm on each head's query and key, before rotary
+SANDWICH_NORMS = ("gemma2", "gemma3_text")  # a norm after attention and after the MLP too
+
+
+def decoder_contract(model_type: str, layers: int) -> tuple[dict[str, int], str]:
+    """The fused ops per decoder type, worked out from its layer structure (checked op by op on a tiny
+    model of each type in tests/test_family.py)."""
+    if model_type == "gpt2":
+        # learned positions and LayerNorm: the embedding sum and each residual Add fuse into the
+        # following LayerNorm; attention without rotary is MultiHeadAttention with past and present
+        contract = {"MultiHeadAttention": layers, "SkipLayerNormalization": 2 * layers + 1}
+        return (
+            contract,
+            f"{model_type}, {layers} layers: one MultiHeadAttention and two skip LayerNorms per layer, one more for the embeddings",
+        )
+    # every layer's two residual Adds fuse into the norm after them; the first layer's input norm has no
+    # residual yet and the final norm takes the last layer's residual
+    contract = {"GroupQueryAttention": layers, "SkipSimplifiedLayerNormalization": 2 * layers, "SimplifiedLayerNormalization": 1}
+    how = f"{model_type}, {layers} layers: one GroupQueryAttention and two skip RMSNorms per layer, one RMSNorm"
+    if model_type in SANDWICH_NORMS:  # the post-attention and post-MLP norms take no residual
+        contract["SimplifiedLayerNormalization"] += 2 * layers
+        how += ", two more RMSNorms per layer (after attention and after the MLP)"
+    if model_type in QK_NORMS:  # GroupQueryAttention's rule keeps them as RMSNorms in front of it
+        contract["SimplifiedLayerNormalization"] += 2 * layers
+        how += ", two more per layer on queries and keys"
+    return contract, how
 
 
 def layer_count(config: Any) -> int:
@@ -139,14 +166,7 @@ def expected_fusions(family: Family, config: Any) -> tuple[dict[str, int], str]:
     if family.is_decoder:
         if model_type not in KNOWN_DECODERS or not layers:
             return {}, f"no contract known for decoder type `{model_type}`"
-        # every layer's two norms take the residual Add before them, but the first layer's input norm
-        # (no residual yet); the final norm takes the last layer's residual
-        contract = {
-            "GroupQueryAttention": layers,
-            "SkipSimplifiedLayerNormalization": 2 * layers,
-            "SimplifiedLayerNormalization": 1,
-        }
-        return contract, f"{model_type}, {layers} layers: one GroupQueryAttention and two skip RMSNorms per layer, one RMSNorm"
+        return decoder_contract(model_type, layers)
     if model_type not in KNOWN_ENCODERS or not layers:
         return {}, f"no contract known for encoder type `{model_type}`"
     act = getattr(config, "hidden_act", None) or getattr(config, "activation", None)

@@ -86,6 +86,51 @@ def tiny_llama(folder: Path, layers: int = 2, hidden: int = 64, heads: int = 4, 
     return folder
 
 
+def tiny_decoder(kind: str, folder: Path, layers: int = 2, **overrides) -> Path:
+    """A tiny random decoder of ``kind`` (qwen3, phi3, gemma2, gemma3_text, gpt2) with the tiny tokenizer.
+    Gemma's window (8) is shorter than the parity prompts, so a fused graph that ignores it fails."""
+    import torch
+    import transformers
+    from transformers import BertTokenizerFast
+
+    tiny_bert(folder)
+    tokenizer = BertTokenizerFast.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    ids = {"eos_token_id": tokenizer.sep_token_id, "bos_token_id": tokenizer.cls_token_id}
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        **ids,
+    }
+    gemma = {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 32, "pad_token_id": 0, "tie_word_embeddings": True}
+    config, cls = {
+        "qwen3": (
+            lambda: transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True),
+            transformers.Qwen3ForCausalLM,
+        ),
+        "phi3": (lambda: transformers.Phi3Config(**common, pad_token_id=0), transformers.Phi3ForCausalLM),
+        "gemma2": (lambda: transformers.Gemma2Config(**common, **gemma), transformers.Gemma2ForCausalLM),
+        "gemma3_text": (lambda: transformers.Gemma3TextConfig(**common, **gemma), transformers.Gemma3ForCausalLM),
+        "gpt2": (
+            lambda: transformers.GPT2Config(
+                vocab_size=len(tokenizer), n_embd=64, n_layer=layers, n_head=4, n_positions=256, **ids
+            ),
+            transformers.GPT2LMHeadModel,
+        ),
+    }[kind]
+    config = config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    cls(config).save_pretrained(folder)
+    return folder
+
+
 def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -> Path:
     """A tiny random encoder of ``kind`` (distilbert, roberta, electra) with the tiny BERT's tokenizer."""
     import shutil

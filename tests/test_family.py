@@ -106,12 +106,36 @@ def test_an_unsupported_decoder_is_refused_before_loading(tiny_bert_dir, tmp_pat
     folder = tmp_path / "gemma-like"
     shutil.copytree(tiny_bert_dir, folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]})
+    config.update({"model_type": "mamba", "architectures": ["MambaForCausalLM"]})
     (folder / "config.json").write_text(json.dumps(config))
     recipe = {"name": "d", "model": {"source": str(folder), "task": "text-generation"}, "stages": [{"compile.export": {}}]}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
-    assert result.exit_code == 2 and "gemma3_text" in result.output and "compile.export" in result.output, result.output
+    assert result.exit_code == 2 and "mamba" in result.output and "compile.export" in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma 3 multimodal"),
+        ({"vocab_size": 50}, "embedding table has 50 rows"),
+    ],
+)
+def test_a_multimodal_gemma_or_a_tokenizer_past_the_embeddings_is_refused_before_loading(change, says, tiny_bert_dir, tmp_path):
+    import json
+
+    import yaml
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_bert_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **change})
+    (folder / "config.json").write_text(json.dumps(config))
+    recipe = {"name": "d", "model": {"source": str(folder), "task": "text-generation"}, "stages": [{"compile.export": {}}]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output, result.output
 
 
 def test_missing_tokenizer_is_refused_before_loading(tiny_bert_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""Decoder LLMs (Llama, Qwen2, Mistral families) to one ONNX graph that serves prefill and decode.
+"""Decoder LLMs (Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3, GPT-2) to one ONNX graph that serves prefill and decode.
 
 The graph takes ``input_ids``, ``attention_mask`` (past + new tokens), ``position_ids`` and, per layer,
 ``past_key_values.{i}.key`` / ``.value`` (``[batch, kv_heads, past, head_dim]``, past may be 0), and

@@ -61,6 +61,11 @@ def _safetensors_params(folder: Path) -> int | None:
     return total if found else None
 
 
+# GGUF architecture -> the transformers model_type it loads as, where they differ (a GGUF `gemma3` is the
+# text decoder; its vision tower, if any, ships in a separate mmproj file)
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
 def _gguf(path: Path) -> dict[str, Any]:
     """The architecture, layer count and parameter count in a GGUF file's header (tensors stay mapped)."""
     try:
@@ -85,7 +90,8 @@ def _gguf(path: Path) -> dict[str, Any]:
     arch = field("general.architecture")
     types = sorted({t.tensor_type.name for t in reader.tensors})
     return {
-        "model_type": arch,
+        "model_type": GGUF_MODEL_TYPES.get(arch, arch),
+        "gguf_architecture": arch,
         "layers": field(f"{arch}.block_count") if arch else None,
         "parameters": int(sum(int(t.n_elements) for t in reader.tensors)),
         "gguf_tensor_types": types,
@@ -155,6 +161,7 @@ def describe_model(source: str, task: str | None = None) -> dict[str, Any]:
             weights = [p for p in where.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")]
             info["size_mb"] = round(sum(p.stat().st_size for p in weights) / 1e6, 1)
             info["tokenizer_files"] = sorted(p.name for p in where.iterdir() if p.name in TOKENIZER_FILES)
+            info["tokenizer_size"] = tokenizer_size(where)
     family = family_of(info["task"])
     info["family"] = family.name
     supported = KNOWN_DECODERS if family.is_decoder else KNOWN_ENCODERS
@@ -176,10 +183,40 @@ def describe_model(source: str, task: str | None = None) -> dict[str, Any]:
     return info
 
 
+def tokenizer_size(folder: Path) -> int | None:
+    """How many token ids the folder's tokenizer can produce (its largest id + 1), read from
+    tokenizer.json, vocab.json or vocab.txt; None when none is there or it can't be read."""
+    try:
+        if (folder / "tokenizer.json").is_file():
+            data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+            vocab = (data.get("model") or {}).get("vocab") or {}
+            ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
+            ids += [t.get("id", 0) for t in data.get("added_tokens") or []]
+            return max(ids) + 1 if ids else None
+        if (folder / "vocab.json").is_file():
+            ids = list(json.loads((folder / "vocab.json").read_text(encoding="utf-8")).values())
+            return max(ids) + 1 if ids else None
+        if (folder / "vocab.txt").is_file():
+            return sum(1 for line in (folder / "vocab.txt").read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
 def _problems(info: dict[str, Any], family: Any) -> list[dict[str, str]]:
     out = []
     model_type = info.get("model_type")
-    if family.is_decoder and model_type not in KNOWN_DECODERS:
+    if model_type == "gemma3":
+        out.append(
+            {
+                "stage": "model.load",
+                "why": "a Gemma 3 multimodal checkpoint (`gemma3`, a vision tower and a text decoder); slimline "
+                "compresses the text decoder of Gemma 3 text checkpoints (`gemma3_text`, e.g. Gemma 3 1B)",
+                "fix": "use a text-only Gemma 3 checkpoint, or save the language model on its own "
+                "(Gemma3ForCausalLM) and point model.source at that folder",
+            }
+        )
+    elif family.is_decoder and model_type not in KNOWN_DECODERS:
         out.append(
             {
                 "stage": "compile.export",
@@ -207,6 +244,17 @@ def _problems(info: dict[str, Any], family: Any) -> list[dict[str, str]]:
                 "why": f"model.task {info['task']}, but the checkpoint has no such head (architectures: {', '.join(architectures)}); "
                 "transformers would add one with random weights",
                 "fix": "use the checkpoint fine-tuned for that task, or model.task: feature-extraction",
+            }
+        )
+    tokens, rows = info.get("tokenizer_size"), info.get("vocab_size")
+    if isinstance(tokens, int) and isinstance(rows, int) and tokens > rows > 0:
+        out.append(
+            {
+                "stage": "model.load",
+                "why": f"the tokenizer has {tokens} token ids but the model's embedding table has {rows} rows "
+                "(config.json vocab_size): ids past the table would index outside it",
+                "fix": "use the tokenizer saved with this checkpoint, or resize the embeddings "
+                "(model.resize_token_embeddings(len(tokenizer))) and save the model again",
             }
         )
     if info.get("format") == "hf-folder" and not info.get("tokenizer_files"):

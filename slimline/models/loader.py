@@ -181,6 +181,18 @@ def from_gguf(path: Path) -> Path:
     return folder
 
 
+def attention_kwargs(folder: Path | str) -> dict[str, str]:
+    """transformers' SDPA attention drops Gemma 2's attention soft-capping (it takes no ``softcap``), so
+    the reference and the export would both be missing it: such models load with eager attention."""
+    config = Path(folder) / "config.json"
+    try:
+        values = json.loads(config.read_text()) if config.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    values = values.get("text_config", values) if isinstance(values, dict) else {}
+    return {"attn_implementation": "eager"} if isinstance(values, dict) and values.get("attn_logit_softcapping") else {}
+
+
 def load_model(
     source: str,
     task: str = "feature-extraction",
@@ -213,7 +225,7 @@ def load_model(
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = auto.from_pretrained(where, dtype=torch.float32, **kwargs)
+        model = auto.from_pretrained(where, dtype=torch.float32, **kwargs, **attention_kwargs(where))
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(

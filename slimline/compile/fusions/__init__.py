@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from slimline.compile.fusions import static_shape
+from slimline.compile.fusions import gemm, static_shape
 from slimline.compile.fusions._base import Tracer, layer_of, locate
 from slimline.compile.fusions.registry import FUSED_OPS_TABLE, GRAPH_PASSES, FusedOp, fused_ops, skipped
 from slimline.measure.inputs import LOGITS_TO_KEEP
@@ -74,7 +74,9 @@ def fuse_model(model: Any, skip: tuple[str, ...] = (), diagnose: bool = True) ->
     check_opset(model)
     nodes_before = sum(1 for _ in model.graph)
     rewrite(model, [_gemm_to_matmul_add.gemm_to_matmul_add_rule])
+    RewriteRuleSet(gemm.rules()).apply_to_model(model)
     _pre_optimize(model)
+    static_shape.canonical_sums(model)
     RewriteRuleSet(static_shape.rules()).apply_to_model(model)
     optimize(model)  # constant-fold what the static shapes made constant (attention's scale)
     steps: dict[str, int] = {}

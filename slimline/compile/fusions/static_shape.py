@@ -92,3 +92,34 @@ def fold_constant_concats(model) -> int:
         model.graph.remove(node, safe=True)
         folded += 1
     return folded
+
+
+def canonical_sums(model) -> int:
+    """Write every symbolic dimension that is a sum of names with its terms sorted.
+
+    torch's exporter names the same length ``past + seq`` in one place and ``seq + past`` in another
+    (an eager-attention Gemma's full-attention layers); onnxscript's shape checks compare the names as
+    strings and reject the match. Returns how many dimensions were rewritten."""
+    import re
+
+    import onnx_ir as ir
+
+    term = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+    changed = 0
+    values = [*model.graph.inputs, *(out for node in model.graph for out in node.outputs)]
+    for value in values:
+        shape = value.shape
+        if shape is None:
+            continue
+        dims = list(shape)
+        for i, dim in enumerate(dims):
+            name = getattr(dim, "value", None)
+            if not isinstance(name, str) or " + " not in name:
+                continue
+            parts = name.split(" + ")
+            if all(term.match(p) for p in parts) and parts != sorted(parts):
+                dims[i] = ir.SymbolicDim(" + ".join(sorted(parts)))
+                changed += 1
+        if changed and dims != list(shape):
+            value.shape = ir.Shape(dims)
+    return changed

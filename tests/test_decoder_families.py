@@ -1,0 +1,102 @@
+"""Decoder families beyond Llama (issue 22): tiny random Qwen3, Phi-3, Gemma 2, Gemma 3 and GPT-2
+export with their KV cache, fuse to the contract their config gives, and keep parity; Gemma's scale,
+sliding window and soft-cap reach GroupQueryAttention, and dropping them is caught."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from slimline.compile.export import Export
+from slimline.compile.export_llm import onnx_stepper
+from slimline.compile.fuse import Fuse
+from slimline.family import expected_fusions, family_of
+from slimline.measure.inputs import parity_prompts
+from slimline.measure.parity import decoder_parity
+from slimline.models import load_model
+from tests.models import tiny_decoder
+from tests.test_compile import TEXTS, context
+
+KINDS = ("qwen3", "phi3", "gemma2", "gemma3_text", "gpt2")
+
+
+def build(kind, tmp_path, **overrides):
+    model = load_model(str(tiny_decoder(kind, tmp_path / kind, **overrides)), task="text-generation")
+    exported = Export().run(model, context(tmp_path / "export"))
+    return model, exported
+
+
+def gqa_attributes(path):
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [
+        {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        for n in graph.node
+        if n.op_type == "GroupQueryAttention"
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_decoder_family_exports_fuses_to_its_computed_contract_and_keeps_parity(kind, tmp_path):
+    model, exported = build(kind, tmp_path)
+    assert exported.report["parity.max_abs_error"] < 1e-4  # prefill + 5 decode steps against transformers
+    fused = Fuse(expect="auto").run(exported.artifact, context(tmp_path / "fuse")).report
+    contract, _ = expected_fusions(family_of("text-generation"), model.model.config)
+    assert contract and fused["contract"] == "met"
+    for op, count in contract.items():
+        assert fused[f"fused.{op}"] == count, (op, fused)
+    assert fused["parity.max_abs_error"] < 1e-4
+
+
+def test_gemma_scale_window_and_softcap_reach_group_query_attention(tmp_path):
+    # weights 25x the usual scale give attention scores of several units, where a cap of 1 is far from
+    # linear; the window (8) is shorter than the prompts
+    model, exported = build("gemma2", tmp_path, attn_logit_softcapping=1.0, final_logit_softcapping=3.0, initializer_range=0.5)
+    assert model.model.config._attn_implementation == "eager"  # SDPA attention would drop the cap
+    fused = Fuse(expect="auto").run(exported.artifact, context(tmp_path / "fuse"))
+    assert fused.report["contract"] == "met" and fused.report["parity.max_abs_error"] < 1e-4
+    layers = gqa_attributes(fused.artifact.path)
+    assert [a.get("local_window_size") for a in layers] == [8, None]  # Gemma 2 alternates sliding and full layers
+    assert all(a["scale"] == pytest.approx(32**-0.5) and a["softcap"] == pytest.approx(1.0) for a in layers)
+
+    # each attribute matters: without it the fused graph's logits leave the unfused graph's
+    prompts = parity_prompts(model.tokenizer, TEXTS)
+    for attribute in ("softcap", "scale", "local_window_size"):
+        proto = onnx.load(str(fused.artifact.path))
+        for node in proto.graph.node:
+            if node.op_type == "GroupQueryAttention":
+                kept = [a for a in node.attribute if a.name != attribute]
+                del node.attribute[:]
+                node.attribute.extend(kept)
+        broken = tmp_path / f"without-{attribute}.onnx"
+        onnx.save(proto, str(broken))
+        worst = decoder_parity(onnx_stepper(exported.artifact.path, 1), onnx_stepper(broken, 1), prompts)
+        assert worst["parity.max_abs_error"] > 1e-2, attribute
+
+
+def test_a_softcapped_attention_that_gqa_rejects_is_expanded_with_its_cap(tmp_path, monkeypatch):
+    from onnxscript.rewriter import pattern
+
+    from slimline.compile.fusions import group_query_attention
+
+    _, rule, _ = group_query_attention._classes()
+    monkeypatch.setattr(rule, "check", lambda self, context, **_: pattern.MatchResult().fail("rejected in this test"))
+    model, exported = build("gemma2", tmp_path, attn_logit_softcapping=0.3, final_logit_softcapping=None)
+    fused = Fuse(allow_partial=True, expect="auto").run(exported.artifact, context(tmp_path / "fuse"))
+    graph = onnx.load(str(fused.artifact.path), load_external_data=False).graph
+    ops = Counter(n.op_type for n in graph.node)
+    assert ops["GroupQueryAttention"] == 0 and ops["Tanh"] == 2 and not any(n.domain.endswith("_fusion") for n in graph.node)
+    assert fused.report["parity.max_abs_error"] < 1e-4
+
+
+def test_gpt2_projections_become_matmuls_and_generation_runs(tmp_path):
+    from slimline.generate import OnnxDecoder, Sampling
+
+    _, exported = build("gpt2", tmp_path)
+    fused = Fuse(expect="auto").run(exported.artifact, context(tmp_path / "fuse"))
+    graph = onnx.load(str(fused.artifact.path), load_external_data=False).graph
+    assert not any(n.op_type == "Gemm" for n in graph.node)  # Conv1D's addmm: MatMul + Add, any rank
+    out = OnnxDecoder(fused.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=4))
+    assert out.shape == (1, 4)
