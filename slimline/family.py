@@ -119,7 +119,10 @@ class Family:
 # so their embedding sum becomes one more SkipLayerNormalization instead (docs/compile.md).
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
 # The encoder and decoder types whose fused graphs the tests check op by op (tests/test_family.py).
-KNOWN_ENCODERS = ("bert", "distilbert", "electra", *OFFSET_POSITIONS)
+# Encoders with relative-position (disentangled) attention: ONNX Runtime has no fused kernel for it, so
+# their attention stays MatMul/Softmax and the contract covers the norms and the GELU only.
+RELATIVE_ATTENTION = ("deberta-v2",)
+KNOWN_ENCODERS = ("bert", "distilbert", "electra", *OFFSET_POSITIONS, *RELATIVE_ATTENTION)
 RMS_DECODERS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
 KNOWN_DECODERS = (*RMS_DECODERS, "gpt2")
 QK_NORMS = ("qwen3", "gemma3_text")  # a norm on each head's query and key, before rotary
@@ -170,17 +173,59 @@ def expected_fusions(family: Family, config: Any) -> tuple[dict[str, int], str]:
     if model_type not in KNOWN_ENCODERS or not layers:
         return {}, f"no contract known for encoder type `{model_type}`"
     act = getattr(config, "hidden_act", None) or getattr(config, "activation", None)
-    contract = {"Attention": layers, "SkipLayerNormalization": 2 * layers}
+    relative = model_type in RELATIVE_ATTENTION
+    contract = {"SkipLayerNormalization": 2 * layers} if relative else {"Attention": layers, "SkipLayerNormalization": 2 * layers}
     if act == "gelu":  # the erf GELU: BiasGelu; tanh approximations fuse otherwise
         contract["BiasGelu"] = layers
-    if model_type not in OFFSET_POSITIONS:
+    if model_type in OFFSET_POSITIONS:  # the embedding sum fuses into one more skip LayerNorm instead
+        contract["SkipLayerNormalization"] += 1
+    elif not relative:
         contract["EmbedLayerNormalization"] = 1
-    how = f"{model_type}, {layers} layers: one Attention and two skip LayerNorms per layer"
-    return contract, how + (", one BiasGelu per layer" if "BiasGelu" in contract else "") + (
-        ", one EmbedLayerNormalization"
-        if "EmbedLayerNormalization" in contract
-        else " (offset positions: no EmbedLayerNormalization)"
+    how = f"{model_type}, {layers} layers: " + (
+        "two skip LayerNorms per layer (relative-position attention has no fused ONNX Runtime kernel and runs unfused)"
+        if relative
+        else "one Attention and two skip LayerNorms per layer"
     )
+    how += ", one BiasGelu per layer" if "BiasGelu" in contract else ""
+    if not relative:
+        how += (
+            ", one EmbedLayerNormalization"
+            if "EmbedLayerNormalization" in contract
+            else " (offset positions: the embedding sum is one more skip LayerNorm, no EmbedLayerNormalization)"
+        )
+    return contract, how
+
+
+# Layers by role, for a recipe's `exclude: ["role:ffn.out@0"]`: the module path of each MatMul (from
+# the node's name or the exporter's scope metadata) ends with one of these, across the families.
+MATMUL_ROLES: dict[str, str] = {
+    "attention.qkv": r"(attention\.self\.(query|key|value)|attention\.(q_lin|k_lin|v_lin)|self_attn\.(q|k|v|qkv)_proj|attn\.c_attn)",
+    "attention.out": r"(attention\.output\.dense|attention\.out_lin|self_attn\.o_proj|attn\.c_proj)",
+    "ffn.in": r"(intermediate\.dense|ffn\.lin1|mlp\.(gate_proj|up_proj|gate_up_proj)|mlp\.c_fc)",
+    "ffn.out": r"((?<!attention\.)output\.dense|ffn\.lin2|mlp\.down_proj|mlp\.c_proj)",
+}
+ROLE_SYNTAX = "role:NAME or role:NAME@LAYER (LAYER counts from 0; -1 is the last), NAME one of " + ", ".join(MATMUL_ROLES)
+
+
+def layers_by_role(paths: dict[str, str], selector: str) -> tuple[list[str], str | None]:
+    """The node names whose module path (``paths``: node name -> dotted path) plays the role ``selector``
+    names (``role:ffn.out@0``), and an error when the selector can't be read."""
+    import re
+
+    body = selector.removeprefix("role:")
+    role, _, layer = body.partition("@")
+    if role not in MATMUL_ROLES or (layer and not re.fullmatch(r"-?\d+", layer)):
+        return [], f"`{selector}` is not a layer role: write {ROLE_SYNTAX}"
+    suffix = re.compile(MATMUL_ROLES[role] + r"$")
+    index = re.compile(r"(?:layers?|h|blocks?)\.(\d+)\.")
+    found = [(name, index.search(path + ".")) for name, path in paths.items() if suffix.search(path)]
+    if layer:
+        numbers = sorted({int(m.group(1)) for _, m in found if m})
+        if not numbers:
+            return [], None
+        want = numbers[int(layer)] if -len(numbers) <= int(layer) < len(numbers) else None
+        found = [(n, m) for n, m in found if m and int(m.group(1)) == want]
+    return [name for name, _ in found], None
 
 
 def family_of(task: str) -> Family:

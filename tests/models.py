@@ -132,11 +132,20 @@ def tiny_decoder(kind: str, folder: Path, layers: int = 2, **overrides) -> Path:
 
 
 def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -> Path:
-    """A tiny random encoder of ``kind`` (distilbert, roberta, electra) with the tiny BERT's tokenizer."""
+    """A tiny random encoder of ``kind`` (distilbert, roberta, electra, deberta-v2) with the tiny BERT's tokenizer."""
     import shutil
 
     import torch
-    from transformers import DistilBertConfig, DistilBertModel, ElectraConfig, ElectraModel, RobertaConfig, RobertaModel
+    from transformers import (
+        DebertaV2Config,
+        DebertaV2Model,
+        DistilBertConfig,
+        DistilBertModel,
+        ElectraConfig,
+        ElectraModel,
+        RobertaConfig,
+        RobertaModel,
+    )
 
     vocab = len((tiny_bert_dir / "vocab.txt").read_text().split())
     like = {
@@ -150,6 +159,13 @@ def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -
         "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=layers, n_heads=4, hidden_dim=128), DistilBertModel),
         "roberta": (RobertaConfig(**like, max_position_embeddings=130, pad_token_id=0), RobertaModel),
         "electra": (ElectraConfig(**like, embedding_size=32), ElectraModel),
+        # DeBERTa-v3's layout: relative positions in buckets, no absolute position embedding
+        "deberta-v2": (
+            DebertaV2Config(
+                **like, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"], position_biased_input=False
+            ),
+            DebertaV2Model,
+        ),
     }[kind]
     shutil.copytree(tiny_bert_dir, folder)
     torch.manual_seed(0)

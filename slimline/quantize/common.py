@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from slimline.errors import StageError
 from slimline.family import family_of
@@ -39,7 +39,10 @@ class OnnxQuantizer(Stage):
     quantizers (``FileQuantizer`` below) share its whole sequence; ``weight_only`` and ``fp16`` write
     their own graphs and call the same helpers step by step."""
 
-    exclude: list[str] = Field(default_factory=list, description="node-name glob patterns kept in float")
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="kept in float: node-name globs, or layers by role, e.g. role:ffn.out@0 (layer 0's FFN output projection)",
+    )
     calibration_texts: int = Field(128, ge=8, le=100_000, description="calibration texts for the per-layer error (and ranges)")
     min_cosine: float = Field(0.9, ge=0, le=1, description="fail if calibration outputs fall below this cosine")
     fallback: Literal["none", "auto"] = Field(
@@ -50,6 +53,18 @@ class OnnxQuantizer(Stage):
     )
     measure_speed: bool = Field(False, description="fallback: auto also keeps layers whose quantized kernel is not faster")
     speed_rows: int = Field(4096, ge=1, le=1_000_000, description="rows (batch x tokens) of the kernel timing for measure_speed")
+
+    @field_validator("exclude")
+    @classmethod
+    def _roles_are_known(cls, value: list[str]) -> list[str]:
+        from slimline.family import layers_by_role
+
+        for entry in value:
+            if entry.startswith("role:"):
+                _, error = layers_by_role({}, entry)
+                if error:
+                    raise ValueError(error)
+        return value
 
 
 class FileQuantizer(OnnxQuantizer):
@@ -101,7 +116,7 @@ class FileQuantizer(OnnxQuantizer):
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
         prepared = self.prepare(model, artifact, ctx)
-        excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
+        excluded = excluded_nodes(model, self.exclude, ctx, self.kind)
         floats = excluded | self.always_float(model, prepared)
         out = ctx.stage_dir(self.workdir) / "model.onnx"
         self.quantize_file(artifact.path, out, prepared, floats)
@@ -152,12 +167,38 @@ def refuse_quantized(model: Any, stage: str, allow: frozenset[str] = frozenset()
         )
 
 
-def excluded_nodes(names: list[str], patterns: list[str], ctx: Context, stage: str) -> set[str]:
-    """Node names matched by the ``exclude`` globs; a pattern that matches nothing is a warning."""
+def module_path(node: Any) -> str:
+    """A MatMul's module path: from the legacy exporter's node name (``/encoder/layer.0/output/dense/MatMul``)
+    or the dynamo exporter's scope metadata (``model.layers.0.mlp.down_proj``); '' when neither is there."""
+    if "/" in node.name:
+        return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            names = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
+            modules = [s for s in names[:-1] if "." in s]  # the last scope is the op itself
+            return modules[-1] if modules else ""
+    return ""
+
+
+def excluded_nodes(model: Any, patterns: list[str], ctx: Context, stage: str) -> set[str]:
+    """Node names matched by the ``exclude`` entries: globs on node names, or layer roles
+    (``role:ffn.out@0``, resolved through the family adapter). One that matches nothing is a warning."""
+    from slimline.family import layers_by_role
+
+    names = [n.name for n in model.graph.node if n.name]
+    paths = {n.name: module_path(n) for n in model.graph.node if n.name and n.op_type in ("MatMul", "Gemm", "FusedMatMul")}
+    chosen: set[str] = set()
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        if pattern.startswith("role:"):
+            matched, error = layers_by_role(paths, pattern)
+            if error:
+                raise StageError(f"{stage}: exclude {error}.")
+        else:
+            matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
             ctx.warn(f"{stage}: exclude pattern `{pattern}` matches no node; nothing was kept in float for it.")
-    return {n for p in patterns for n in names if fnmatch.fnmatchcase(n, p)}
+        chosen.update(matched)
+    return chosen
 
 
 def weight_of(model: Any, node: Any) -> np.ndarray | None:

@@ -288,7 +288,7 @@ class WeightOnly(OnnxQuantizer):
 
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
-        excluded = excluded_nodes([n.name for n in model.graph.node if n.name], self.exclude, ctx, self.kind)
+        excluded = excluded_nodes(model, self.exclude, ctx, self.kind)
         layers, small = {}, []
         for node in model.graph.node:
             if node.op_type in ("MatMul", "FusedMatMul") and node.name not in excluded:
