@@ -118,7 +118,7 @@ MODEL_OPTION = click.option(
 TASK_OPTION = click.option(
     "--task",
     "task",
-    type=click.Choice(["feature-extraction", "text-classification", "text-generation"]),
+    type=click.Choice(["feature-extraction", "text-classification", "token-classification", "text-generation"]),
     help="the model's task, when it differs from the recipe's",
 )
 

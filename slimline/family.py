@@ -2,7 +2,7 @@
 
 Stages, evaluators and checks ask the model's family instead of testing the task string:
 
-| question | encoder (feature-extraction, text-classification) | decoder (text-generation) |
+| question | encoder (feature-extraction, text-classification, token-classification) | decoder (text-generation) |
 |---|---|---|
 | transformers class | AutoModel / AutoModelForSequenceClassification | AutoModelForCausalLM |
 | what fidelity compares | pooled sentence embeddings, or class logits | every real token's next-token logits |
@@ -41,8 +41,9 @@ class Family:
 
     @property
     def vectors(self) -> str:
-        """What fidelity compares: ``embeddings`` or ``logits``."""
-        return "embeddings" if self.task == "feature-extraction" else "logits"
+        """What fidelity compares: ``embeddings``, ``logits`` (one row per text) or ``token-logits``
+        (one row per real token: token classification)."""
+        return {"feature-extraction": "embeddings", "token-classification": "token-logits"}.get(self.task, "logits")
 
     @property
     def default_loss(self) -> str:
@@ -57,12 +58,17 @@ class Family:
             return transformers.AutoModelForCausalLM
         if self.task == "feature-extraction":
             return transformers.AutoModel
+        if self.task == "token-classification":
+            return transformers.AutoModelForTokenClassification
         return transformers.AutoModelForSequenceClassification
 
     def task_vectors(self, output: np.ndarray, mask: np.ndarray, pooling: str = "mean") -> np.ndarray:
-        """What fidelity is measured on: pooled embeddings (feature-extraction) or logits (the others)."""
+        """What fidelity is measured on: pooled embeddings (feature-extraction), each real token's logits
+        (token-classification: ``[tokens, labels]``, padding dropped) or the logits (the others)."""
         if self.task == "feature-extraction":
             return metrics.pool(output, mask, pooling)
+        if self.vectors == "token-logits":
+            return output[mask.astype(bool)].astype(np.float32)
         return output.astype(np.float32)
 
     def evaluation_lengths(self, evaluate: Any, timed: bool) -> list[tuple[str, int]]:

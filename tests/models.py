@@ -17,7 +17,7 @@ def tiny_bert(
     folder: Path, task: str = "feature-extraction", layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0
 ) -> Path:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *"abcdefghijklmnopqrstuvwxyz"]
@@ -35,7 +35,8 @@ def tiny_bert(
         num_labels=3,
     )
     torch.manual_seed(seed)
-    model = BertModel(config) if task == "feature-extraction" else BertForSequenceClassification(config)
+    heads = {"text-classification": BertForSequenceClassification, "token-classification": BertForTokenClassification}
+    model = heads[task](config) if task in heads else BertModel(config)
     model.save_pretrained(folder)
     return folder
 

@@ -51,3 +51,14 @@ def test_int8_symmetric_agrees_across_array_types_and_keeps_its_range(per_channe
     scale = (np.abs(w).max(1, keepdims=True) if per_channel else np.abs(w).max()) / qmax
     levels = np.round(a / scale)
     assert np.abs(levels).max() <= qmax and np.allclose(levels * scale, a, atol=1e-6)
+
+
+def test_token_logits_are_compared_on_real_tokens_only():
+    from slimline.measure import metrics
+
+    ref = np.array([[[1.0, 0.0], [0.0, 1.0], [np.nan, np.nan]], [[1.0, 0.0], [np.nan, np.nan], [np.nan, np.nan]]])
+    new = ref.copy()
+    new[0, 1] = [1.0, 0.2]  # one of three real tokens changes its label
+    new[1, 2] = [5.0, -5.0]  # padding: ignored, whatever it holds
+    got = metrics.fidelity(ref, new, "token-logits")
+    assert got["label_agreement"] == pytest.approx(2 / 3) and np.isfinite(got["mean_cosine"])

@@ -156,6 +156,23 @@ def test_text_classification_model(tiny_classifier_dir, tmp_path):
     assert acc["label_agreement"] > 0.9 and "max_abs_error" in acc
 
 
+def test_token_classification_model_is_compared_token_by_token(tmp_path):
+    import onnx
+
+    from tests.models import tiny_bert
+
+    folder = tiny_bert(tmp_path / "tiny-ner", task="token-classification")
+    data = tiny_recipe(folder, speed={"enabled": False}, budgets={"max_accuracy_drop": {"label_agreement": 0.1}})
+    data["model"]["task"] = "token-classification"
+    data["stages"] = [{"compile.export": {}}, {"compile.fuse": {"expect": "auto"}}, {"quantize.dynamic_int8": {}}]
+    report = run_recipe(R.from_dict(data), tmp_path / "run")
+    graph = onnx.load(str(tmp_path / "run" / "model.onnx"), load_external_data=False).graph
+    assert [o.name for o in graph.output] == ["logits"] and len(graph.output[0].type.tensor_type.shape.dim) == 3
+    acc = report["results"][-1]["accuracy"]
+    assert acc["label_agreement"] > 0.9 and 0.9 < acc["mean_cosine"] <= 1.0
+    assert report["verdict"] == "passed"
+
+
 def test_torch_only_recipe_saves_hf_folder(tiny_bert_dir, tmp_path):
     data = tiny_recipe(tiny_bert_dir, targets=["torch-cpu"], speed={"enabled": False})
     data["stages"] = []

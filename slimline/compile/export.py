@@ -21,7 +21,11 @@ from slimline.measure.parity import compare, decoder_parity
 from slimline.runtime import ort_function, quiet
 from slimline.stage import Context, Stage, StageResult
 
-OPTIMUM_TASK = {"feature-extraction": "feature-extraction", "text-classification": "text-classification"}
+OPTIMUM_TASK = {
+    "feature-extraction": "feature-extraction",
+    "text-classification": "text-classification",
+    "token-classification": "token-classification",
+}
 
 
 class Export(Stage):
@@ -121,7 +125,7 @@ class Export(Stage):
                     dynamo=True,
                     opset_version=self.opset,
                     input_names=names,
-                    output_names=["logits" if artifact.info.task == "text-classification" else "last_hidden_state"],
+                    output_names=["last_hidden_state" if artifact.info.task == "feature-extraction" else "logits"],
                     dynamic_shapes={n: {0: batch, 1: seq} for n in names},
                 )
                 program.save(str(path))

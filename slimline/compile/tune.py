@@ -77,9 +77,9 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
     rng = np.random.default_rng(0)
     worst = 0.0
     for node in (n for n in model.graph.node if n.op_type == op_type and n.domain == "com.microsoft"):
-        weights = [inits[i] for i in node.input[2:] if i]
-        if len(weights) != len([i for i in node.input[2:] if i]):
-            continue  # a weight computed in the graph: covered by the whole-graph check only
+        weights = [inits.get(i) for i in node.input[2:] if i]
+        if not weights or any(w is None for w in weights):
+            continue  # a weight computed in the graph (a Constant node): covered by the whole-graph check only
         width = int(numpy_helper.to_array(weights[0]).shape[-1])
         dtype = weights[0].data_type  # fp32, or fp16 after quantize.fp16
         single = helper.make_node(op_type, list(node.input), ["y"], domain="com.microsoft", name="n")

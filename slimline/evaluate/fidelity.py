@@ -24,9 +24,17 @@ def encode(
         idx = order[start : start + batch]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="np")
         feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in runner.input_names}
-        vecs = family.task_vectors(runner.run(feeds), feeds["attention_mask"], pooling)
-        for j, i in enumerate(idx):
-            out[i] = vecs[j]
+        output, mask = runner.run(feeds), feeds["attention_mask"]
+        if family.vectors == "token-logits":  # each text's real tokens, padded with NaN rows below
+            for j, i in enumerate(idx):
+                out[i] = family.task_vectors(output[j : j + 1], mask[j : j + 1], pooling)
+        else:
+            vecs = family.task_vectors(output, mask, pooling)
+            for j, i in enumerate(idx):
+                out[i] = vecs[j]
         if step is not None:
             step.advance(len(idx))
+    if family.vectors == "token-logits":  # [texts, longest, labels]; rows past a text's tokens are NaN
+        longest = max(len(v) for v in out)
+        return np.stack([np.pad(v, ((0, longest - len(v)), (0, 0)), constant_values=np.nan) for v in out])
     return np.stack(out)

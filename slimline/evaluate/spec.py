@@ -16,7 +16,7 @@ from slimline.yamlconf import short
 
 MAX_TOKENS = 1 << 17  # longest sequence any length field may ask for (the model's own limit is checked at run time)
 MAX_BATCH = 4096
-Task = Literal["feature-extraction", "text-classification", "text-generation"]
+Task = Literal["feature-extraction", "text-classification", "token-classification", "text-generation"]
 TargetName = Literal["ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda"]
 
 

@@ -111,7 +111,11 @@ def classification(pred: np.ndarray, gold: np.ndarray) -> dict[str, float]:
 
 def fidelity(ref: np.ndarray, new: np.ndarray, vectors: str) -> dict[str, float]:
     """Figures of ``new`` against the reference ``ref`` (both (N, C)). ``vectors`` is what they are:
-    ``embeddings`` (adds top-10 neighbour overlap) or ``logits`` (adds label agreement)."""
+    ``embeddings`` (adds top-10 neighbour overlap), ``logits`` (adds label agreement) or ``token-logits``
+    (``[texts, tokens, labels]`` with NaN rows past each text's tokens: compared token by token)."""
+    if vectors == "token-logits":
+        real = ~np.isnan(ref[..., 0])
+        ref, new = ref[real], new[real]
     cos = cosine(ref, new)
     metrics = {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
     if vectors == "embeddings":

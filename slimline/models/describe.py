@@ -26,6 +26,7 @@ from slimline.family import KNOWN_DECODERS, KNOWN_ENCODERS, expected_fusions, fa
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json", "sentencepiece.bpe.model")
 HEADS = {  # the head each task needs, by the suffix of transformers' architecture names
     "text-classification": "ForSequenceClassification",
+    "token-classification": "ForTokenClassification",
     "text-generation": ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"),
 }
 
@@ -34,6 +35,8 @@ def _guess_task(architectures: list[str]) -> str:
     for arch in architectures:
         if arch.endswith("ForSequenceClassification"):
             return "text-classification"
+        if arch.endswith("ForTokenClassification"):
+            return "token-classification"
         if arch.endswith(("ForCausalLM", "LMHeadModel")):
             return "text-generation"
     return "feature-extraction"
