@@ -88,7 +88,7 @@ def tiny_llama(folder: Path, layers: int = 2, hidden: int = 64, heads: int = 4, 
 
 
 def tiny_decoder(kind: str, folder: Path, layers: int = 2, **overrides) -> Path:
-    """A tiny random decoder of ``kind`` (qwen3, phi3, gemma2, gemma3_text, gpt2) with the tiny tokenizer.
+    """A tiny random decoder of ``kind`` (qwen2, mistral, qwen3, phi3, gemma2, gemma3_text, gpt2) with the tiny tokenizer.
     Gemma's window (8) is shorter than the parity prompts, so a fused graph that ignores it fails."""
     import torch
     import transformers
@@ -110,6 +110,9 @@ def tiny_decoder(kind: str, folder: Path, layers: int = 2, **overrides) -> Path:
     }
     gemma = {"head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 32, "pad_token_id": 0, "tie_word_embeddings": True}
     config, cls = {
+        "qwen2": (lambda: transformers.Qwen2Config(**common, tie_word_embeddings=True), transformers.Qwen2ForCausalLM),
+        # Mistral 7B v0.1's sliding window, shrunk below the parity prompts' length
+        "mistral": (lambda: transformers.MistralConfig(**common, sliding_window=8), transformers.MistralForCausalLM),
         "qwen3": (
             lambda: transformers.Qwen3Config(**common, head_dim=16, tie_word_embeddings=True),
             transformers.Qwen3ForCausalLM,

@@ -20,7 +20,7 @@ from slimline.models import load_model
 from tests.models import tiny_decoder
 from tests.test_compile import TEXTS, context
 
-KINDS = ("qwen3", "phi3", "gemma2", "gemma3_text", "gpt2")
+KINDS = ("qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt2")
 
 
 def build(kind, tmp_path, **overrides):
@@ -48,6 +48,8 @@ def test_each_decoder_family_exports_fuses_to_its_computed_contract_and_keeps_pa
     for op, count in contract.items():
         assert fused[f"fused.{op}"] == count, (op, fused)
     assert fused["parity.max_abs_error"] < 1e-4
+    if kind == "mistral":  # every layer slides: each GroupQueryAttention carries the window
+        assert [a.get("local_window_size") for a in gqa_attributes(next((tmp_path / "fuse").rglob("model.onnx")))] == [8, 8]
 
 
 def test_gemma_scale_window_and_softcap_reach_group_query_attention(tmp_path):
