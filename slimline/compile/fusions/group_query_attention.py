@@ -134,17 +134,18 @@ def _classes():
     class ExpandSoftcappedSDPA(pattern.RewriteRuleClassBase):
         """An SDPA with a softcap that GQA did not take, back into standard ops (no kernel has its cap)."""
 
-        def pattern(self, op, query, key, value, mask):
-            return op.SDPA(query, key, value, mask, _domain=FUSION_DOMAIN, _outputs=["out"])
+        def pattern(self, op, query, key, value):
+            return op.SDPA(query, key, value, _allow_other_inputs=True, _domain=FUSION_DOMAIN, _outputs=["out"])
 
         def check(self, context, out=None, **_):
             node = out.producer()
             if node.attributes.get("softcap") is None:
                 return pattern.MatchResult().fail("no softcap: onnxscript's own SDPA handling applies", node)
             self._node_attrs = node.attributes
+            self._mask = node.inputs[3] if len(node.inputs) > 3 else None
             return True
 
-        def rewrite(self, op, query, key, value, mask, **_):
+        def rewrite(self, op, query, key, value, **_):
             attrs = self._node_attrs
             perm = [0, 1, 3, 2] if attrs["key_format"].value == "BHSd" else [0, 2, 3, 1]
             head = query.shape[-1] if query.shape is not None else None
@@ -153,7 +154,9 @@ def _classes():
                 scale = 1.0 / math.sqrt(head)
             cap = op.Constant(value_float=float(attrs["softcap"].value))
             score = op.Mul(op.MatMul(query, op.Transpose(key, perm=perm)), op.Constant(value_float=float(scale)))
-            score = op.Add(op.Mul(op.Tanh(op.Div(score, cap)), cap), mask)
+            score = op.Mul(op.Tanh(op.Div(score, cap)), cap)
+            if self._mask is not None:
+                score = op.Add(score, self._mask)
             return op.MatMul(op.Softmax(score, axis=-1), value)
 
     return SoftcappedSDPA, GQA, ExpandSoftcappedSDPA
