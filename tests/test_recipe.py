@@ -40,6 +40,20 @@ def test_builtin_recipes_are_valid():
         R.load(path)
 
 
+def test_no_shipped_recipe_names_an_exporter_node_and_generic_ones_compute_their_contract():
+    import re
+
+    exporter_node = re.compile(r"(^/|node_|onnx::|/MatMul$)")  # optimum's "/encoder/layer.0/...", dynamo's "node_MatMul_12"
+    for name, path in builtin_recipes().items():
+        recipe = R.load(path)
+        for stage in recipe.stages:
+            for entry in getattr(stage, "exclude", []) or []:
+                assert not exporter_node.search(entry), (name, entry)
+        if name.startswith(("encoder-", "decoder-")):
+            fuse = [s for s in recipe.stages if s.kind == "compile.fuse"]
+            assert all(s.expect == "auto" for s in fuse), name
+
+
 def test_yaml_and_python_recipes_are_equal_and_round_trip(tmp_path):
     from_yaml = R.load(write(tmp_path, BASE))
     in_python = R.Recipe(
