@@ -48,6 +48,22 @@ def _raw(tensor: Any) -> bytes:
     return tensor.raw_data
 
 
+# a stage's graph above this size is written with its weights in external data (protobuf's limit is 2 GB)
+INLINE_LIMIT = 1_500_000_000
+
+
+def save_stage(model: Any, path: Path) -> Any:
+    """Write a stage's graph: inline when it is small, else with its weights in ``model.onnx.data``
+    beside it. Returns the model to go on with (reloaded when the write moved its weights out)."""
+    import onnx
+
+    if model.ByteSize() <= INLINE_LIMIT:
+        onnx.save_model(model, str(path))
+        return model
+    save(model, Path(path), external=True, location=f"{Path(path).name}.data")
+    return onnx.load(str(path))
+
+
 def save(model: Any, path: Path, external: bool, location: str = "model.onnx.data") -> dict[str, int]:
     """Write ``model`` to ``path``; with ``external``, its weights to ``location`` beside it.
 

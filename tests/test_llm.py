@@ -862,3 +862,23 @@ def test_fp16_refuses_a_tensor_past_fp16s_range_naming_it(fused, tmp_path):
     ):
         Fp16(keep_float=[], min_cosine=0.99).run(massive, context(tmp_path / "h"))
     assert not (tmp_path / "h" / "quantize_fp16" / "model.onnx").exists()
+
+
+def test_a_model_over_the_inline_limit_goes_through_export_fuse_and_int4_in_external_data(llama, tmp_path, monkeypatch):
+    """A decoder whose export and stage graphs exceed the inline limit (a 0.5B+ model; forced here on the
+    tiny one) keeps its weights in external data at every stage, and the fused graph's references
+    don't dangle (issue 23's "should be stored in model.onnx.data, but it is not regular file")."""
+    from slimline import onnxfile
+    from slimline.compile import export_llm
+
+    monkeypatch.setattr(export_llm, "_large", lambda model: True)
+    monkeypatch.setattr(onnxfile, "INLINE_LIMIT", 0)
+    exported = Export().run(llama, context(tmp_path / "export"))
+    assert (exported.artifact.path.parent / "model.onnx.data").is_file()
+    fused = Fuse(expect="auto").run(exported.artifact, context(tmp_path / "fuse"))
+    assert (fused.artifact.path.parent / "model.onnx.data").is_file()
+    assert fused.report["contract"] == "met" and fused.report["parity.max_abs_error"] < 1e-4
+    quantized = WeightOnly(bits=4, block_size=16, min_cosine=0.5).run(fused.artifact, context(tmp_path / "int4"))
+    assert (quantized.artifact.path.parent / "model.onnx.data").is_file()
+    out = OnnxDecoder(quantized.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=3))
+    assert out.shape == (1, 3)

@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from slimline import onnxfile
 from slimline.artifact import OnnxModel
 from slimline.compile.fusions.registry import fused_ops, ort_switches, skip_names
 from slimline.errors import StageError
@@ -184,6 +185,9 @@ class Fuse(Stage):
 
         try:
             model = ir.load(str(artifact.path))
+            # weights in external data (exports over 1.8 GB) come into memory: the graph passes read
+            # them, and the fused file is written in another folder, where the old references would dangle
+            model = ir.external_data.load_to_model(model)
         except Exception as err:  # protobuf/ir errors for corrupt files
             raise StageError(f"compile.fuse: can't read {artifact.path} ({type(err).__name__}): is the file complete?") from None
         try:
@@ -192,8 +196,7 @@ class Fuse(Stage):
         except UnsupportedGraph as err:
             raise StageError(f"compile.fuse: {err}") from None
         out = ctx.stage_dir("fuse") / "model.onnx"
-        large = sum(t.ByteSize() for t in after.graph.initializer) > 1_500_000_000
-        onnx.save_model(after, str(out), save_as_external_data=large, location="model.onnx.data" if large else None)
+        after = onnxfile.save_stage(after, out)
         try:
             try:
                 onnx.checker.check_model(str(out))

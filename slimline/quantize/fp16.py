@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from slimline import onnxfile
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.quantize.common import fidelity_guard, refuse_quantized
@@ -112,7 +113,7 @@ class Fp16(Stage):
         there = {i.name for i in ort_model.model.graph.input}
         ort_model.model.graph.input.extend(i for i in inputs if i.name not in there)
         out = ctx.stage_dir("quantize_fp16") / "model.onnx"
-        onnx.save_model(ort_model.model, str(out))
+        ort_model.model = onnxfile.save_stage(ort_model.model, out)
         counts = Counter(n.op_type for n in ort_model.model.graph.node)
         fp16 = sum(1 for t in ort_model.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16)
         kept = sorted(op for op in self.keep_float if counts.get(op))

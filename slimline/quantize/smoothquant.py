@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from slimline import onnxfile
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.measure.inputs import calibration_feeds, check_texts
@@ -109,7 +110,7 @@ class SmoothQuant(Stage):
         model.graph.initializer.extend(keep)
         sort_topologically(model)
         out = ctx.stage_dir("quantize_smoothquant") / "model.onnx"
-        onnx.save_model(model, str(out))
+        model = onnxfile.save_stage(model, out)
         loads_in_ort(out, self.kind)
         report["act_max.largest_before"] = round(max(before), 3)
         report["act_max.largest_after"] = round(max(after), 3)

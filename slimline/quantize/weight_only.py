@@ -380,7 +380,7 @@ class WeightOnly(OnnxQuantizer):
                 report[f"split.{name}"] = f"{parts} parts (load-time peak memory)"
         replace_matmuls(quantized, {}, self.accuracy_level)  # drops the tables no node reads now
         out = ctx.stage_dir("quantize_weight_only") / "model.onnx"
-        onnx.save_model(quantized, str(out))
+        quantized = onnxfile.save_stage(quantized, out)
         loads_in_ort(out, self.kind)
 
         counts = Counter(n.op_type for n in quantized.graph.node)
