@@ -123,7 +123,7 @@ class Family:
 
 # Encoders whose position ids start at padding_idx + 1: EmbedLayerNormalization can't express the offset,
 # so their embedding sum becomes one more SkipLayerNormalization instead (docs/compile.md).
-OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet")
 # The encoder and decoder types whose fused graphs the tests check op by op (tests/test_family.py).
 # Encoders with relative-position (disentangled) attention: ONNX Runtime has no fused kernel for it, so
 # their attention stays MatMul/Softmax and the contract covers the norms and the GELU only.

@@ -136,7 +136,7 @@ def tiny_decoder(kind: str, folder: Path, layers: int = 2, **overrides) -> Path:
 
 
 def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -> Path:
-    """A tiny random encoder of ``kind`` (distilbert, roberta, electra, deberta-v2) with the tiny BERT's tokenizer."""
+    """A tiny random encoder of ``kind`` (distilbert, roberta, electra, mpnet, deberta-v2) with the tiny BERT's tokenizer."""
     import shutil
 
     import torch
@@ -147,6 +147,8 @@ def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -
         DistilBertModel,
         ElectraConfig,
         ElectraModel,
+        MPNetConfig,
+        MPNetModel,
         RobertaConfig,
         RobertaModel,
     )
@@ -163,6 +165,8 @@ def bert_family(kind: str, tiny_bert_dir: Path, folder: Path, layers: int = 2) -
         "distilbert": (DistilBertConfig(vocab_size=vocab, dim=32, n_layers=layers, n_heads=4, hidden_dim=128), DistilBertModel),
         "roberta": (RobertaConfig(**like, max_position_embeddings=130, pad_token_id=0), RobertaModel),
         "electra": (ElectraConfig(**like, embedding_size=32), ElectraModel),
+        # all-mpnet-base-v2's family: a relative-position bias shared by every layer's attention
+        "mpnet": (MPNetConfig(**like, max_position_embeddings=130, pad_token_id=0), MPNetModel),
         # DeBERTa-v3's layout: relative positions in buckets, no absolute position embedding
         "deberta-v2": (
             DebertaV2Config(

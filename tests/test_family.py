@@ -17,7 +17,7 @@ from tests.models import bert_family
 from tests.test_compile import context
 
 
-@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "electra", "deberta-v2"])
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "roberta", "electra", "mpnet", "deberta-v2"])
 def test_expect_auto_is_met_on_every_encoder_family(kind, tiny_bert_dir, tmp_path):
     folder = tiny_bert_dir if kind == "bert" else bert_family(kind, tiny_bert_dir, tmp_path / kind, layers=3)
     model = load_model(str(folder))
@@ -25,9 +25,9 @@ def test_expect_auto_is_met_on_every_encoder_family(kind, tiny_bert_dir, tmp_pat
     contract, how = expected_fusions(family_of("feature-extraction"), model.config)
     layers = 2 if kind == "bert" else 3
     relative = kind == "deberta-v2"  # disentangled attention: no fused kernel, the contract says so
-    skips = 2 * layers + (kind == "roberta")  # RoBERTa's embedding sum: one more skip LayerNorm
+    skips = 2 * layers + (kind in ("roberta", "mpnet"))  # offset positions: the embedding sum is one more skip LayerNorm
     assert contract.get("Attention") == (None if relative else layers) and contract["SkipLayerNormalization"] == skips, how
-    assert ("EmbedLayerNormalization" in contract) == (kind not in ("roberta", "deberta-v2"))
+    assert ("EmbedLayerNormalization" in contract) == (kind not in ("roberta", "mpnet", "deberta-v2"))
     r = Fuse(expect="auto").run(Export().run(model, ctx).artifact, ctx).report
     assert r["contract"] == "met" and r["parity.max_abs_error"] < 1e-4, r
     for op, count in contract.items():
@@ -48,10 +48,10 @@ def test_expect_auto_on_a_llama_decoder(tmp_path):
 
 
 def test_expect_auto_without_a_known_contract_warns_and_checks_nothing():
-    from transformers import MPNetConfig
+    from transformers import FunnelConfig
 
-    contract, how = expected_fusions(family_of("feature-extraction"), MPNetConfig(num_hidden_layers=2))
-    assert contract == {} and "mpnet" in how
+    contract, how = expected_fusions(family_of("feature-extraction"), FunnelConfig())
+    assert contract == {} and "funnel" in how
 
 
 def test_expect_auto_leaves_skipped_ops_out(tiny_bert_dir, tmp_path):
@@ -205,3 +205,39 @@ def test_an_unknown_role_is_refused_when_the_recipe_loads():
 
     with pytest.raises(ValidationError, match="ffn.out"):
         DynamicInt8(exclude=["role:ffn.outt@0"])
+
+
+def test_mpnet_position_bias_reaches_attention_and_int8_keeps_it(tiny_bert_dir, tmp_path):
+    """MPNet adds a relative-position bias to every layer's scores: the fused Attention takes it as
+    attention_bias, and dynamic int8 keeps those Attention nodes in float, since ONNX Runtime's
+    quantizer turns Attention into QAttention, which has no such input and would drop it silently."""
+    import onnx
+    import torch
+
+    from slimline.measure.parity import compare
+    from slimline.quantize.dynamic import DynamicInt8
+    from slimline.runtime import ort_function
+
+    folder = bert_family("mpnet", tiny_bert_dir, tmp_path / "mpnet")
+    model = load_model(str(folder))
+    with torch.no_grad():  # a bias large enough to move the softmax, so dropping it shows
+        model.model.encoder.relative_attention_bias.weight.mul_(100)
+    ctx = context(tmp_path)
+    exported = Export().run(model, ctx)
+    fused = Fuse(expect="auto").run(exported.artifact, ctx)
+    assert fused.report["contract"] == "met" and fused.report["parity.max_abs_error"] < 1e-4
+    proto = onnx.load(str(fused.artifact.path))
+    attention = [n for n in proto.graph.node if n.op_type == "Attention"]
+    assert len(attention) == 2 and all(len(n.input) == 6 and n.input[5] for n in attention)
+
+    for node in attention:  # without the bias the outputs move: the parity check has teeth here
+        del node.input[3:]
+    onnx.save(proto, str(tmp_path / "no-bias.onnx"))
+    feeds = {"tight": {k: v for k, v in model.tokenizer(["the king is dead long live the king"], return_tensors="np").items()}}
+    run_fused, names = ort_function(fused.artifact.path, 1)
+    run_broken, _ = ort_function(tmp_path / "no-bias.onnx", 1)
+    feeds = {case: {k: v.astype("int64") for k, v in f.items() if k in names} for case, f in feeds.items()}
+    assert compare(run_fused, run_broken, feeds).max_abs_error > 1e-2
+
+    report = DynamicInt8().run(fused.artifact, ctx).report
+    assert report["float.Attention"] == 2 and "quantized.QAttention" not in report

@@ -88,7 +88,7 @@ class FileQuantizer(OnnxQuantizer):
 
     def always_float(self, model: Any, prepared: Any) -> set[str]:
         """Nodes this quantizer keeps in float whatever the options say (reported by ``describe``)."""
-        return set()
+        return biased_attention(model)
 
     def layer_errors(
         self, model: Any, quantized: Any, artifact: Any, prepared: Any, ctx: Context
@@ -165,6 +165,13 @@ def refuse_quantized(model: Any, stage: str, allow: frozenset[str] = frozenset()
             f"{stage}: the model is already quantized (it has {', '.join(already)} nodes). "
             "Quantize the float model once: remove the earlier quantize stage or start from a float export."
         )
+
+
+def biased_attention(model: Any) -> set[str]:
+    """Attention nodes with an ``attention_bias`` input (MPNet's relative-position bias). ONNX Runtime's
+    quantizer turns Attention into QAttention, which has no such input, and drops the bias without a
+    word; these stay in float."""
+    return {n.name for n in model.graph.node if n.op_type == "Attention" and len(n.input) > 5 and n.input[5]}
 
 
 def module_path(node: Any) -> str:

@@ -145,7 +145,8 @@ class StaticInt8(FileQuantizer):
     def always_float(self, model: Any, prepared: Any) -> set[str]:
         # ONNX Runtime's MatMulConstBOnly is ignored in QDQ mode: keep the attention-score MatMuls
         # (activation x activation, next to the softmax and the mask) in float by name.
-        return {n.name for n in model.graph.node if n.op_type in self.op_types and weight_of(model, n) is None}
+        scores = {n.name for n in model.graph.node if n.op_type in self.op_types and weight_of(model, n) is None}
+        return scores | super().always_float(model, prepared)
 
     def timing_quantizer(self) -> Any:
         return lambda src, dst: self.quantize_file(src, dst, self._timing_feeds(src), set())

@@ -16,7 +16,8 @@ Two sources of rules:
 - slimline's own ``bert_self_attention`` for the legacy (TorchScript) exporter that optimum-onnx
   uses: onnxscript's attention rules expect the dynamo exporter's graph and miss this one. The
   three scale placements transformers has used (sqrt of the scale on both Q and K; scores divided
-  by sqrt(d); scores multiplied by 1/sqrt(d)) and attention without a mask all match.
+  by sqrt(d); scores multiplied by 1/sqrt(d)) and attention without a mask all match, and so does a
+  relative-position bias added before the mask (MPNet), passed on as Attention's ``attention_bias``.
 - onnxscript's SDPA -> MultiHeadAttention -> Attention chain for the dynamo exporter's graph,
   followed by slimline's ``attention_mask_index`` rule. onnxscript passes the additive float mask
   as ``attention_bias``; ONNX Runtime's int8 quantizer (QAttention) has no such input, so we
@@ -88,14 +89,15 @@ def rules() -> list:
     from onnxscript.rewriter import _ir_utils, pattern
 
     class BertSelfAttention(pattern.RewriteRuleClassBase):
-        def __init__(self, name, *, scale_mode: str, has_mask: bool):
+        def __init__(self, name, *, scale_mode: str, has_mask: bool, has_position_bias: bool = False):
             # remove_nodes=False: eager-attention exports (ELECTRA, BERT with attn_implementation="eager")
             # read the context's shape with Shape() for the output Reshape, a second use that would block
             # the rewrite. The replaced block is left dead and removed right after (see apply()).
             super().__init__(name, remove_nodes=False)
             self.scale_mode, self.has_mask = scale_mode, has_mask  # scale_mode: "qk", "div", "mul"
+            self.has_position_bias = has_position_bias  # MPNet: a relative-position bias added before the mask
 
-        def pattern(self, op, x, wq, bq, wk, bk, wv, bv, sq, sk, sv, so, scale, bias):
+        def pattern(self, op, x, wq, bq, wk, bk, wv, bv, sq, sk, sv, so, scale, bias, position_bias):
             def head(w, b, shape, perm):
                 return op.Transpose(op.Reshape(op.Add(op.MatMul(x, w), b), shape, _allow_other_attributes=True), perm=perm)
 
@@ -107,6 +109,8 @@ def rules() -> list:
             else:
                 raw = op.MatMul(q, k)
                 scores = op.Div(raw, scale) if self.scale_mode == "div" else op.Mul(raw, scale)
+            if self.has_position_bias:
+                scores = op.Add(scores, position_bias)
             if self.has_mask:
                 scores = op.Add(scores, bias)
             probs = op.Softmax(scores, _allow_other_attributes=True, _outputs=["probs"])
@@ -120,7 +124,7 @@ def rules() -> list:
             s = float(value.reshape(-1)[0])
             return s * s if self.scale_mode == "qk" else 1.0 / s if self.scale_mode == "div" else s
 
-        def check(self, context, x, wq, bq, wk, bk, wv, bv, scale, probs, ctx_out, bias=None, **_):
+        def check(self, context, x, wq, bq, wk, bk, wv, bv, scale, probs, ctx_out, bias=None, position_bias=None, **_):
             result = pattern.MatchResult()
             if x.shape is None or x.shape.rank() != 3:
                 return result.fail("the attention input is not (batch, sequence, hidden)", x)
@@ -142,10 +146,16 @@ def rules() -> list:
                 source = mask_source(bias)
                 if isinstance(source, str):
                     return result.fail(source, bias)
+            if position_bias is not None:
+                shape = position_bias.shape
+                if shape is None or shape.rank() != 4 or shape[1] != heads:
+                    return result.fail(f"the position bias is not (batch or 1, {heads} heads, sequence, sequence)", position_bias)
+                if not isinstance(mask_source(position_bias), str):
+                    return result.fail("the second additive term is a padding mask, not a position bias", position_bias)
             self._heads = heads
             return result
 
-        def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, scale, out, bias=None, **_):
+        def rewrite(self, op, x, wq, bq, wk, bk, wv, bv, scale, out, bias=None, position_bias=None, **_):
             import onnx_ir as ir
 
             # unique names: an optimizer may have merged equal biases (zeros) into one shared value
@@ -159,6 +169,8 @@ def rules() -> list:
             inputs = [x, w_value, b_value]
             if bias is not None:
                 inputs.append(op.Cast(mask_source(bias), to=6))
+            if position_bias is not None:  # Attention's attention_bias (input 5), after mask_index and past
+                inputs += [None] * (4 - len(inputs)) + [None, position_bias]
             fused = op.Attention(*inputs, num_heads=self._heads, scale=self._scale(scale), _domain="com.microsoft")
             # contrib ops get no inferred shape, and later rules need one: (batch, sequence) of the input
             fused.shape, fused.type = ir.Shape([x.shape[0], x.shape[1], wv.shape[1]]), out.type
@@ -198,8 +210,12 @@ def rules() -> list:
         rule
         for mode in ("qk", "div", "mul")
         for has_mask in (True, False)
+        for has_position_bias in (False, True)
         for rule in BertSelfAttention.rule(
-            f"bert_self_attention_{mode}{'' if has_mask else '_nomask'}", scale_mode=mode, has_mask=has_mask
+            f"bert_self_attention_{mode}{'' if has_mask else '_nomask'}{'_position_bias' if has_position_bias else ''}",
+            scale_mode=mode,
+            has_mask=has_mask,
+            has_position_bias=has_position_bias,
         ).commute()
     ]
     return own + [AttentionMaskIndex.rule("attention_mask_index")]
