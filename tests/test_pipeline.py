@@ -156,6 +156,26 @@ def test_text_classification_model(tiny_classifier_dir, tmp_path):
     assert acc["label_agreement"] > 0.9 and "max_abs_error" in acc
 
 
+def test_labelled_data_scores_each_held_out_text_against_its_own_label(tiny_classifier_dir, tmp_path):
+    """A labelled file's calibration rows (~20%, by hash) leave the evaluation with their labels: the
+    accuracy is computed on the held-out texts, each against its own label."""
+    from slimline.measure.data import _is_calibration, load_file
+    from tests.models import WORDS
+
+    texts = [f"{WORDS[i]} {WORDS[i + 1]} {WORDS[i + 2]} king" for i in range(80)]
+    (tmp_path / "labelled.csv").write_text("text,label\n" + "".join(f"{t},{i % 3}\n" for i, t in enumerate(texts)))
+    data = load_file(tmp_path / "labelled.csv", label_column="label", n_evaluation=50)
+    assert any(_is_calibration(t) for t in texts)  # the split takes some rows out
+    assert len(data.evaluation) == len(data.labels) == 50
+    assert all(data.labels[k] == texts.index(t) % 3 for k, t in enumerate(data.evaluation))
+    recipe = tiny_recipe(tiny_classifier_dir, speed={"enabled": False})
+    recipe["model"]["task"] = "text-classification"
+    recipe["stages"] = [{"compile.export": {}}]
+    recipe["evaluate"]["data"] = {"source": str(tmp_path / "labelled.csv"), "label_column": "label"}
+    accuracy = run_recipe(R.from_dict(recipe), tmp_path / "run")["results"][-1]["accuracy"]
+    assert 0 <= accuracy["accuracy"] <= 1 and 0 <= accuracy["f1_macro"] <= 1
+
+
 def test_token_classification_model_is_compared_token_by_token(tmp_path):
     import onnx
 

@@ -204,22 +204,31 @@ def rows_to_data(
             "Set evaluate.data.text_column (and pair_column/score_column/label_column) to match."
         )
     data = TextData(source=source, calibration=[], evaluation=[])
-    texts = []
+    texts, labels, held_out = [], [], []
     for line, row in rows:
         text = _cell(path, line, row, text_column, "text")
         texts.append(text)
-        (data.calibration if _is_calibration(text) else data.evaluation).append(text)
+        held_out.append(not _is_calibration(text))
+        (data.evaluation if held_out[-1] else data.calibration).append(text)
         if pair_column and score_column:
             data.pairs.append((text, _cell(path, line, row, pair_column, "text")))
             data.pair_scores.append(_cell(path, line, row, score_column, "score"))
         if label_column:
-            data.labels.append(_cell(path, line, row, label_column, "label"))
+            labels.append(_cell(path, line, row, label_column, "label"))
     if not data.evaluation:  # a tiny file: evaluate on everything
-        data.evaluation = texts
+        data.evaluation, held_out = texts, [True] * len(texts)
     if not data.calibration:
         data.calibration = texts
     data.calibration = _sample(data.calibration, n_calibration, seed)
-    if not data.labels:
+    if label_column:
+        # each held-out text with its own label (the calibration rows' labels are not evaluated),
+        # sampled together so that they stay paired; repeated rows are kept, each is a data point
+        paired = [(t, lab) for t, lab, keep in zip(texts, labels, held_out, strict=True) if keep]
+        if n_evaluation is not None and n_evaluation < len(paired):
+            idx = np.random.default_rng(seed + 1).choice(len(paired), size=n_evaluation, replace=False)
+            paired = [paired[i] for i in sorted(idx)]
+        data.evaluation, data.labels = [t for t, _ in paired], [lab for _, lab in paired]
+    else:
         data.evaluation = _sample(data.evaluation, n_evaluation, seed + 1)
     return data
 
