@@ -43,14 +43,34 @@ def check_lengths(recipe: Any, config: Any, evaluate: bool) -> None:
 
 
 def check_labels(recipe: Any, config: Any, data: Any) -> None:
-    """Labelled data for a classifier: every label must be one the model has; names become ids."""
-    if not data.labels or recipe.model.task != "text-classification":
+    """Labelled data for a classifier: every label must be one the model has; names become ids.
+    Token classification has a list of labels per text (one per word)."""
+    if not data.labels or recipe.model.task not in ("text-classification", "token-classification"):
         return
+    if recipe.model.task == "token-classification":
+        if not data.words:
+            raise DataError(
+                f"{data.source}: token-classification labels need each row's words as a list and one label per word "
+                '(JSONL rows like {"tokens": ["EU", "rejects"], "ner_tags": ["B-ORG", "O"]}), not one label per text.'
+            )
+        flat = [lab for row in data.labels for lab in row]
+        ids = _label_ids(flat, config, data.source)
+        out, at = [], 0
+        for row in data.labels:
+            out.append(ids[at : at + len(row)])
+            at += len(row)
+        data.labels = out
+        return
+    data.labels = _label_ids(data.labels, config, data.source)
+
+
+def _label_ids(labels: list[Any], config: Any, source: str) -> list[int]:
+    """Label names or ids as the model's class ids; an unknown one is a DataError naming it."""
     id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
     n = getattr(config, "num_labels", None) or len(id2label)
     by_name = {v.lower(): k for k, v in id2label.items()}
     ids = []
-    for i, label in enumerate(data.labels):
+    for i, label in enumerate(labels):
         if isinstance(label, str):
             key = label.strip().lower()
             if key in by_name:
@@ -60,13 +80,13 @@ def check_labels(recipe: Any, config: Any, data: Any) -> None:
             else:
                 names = ", ".join(list(id2label.values())[:10])
                 raise DataError(
-                    f"{data.source}: row {i + 1}'s label `{label[:60]}` is not one of the model's labels ({names}). "
+                    f"{source}: label {i + 1} (`{label[:60]}`) is not one of the model's labels ({names}). "
                     "Use the label names of the model's config (id2label) or their ids."
                 )
         if not 0 <= int(label) < n:
-            raise DataError(f"{data.source}: row {i + 1}'s label {label} is out of range: the model has {n} labels (0..{n - 1}).")
+            raise DataError(f"{source}: label {i + 1} ({label}) is out of range: the model has {n} labels (0..{n - 1}).")
         ids.append(int(label))
-    data.labels = ids
+    return ids
 
 
 def _device(path: Path) -> int:

@@ -193,6 +193,37 @@ def test_token_classification_model_is_compared_token_by_token(tmp_path):
     assert report["verdict"] == "passed"
 
 
+def test_token_classification_scores_each_word_against_its_gold_label(tmp_path):
+    import json
+
+    from tests.models import WORDS, tiny_bert
+
+    folder = tiny_bert(tmp_path / "tiny-ner", task="token-classification")  # labels LABEL_0..LABEL_2
+    rows = []
+    for i in range(60):
+        words = [WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 4)]
+        rows.append({"tokens": words, "tags": [f"LABEL_{(i + k) % 3}" for k in range(len(words))]})
+    (tmp_path / "ner.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tiny_recipe(folder, speed={"enabled": False})
+    data["model"]["task"] = "token-classification"
+    data["stages"] = [{"compile.export": {}}, {"quantize.dynamic_int8": {}}]
+    data["evaluate"]["data"] = {"source": str(tmp_path / "ner.jsonl"), "text_column": "tokens", "label_column": "tags"}
+    report = run_recipe(R.from_dict(data), tmp_path / "run")
+    base, new = report["results"][0]["accuracy"], report["results"][-1]["accuracy"]
+    assert 0 <= new["accuracy"] <= 1 and 0 <= new["f1_macro"] <= 1 and new["scored_words"] > 100
+    assert base["scored_words"] == new["scored_words"]
+
+    rows[3]["tags"] = rows[3]["tags"][:-1]  # one label short: named with its line
+    (tmp_path / "ner.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(Exception, match="ner.jsonl:4: `tags` must list one label per word"):
+        run_recipe(R.from_dict(data), tmp_path / "run2")
+
+    (tmp_path / "flat.csv").write_text("text,tag\n" + "".join(f"{WORDS[i]} {WORDS[i + 1]},LABEL_0\n" for i in range(20)))
+    data["evaluate"]["data"] = {"source": str(tmp_path / "flat.csv"), "label_column": "tag"}
+    with pytest.raises(Exception, match="need each row's words as a list and one label per word"):
+        run_recipe(R.from_dict(data), tmp_path / "run3")
+
+
 def test_torch_only_recipe_saves_hf_folder(tiny_bert_dir, tmp_path):
     data = tiny_recipe(tiny_bert_dir, targets=["torch-cpu"], speed={"enabled": False})
     data["stages"] = []

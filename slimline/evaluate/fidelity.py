@@ -14,6 +14,26 @@ import numpy as np
 from slimline.family import Family
 
 
+def word_predictions(runner: Any, tokenizer: Any, words: list[list[str]], max_length: int, batch: int = 32) -> list[np.ndarray]:
+    """Token classification: each text's predicted class per word, read at the word's first sub-token
+    (words cut off by ``max_length`` get -1)."""
+    out = []
+    for start in range(0, len(words), batch):
+        chunk = words[start : start + batch]
+        enc = tokenizer(
+            chunk, is_split_into_words=True, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+        )
+        feeds = {k: v.astype(np.int64) for k, v in enc.items() if k in runner.input_names}
+        classes = runner.run(feeds).argmax(-1)
+        for j, row in enumerate(chunk):
+            pred = np.full(len(row), -1)
+            for position, word in enumerate(enc.word_ids(j)):
+                if word is not None and pred[word] == -1:
+                    pred[word] = classes[j, position]
+            out.append(pred)
+    return out
+
+
 def encode(
     runner: Any, tokenizer: Any, texts: list[str], family: Family, pooling: str, max_length: int, step=None, batch: int = 32
 ) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from slimline.evaluate import memory, speed
-from slimline.evaluate.fidelity import encode
+from slimline.evaluate.fidelity import encode, word_predictions
 from slimline.evaluate.report import finish_report, report_header
 from slimline.evaluate.targets import TARGET_DEVICE, Runner, available, ort_runner, torch_runner
 from slimline.family import family_of
@@ -59,6 +59,13 @@ def _accuracy(
         acc["spearman"] = metrics.pair_spearman(va, vb, ctx_data.pair_scores)
     if ctx_data.labels and info.family.vectors == "logits":
         acc.update(metrics.classification(vecs.argmax(-1), np.asarray(ctx_data.labels)))
+    if ctx_data.labels and ctx_data.words and info.family.vectors == "token-logits":
+        predicted = word_predictions(runner, info.tokenizer, ctx_data.words, max_length)
+        pred = np.concatenate(predicted)
+        gold = np.concatenate([np.asarray(row) for row in ctx_data.labels])
+        scored = pred >= 0  # words past max_length are not scored
+        acc.update(metrics.classification(pred[scored], gold[scored]))
+        acc["scored_words"] = float(scored.sum())
     return {k: round(float(v), 6) for k, v in acc.items()}, vecs
 
 

@@ -37,7 +37,8 @@ class TextData:
     evaluation: list[str]
     pairs: list[tuple[str, str]] = field(default_factory=list)
     pair_scores: list[float] = field(default_factory=list)
-    labels: list[int | str] = field(default_factory=list)  # names become ids against the model's labels (preflight)
+    labels: list[Any] = field(default_factory=list)  # per text, or per word; names become ids (preflight)
+    words: list[list[str]] = field(default_factory=list)  # token classification: each evaluation text's words
 
     def describe(self) -> dict[str, int | str]:
         return {
@@ -170,6 +171,18 @@ def _cell(path: Path, line: int, row: dict[str, Any], column: str, kind: str) ->
     return int(text) if text.lstrip("-").isdigit() else text  # a name: checked against the model's labels
 
 
+def _words(path: Path, line: int, row: dict[str, Any], text_column: str, label_column: str) -> tuple[list[str], list[Any]]:
+    """A token-classification row: a list of words and a list of as many labels (ids or names)."""
+    where = f"{path}:{line}"
+    words, labels = row[text_column], row.get(label_column)
+    if not words or not all(isinstance(w, str) and w.strip() for w in words):
+        raise DataError(f"{where}: `{text_column[:60]}` must be a non-empty list of words (non-empty strings).")
+    if not isinstance(labels, list) or len(labels) != len(words):
+        have = len(labels) if isinstance(labels, list) else type(labels).__name__
+        raise DataError(f"{where}: `{label_column[:60]}` must list one label per word: {len(words)} words, labels: {have}.")
+    return [w.strip() for w in words], [_cell(path, line, {label_column: lab}, label_column, "label") for lab in labels]
+
+
 def load_file(path: Path, **options: Any) -> TextData:
     """Rows of a local .txt (one text a line), .csv/.tsv or .jsonl file; ``options`` are ``rows_to_data``'s."""
     if not path.exists():
@@ -204,9 +217,14 @@ def rows_to_data(
             "Set evaluate.data.text_column (and pair_column/score_column/label_column) to match."
         )
     data = TextData(source=source, calibration=[], evaluation=[])
-    texts, labels, held_out = [], [], []
+    texts, labels, held_out, words = [], [], [], {}
     for line, row in rows:
-        text = _cell(path, line, row, text_column, "text")
+        if isinstance(row.get(text_column), list) and label_column:  # token classification: words, a label each
+            split = _words(path, line, row, text_column, label_column)
+            text = " ".join(split[0])
+            words[text] = split
+        else:
+            text = _cell(path, line, row, text_column, "text")
         texts.append(text)
         held_out.append(not _is_calibration(text))
         (data.evaluation if held_out[-1] else data.calibration).append(text)
@@ -214,7 +232,7 @@ def rows_to_data(
             data.pairs.append((text, _cell(path, line, row, pair_column, "text")))
             data.pair_scores.append(_cell(path, line, row, score_column, "score"))
         if label_column:
-            labels.append(_cell(path, line, row, label_column, "label"))
+            labels.append(words[text][1] if text in words else _cell(path, line, row, label_column, "label"))
     if not data.evaluation:  # a tiny file: evaluate on everything
         data.evaluation, held_out = texts, [True] * len(texts)
     if not data.calibration:
@@ -228,6 +246,8 @@ def rows_to_data(
             idx = np.random.default_rng(seed + 1).choice(len(paired), size=n_evaluation, replace=False)
             paired = [paired[i] for i in sorted(idx)]
         data.evaluation, data.labels = [t for t, _ in paired], [lab for _, lab in paired]
+        if words:
+            data.words = [words[t][0] for t in data.evaluation]
     else:
         data.evaluation = _sample(data.evaluation, n_evaluation, seed + 1)
     return data
