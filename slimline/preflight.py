@@ -70,7 +70,7 @@ def _label_ids(labels: list[Any], config: Any, source: str) -> list[int]:
     n = getattr(config, "num_labels", None) or len(id2label)
     by_name = {v.lower(): k for k, v in id2label.items()}
     ids = []
-    for i, label in enumerate(labels):
+    for label in labels:
         if isinstance(label, str):
             key = label.strip().lower()
             if key in by_name:
@@ -80,11 +80,11 @@ def _label_ids(labels: list[Any], config: Any, source: str) -> list[int]:
             else:
                 names = ", ".join(list(id2label.values())[:10])
                 raise DataError(
-                    f"{source}: label {i + 1} (`{label[:60]}`) is not one of the model's labels ({names}). "
+                    f"{source}: label `{label[:60]}` is not one of the model's labels ({names}). "
                     "Use the label names of the model's config (id2label) or their ids."
                 )
         if not 0 <= int(label) < n:
-            raise DataError(f"{source}: label {i + 1} ({label}) is out of range: the model has {n} labels (0..{n - 1}).")
+            raise DataError(f"{source}: label {label} is out of range: the model has {n} labels (0..{n - 1}).")
         ids.append(int(label))
     return ids
 
