@@ -1,5 +1,5 @@
 # Sourced by bin/slimline and bin/test: make .venv match the pinned lock files, once.
-# Re-installs only when requirements/*.txt or pyproject.toml change (a stamp holds their hash).
+# Re-installs only when requirements/*.txt or pyproject.toml change (a stamp is named by their hash).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -10,9 +10,12 @@ pip_q() {  # pip, quiet, without the "Location ... is ignored" lines some machin
 }
 
 ensure_venv() {  # $@: lock files to install
-  local stamp="$VENV/.slimline-stamp" want
+  local stamp want
   want="$(cat "$ROOT/pyproject.toml" "$@" | sha256sum | cut -d' ' -f1)"
-  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  # one stamp per set of lock files: bin/slimline (runtime lock) and bin/test (runtime + dev) each
+  # keep theirs, so running one after the other doesn't reinstall
+  stamp="$VENV/.slimline-stamp-$want"
+  if [[ -f "$stamp" ]]; then return; fi
   echo "slimline: setting up $VENV (pinned packages; about a minute on first run)" >&2
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   pip_q install --upgrade "pip>=24"
