@@ -141,18 +141,17 @@ def decoder_contract(model_type: str, layers: int) -> tuple[dict[str, int], str]
     if model_type == "gpt2":
         # learned positions and LayerNorm: the embedding sum and each residual Add fuse into the
         # following LayerNorm; attention without rotary is MultiHeadAttention with past and present
-        contract = {"MultiHeadAttention": layers, "SkipLayerNormalization": 2 * layers + 1}
-        return (
-            contract,
-            f"{model_type}, {layers} layers: one MultiHeadAttention and two skip LayerNorms per layer, one more for the embeddings",
-        )
+        contract = {"MultiHeadAttention": layers, "SkipLayerNormalization": 2 * layers + 1, "FastGelu": layers}
+        how = f"{model_type}, {layers} layers: one MultiHeadAttention, two skip LayerNorms and a FastGelu per layer, one more skip LayerNorm for the embeddings"
+        return contract, how
     # every layer's two residual Adds fuse into the norm after them; the first layer's input norm has no
     # residual yet and the final norm takes the last layer's residual
     contract = {"GroupQueryAttention": layers, "SkipSimplifiedLayerNormalization": 2 * layers, "SimplifiedLayerNormalization": 1}
     how = f"{model_type}, {layers} layers: one GroupQueryAttention and two skip RMSNorms per layer, one RMSNorm"
     if model_type in SANDWICH_NORMS:  # the post-attention and post-MLP norms take no residual
         contract["SimplifiedLayerNormalization"] += 2 * layers
-        how += ", two more RMSNorms per layer (after attention and after the MLP)"
+        contract["FastGelu"] = layers  # Gemma's MLP: GeGLU with the tanh GELU
+        how += ", two more RMSNorms per layer (after attention and after the MLP), a FastGelu per layer"
     if model_type in QK_NORMS:  # GroupQueryAttention's rule keeps them as RMSNorms in front of it
         contract["SimplifiedLayerNormalization"] += 2 * layers
         how += ", two more per layer on queries and keys"

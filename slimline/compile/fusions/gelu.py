@@ -27,4 +27,33 @@ def rules() -> list:
     from onnxscript.rewriter.ort_fusions.erfgelu import rules as erf_rules
     from onnxscript.rewriter.ort_fusions.gelu import gelu_rules
 
-    return [*erf_rules.rules, *gelu_rules.rules, *bias_gelu_rules.rules]
+    return [*erf_rules.rules, *gelu_rules.rules, *_tanh_half_first(), *bias_gelu_rules.rules]
+
+
+def _tanh_half_first() -> list:
+    """slimline's own: the tanh GELU as GPT-2's ``gelu_new`` writes it, ``(0.5 * x) * (1 + tanh(...))``
+    with ``x ** 3 * 0.044715``. onnxscript's rule has ``x * (0.5 * (1 + tanh(...)))`` only, and its
+    operands in one order, so GPT-2's FFN kept eight elementwise ops per layer."""
+    import math
+
+    import numpy as np
+    from onnxscript.rewriter import _ir_utils, pattern
+
+    constants = {"half": 0.5, "one": 1.0, "three": 3.0, "cubic": 0.044715, "root": math.sqrt(2.0 / math.pi)}
+
+    class GeluTanhHalfFirst(pattern.RewriteRuleClassBase):
+        def pattern(self, op, x, half, one, three, cubic, root):
+            inner = op.Mul(root, op.Add(x, op.Mul(cubic, op.Pow(x, three))))
+            return op.Mul(op.Mul(half, x), op.Add(op.Tanh(inner), one))
+
+        def check(self, context, **bindings):
+            for name, want in constants.items():
+                got = _ir_utils.get_numpy_value(bindings[name])
+                if got is None or got.size != 1 or not np.isclose(float(got.reshape(-1)[0]), want, rtol=1e-4):
+                    return pattern.MatchResult().fail(f"the constant `{name}` is not {want:.6g}", bindings[name])
+            return True
+
+        def rewrite(self, op, x, **_):
+            return op.FastGelu(x, _domain="com.microsoft")
+
+    return list(GeluTanhHalfFirst.rule().commute())
