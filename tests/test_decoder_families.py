@@ -102,3 +102,21 @@ def test_gpt2_projections_become_matmuls_and_generation_runs(tmp_path):
     assert not any(n.op_type == "Gemm" for n in graph.node)  # Conv1D's addmm: MatMul + Add, any rank
     out = OnnxDecoder(fused.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=4))
     assert out.shape == (1, 4)
+
+
+def test_length_dependent_rope_is_exported_with_its_original_frequencies_and_capped(tmp_path):
+    """Phi-3's LongRoPE switches frequencies past its pre-training length, a branch torch.export can't
+    capture: the export keeps the short frequencies, checks parity within that length, caps the
+    artifact's positions there and says so; the torch model keeps its own rotary."""
+    head = 16
+    rope = {"type": "longrope", "short_factor": [1.0] * (head // 2), "long_factor": [4.0] * (head // 2)}
+    model = load_model(
+        str(tiny_decoder("phi3", tmp_path / "phi3-long", rope_scaling=rope, original_max_position_embeddings=64)),
+        task="text-generation",
+    )
+    ctx = context(tmp_path / "export")
+    exported = Export().run(model, ctx)
+    assert exported.report["rope.fixed_max_positions"] == 64 and exported.report["parity.max_abs_error"] < 1e-4
+    assert exported.artifact.config.max_position_embeddings == 64 and model.model.config.max_position_embeddings == 256
+    assert model.model.model.rotary_emb.rope_type == "longrope"
+    assert any("serves up to 64 positions" in w for w in ctx.reporter.warnings)

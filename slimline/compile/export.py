@@ -7,6 +7,7 @@ stage above ``atol`` instead of shipping a graph that is silently wrong.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from typing import Literal
@@ -139,10 +140,21 @@ class Export(Stage):
         """Decoder LLMs: dynamo export with the KV cache as inputs/outputs; parity over prefill + decode."""
         import onnx
 
-        from slimline.compile.export_llm import export_decoder, onnx_stepper, torch_stepper
+        from slimline.compile.export_llm import export_decoder, length_dependent_rope, onnx_stepper, torch_stepper
 
         path = ctx.stage_dir("export") / "model.onnx"
         start = time.perf_counter()
+        config, found = artifact.config, length_dependent_rope(artifact.model)
+        rope_limit = found[1] if found else None
+        if rope_limit:  # the artifact serves up to the pre-training length; preflight and generate hold it there
+            config = copy.deepcopy(artifact.config)
+            config.max_position_embeddings = min(config.max_position_embeddings, rope_limit)
+            scaling = getattr(artifact.config, "rope_scaling", None) or {}
+            ctx.warn(
+                f"compile.export: `{config.model_type}` switches its rotary frequencies by sequence length "
+                f"({scaling.get('rope_type') or scaling.get('type') or 'dynamic'}), a branch torch.export can't capture: "
+                f"the export keeps the original frequencies and serves up to {rope_limit} positions."
+            )
         with quiet():
             try:
                 export_decoder(artifact.model, path, self.opset)
@@ -169,9 +181,11 @@ class Export(Stage):
             **parity,
         }
         report.update({f"ops.{op}": n for op, n in Counter(n.op_type for n in graph.graph.node).most_common(5)})
+        if rope_limit:
+            report["rope.fixed_max_positions"] = rope_limit
         if not parity["parity.max_abs_error"] <= atol:
             raise StageError(
                 f"compile.export: ONNX Runtime's logits differ from torch by {parity['parity.max_abs_error']:.3g} at "
                 f"{parity['parity.worst_case']}, above {atol:.2g} (10 x atol). The exported graph or its KV cache is wrong."
             )
-        return StageResult(OnnxModel(path=path, tokenizer=artifact.tokenizer, info=artifact.info, config=artifact.config), report)
+        return StageResult(OnnxModel(path=path, tokenizer=artifact.tokenizer, info=artifact.info, config=config), report)

@@ -17,6 +17,7 @@ decode steps against transformers with its KV cache.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -63,6 +64,37 @@ class _WithCache:
         return Wrapper().eval()
 
 
+def length_dependent_rope(model: Any) -> tuple[Any, int] | None:
+    """The rotary module that switches frequencies by sequence length (Phi-3's LongRoPE, "dynamic" NTK
+    scaling), and the pre-training length up to which its original frequencies hold; None if static."""
+    for module in model.modules():
+        kind = getattr(module, "rope_type", None)
+        if isinstance(kind, str) and (kind == "longrope" or "dynamic" in kind) and hasattr(module, "original_inv_freq"):
+            limit = getattr(model.config, "original_max_position_embeddings", None) or getattr(module, "original_max_seq_len", 0)
+            return module, int(limit)
+    return None
+
+
+@contextlib.contextmanager
+def fixed_rope(model: Any) -> Any:
+    """Export a length-dependent rotary embedding with its original (short) frequencies: the switch is a
+    branch on data, which torch.export can't capture. Exact up to the pre-training length; the torch
+    model is left as it was afterwards."""
+    found = length_dependent_rope(model)
+    if found is None:
+        yield
+        return
+    module, _ = found
+    kind, inv_freq = module.rope_type, module.inv_freq
+    module.register_buffer("inv_freq", module.original_inv_freq, persistent=False)
+    module.rope_type = "default"  # transformers updates the frequencies for "longrope"/"dynamic" only
+    try:
+        yield
+    finally:
+        module.rope_type = kind
+        module.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
 def export_decoder(model: Any, path: Any, opset: int) -> None:
     import torch
 
@@ -90,7 +122,7 @@ def export_decoder(model: Any, path: Any, opset: int) -> None:
         f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")
     ]
     outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    with torch.no_grad():
+    with torch.no_grad(), fixed_rope(model):
         program = torch.onnx.export(
             _WithCache.module(model),
             args,
