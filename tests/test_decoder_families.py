@@ -21,6 +21,31 @@ from tests.models import tiny_decoder
 from tests.test_compile import TEXTS, context
 
 KINDS = ("qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt2")
+HEAD = 16
+# The matrix's Gemma 2 carries the hard case, so that the soft-cap test below reuses its run: weights
+# 25x the usual scale (attention scores of several units, where a cap of 1 is far from linear) and a
+# window (8) shorter than the prompts.
+HARD = {"gemma2": {"attn_logit_softcapping": 1.0, "final_logit_softcapping": 3.0, "initializer_range": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """kind -> its tiny model, export (with its context) and fused graph, built once per module."""
+    from types import SimpleNamespace
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            tmp = tmp_path_factory.mktemp(kind)
+            model = load_model(str(tiny_decoder(kind, tmp / kind, **HARD.get(kind, {}))), task="text-generation")
+            ctx = context(tmp / "export")
+            exported = Export().run(model, ctx)
+            fused = Fuse(expect="auto").run(exported.artifact, context(tmp / "fuse"))
+            cache[kind] = SimpleNamespace(model=model, ctx=ctx, exported=exported, fused=fused)
+        return cache[kind]
+
+    return get
 
 
 def build(kind, tmp_path, **overrides):
@@ -39,25 +64,23 @@ def gqa_attributes(path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_each_decoder_family_exports_fuses_to_its_computed_contract_and_keeps_parity(kind, tmp_path):
-    model, exported = build(kind, tmp_path)
-    assert exported.report["parity.max_abs_error"] < 1e-4  # prefill + 5 decode steps against transformers
-    fused = Fuse(expect="auto").run(exported.artifact, context(tmp_path / "fuse")).report
-    contract, _ = expected_fusions(family_of("text-generation"), model.model.config)
+def test_each_decoder_family_exports_fuses_to_its_computed_contract_and_keeps_parity(kind, runs):
+    run = runs(kind)
+    assert run.exported.report["parity.max_abs_error"] < 1e-4  # prefill + 5 decode steps against transformers
+    fused = run.fused.report
+    contract, _ = expected_fusions(family_of("text-generation"), run.model.model.config)
     assert contract and fused["contract"] == "met"
     for op, count in contract.items():
         assert fused[f"fused.{op}"] == count, (op, fused)
     assert fused["parity.max_abs_error"] < 1e-4
     if kind == "mistral":  # every layer slides: each GroupQueryAttention carries the window
-        assert [a.get("local_window_size") for a in gqa_attributes(next((tmp_path / "fuse").rglob("model.onnx")))] == [8, 8]
+        assert [a.get("local_window_size") for a in gqa_attributes(run.fused.artifact.path)] == [8, 8]
 
 
-def test_gemma_scale_window_and_softcap_reach_group_query_attention(tmp_path):
-    # weights 25x the usual scale give attention scores of several units, where a cap of 1 is far from
-    # linear; the window (8) is shorter than the prompts
-    model, exported = build("gemma2", tmp_path, attn_logit_softcapping=1.0, final_logit_softcapping=3.0, initializer_range=0.5)
+def test_gemma_scale_window_and_softcap_reach_group_query_attention(runs, tmp_path):
+    run = runs("gemma2")  # HARD: scores past the cap of 1, a window shorter than the prompts
+    model, exported, fused = run.model, run.exported, run.fused
     assert model.model.config._attn_implementation == "eager"  # SDPA attention would drop the cap
-    fused = Fuse(expect="auto").run(exported.artifact, context(tmp_path / "fuse"))
     assert fused.report["contract"] == "met" and fused.report["parity.max_abs_error"] < 1e-4
     layers = gqa_attributes(fused.artifact.path)
     assert [a.get("local_window_size") for a in layers] == [8, None]  # Gemma 2 alternates sliding and full layers
@@ -93,11 +116,10 @@ def test_a_softcapped_attention_that_gqa_rejects_is_expanded_with_its_cap(tmp_pa
     assert fused.report["parity.max_abs_error"] < 1e-4
 
 
-def test_gpt2_projections_become_matmuls_and_generation_runs(tmp_path):
+def test_gpt2_projections_become_matmuls_and_generation_runs(runs):
     from slimline.generate import OnnxDecoder, Sampling
 
-    _, exported = build("gpt2", tmp_path)
-    fused = Fuse(expect="auto").run(exported.artifact, context(tmp_path / "fuse"))
+    fused = runs("gpt2").fused
     graph = onnx.load(str(fused.artifact.path), load_external_data=False).graph
     assert not any(n.op_type == "Gemm" for n in graph.node)  # Conv1D's addmm: MatMul + Add, any rank
     out = OnnxDecoder(fused.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=4))
@@ -107,9 +129,9 @@ def test_gpt2_projections_become_matmuls_and_generation_runs(tmp_path):
 def test_length_dependent_rope_is_exported_with_its_original_frequencies_and_capped(tmp_path):
     """Phi-3's LongRoPE switches frequencies past its pre-training length, a branch torch.export can't
     capture: the export keeps the short frequencies, checks parity within that length, caps the
-    artifact's positions there and says so; the torch model keeps its own rotary."""
-    head = 16
-    rope = {"type": "longrope", "short_factor": [1.0] * (head // 2), "long_factor": [4.0] * (head // 2)}
+    artifact's positions there and says so; the torch model keeps its own rotary. (Its rotary tables,
+    scaled by the LongRoPE attention factor, don't fuse yet: docs/models.md.)"""
+    rope = {"type": "longrope", "short_factor": [1.0] * (HEAD // 2), "long_factor": [4.0] * (HEAD // 2)}
     model = load_model(
         str(tiny_decoder("phi3", tmp_path / "phi3-long", rope_scaling=rope, original_max_position_embeddings=64)),
         task="text-generation",

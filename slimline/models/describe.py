@@ -157,6 +157,7 @@ def describe_model(source: str, task: str | None = None) -> dict[str, Any]:
                 "kv_heads": config.get("num_key_value_heads"),
                 "vocab_size": config.get("vocab_size"),
                 "max_positions": config.get("max_position_embeddings") or config.get("n_positions"),
+                "rope_scaling": _rope_kind(config.get("rope_scaling")),
                 "parameters": _safetensors_params(where) if where is not None and where.is_dir() else None,
             }
         )
@@ -184,6 +185,14 @@ def describe_model(source: str, task: str | None = None) -> dict[str, Any]:
         info["fusions"] = {"expected": contract, "how": how}
     info["unsupported"] = [r["why"] for r in _problems(info, family)]
     return info
+
+
+def _rope_kind(scaling: Any) -> str | None:
+    """The rotary scaling type of a config's ``rope_scaling`` ("longrope", "dynamic", "llama3", ...)."""
+    if not isinstance(scaling, dict):
+        return None
+    kind = scaling.get("rope_type") or scaling.get("type")
+    return str(kind) if kind else None
 
 
 def tokenizer_size(folder: Path) -> int | None:
@@ -247,6 +256,18 @@ def _problems(info: dict[str, Any], family: Any) -> list[dict[str, str]]:
                 "why": f"model.task {info['task']}, but the checkpoint has no such head (architectures: {', '.join(architectures)}); "
                 "transformers would add one with random weights",
                 "fix": "use the checkpoint fine-tuned for that task, or model.task: feature-extraction",
+            }
+        )
+    if family.is_decoder and info.get("rope_scaling") == "longrope":
+        out.append(
+            {
+                "stage": "compile.fuse",
+                "why": "LongRoPE: the export keeps the original rotary frequencies (exact up to the pre-training length, "
+                "where the artifact is capped), but its rotary tables, scaled by the LongRoPE attention factor, don't "
+                "fuse to GroupQueryAttention yet, so `expect: auto` fails the contract",
+                "fix": "run with `--set stages.1.compile.fuse.expect={}` (attention unfused, slower), or use the "
+                "model's short-context variant",
+                "warning": "yes",
             }
         )
     tokens, rows = info.get("tokenizer_size"), info.get("vocab_size")

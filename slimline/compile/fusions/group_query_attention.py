@@ -95,11 +95,16 @@ def _classes():
             if c1 is None or c2 is None or not math.isclose(c1, c2, rel_tol=1e-6) or c1 <= 0:
                 return pattern.MatchResult().fail("soft-cap divisor and multiplier are not the same positive constant", cap)
             self._softcap = c1
-            return super().check(context, **bindings)
+            result = super().check(context, **bindings)
+            if result and self._scale is None and not isinstance(bindings["query"].shape[-1], int):
+                return pattern.MatchResult().fail("the head size is not static, so the scale is unknown", bindings["query"])
+            return result
 
         def rewrite(self, op, query, key, value, mask, key_format, **_):
             args = [query, key, value] + ([mask] if mask is not None else [])
-            return op.SDPA(*args, scale=self._scale, softcap=self._softcap, key_format=key_format, _domain=FUSION_DOMAIN)
+            # the scale always explicit (the default one too): a capped SDPA may be expanded back later
+            scale = self._scale if self._scale is not None else 1.0 / math.sqrt(query.shape[-1])
+            return op.SDPA(*args, scale=scale, softcap=self._softcap, key_format=key_format, _domain=FUSION_DOMAIN)
 
     class GQA(gqa.GroupQueryAttention):
         """onnxscript's gqa rule, carrying the SDPA's scale and softcap and the mask's window to GQA."""
@@ -148,10 +153,7 @@ def _classes():
         def rewrite(self, op, query, key, value, **_):
             attrs = self._node_attrs
             perm = [0, 1, 3, 2] if attrs["key_format"].value == "BHSd" else [0, 2, 3, 1]
-            head = query.shape[-1] if query.shape is not None else None
-            scale = attrs["scale"].value if attrs.get("scale") is not None else None
-            if scale is None:
-                scale = 1.0 / math.sqrt(head)
+            scale = attrs["scale"].value  # SoftcappedSDPA always writes it
             cap = op.Constant(value_float=float(attrs["softcap"].value))
             score = op.Mul(op.MatMul(query, op.Transpose(key, perm=perm)), op.Constant(value_float=float(scale)))
             score = op.Mul(op.Tanh(op.Div(score, cap)), cap)
