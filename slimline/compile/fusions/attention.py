@@ -85,7 +85,9 @@ def mask_source(bias):
     return source
 
 
-def rules() -> list:
+def rules(position_bias: bool | None = None) -> list:
+    """slimline's attention rules, then the mask rewrite (last). ``position_bias``: only the variants
+    with (True) or without (False) MPNet's position-bias Add; None: both."""
     from onnxscript.rewriter import _ir_utils, pattern
 
     class BertSelfAttention(pattern.RewriteRuleClassBase):
@@ -210,7 +212,7 @@ def rules() -> list:
         rule
         for mode in ("qk", "div", "mul")
         for has_mask in (True, False)
-        for has_position_bias in (False, True)
+        for has_position_bias in ((False, True) if position_bias is None else (position_bias,))
         for rule in BertSelfAttention.rule(
             f"bert_self_attention_{mode}{'' if has_mask else '_nomask'}{'_position_bias' if has_position_bias else ''}",
             scale_mode=mode,
@@ -227,10 +229,15 @@ def apply(model, tracer=None) -> int:
     from onnxscript.rewriter import RewriteRuleSet
     from onnxscript.rewriter.ort_fusions.sdpa import sdpa_rules
 
-    own = rules()
+    own = rules(position_bias=False)
     count = RewriteRuleSet(own[:-1]).apply_to_model(model, tracer=tracer)
     if count:
         common_passes.RemoveUnusedNodesPass()(model)  # the replaced blocks (the rule keeps them, see above)
+    if any(node.op_type == "Softmax" for node in model.graph):  # left unmatched: try MPNet's position-bias form
+        biased = RewriteRuleSet(rules(position_bias=True)[:-1]).apply_to_model(model, tracer=tracer)
+        if biased:
+            common_passes.RemoveUnusedNodesPass()(model)
+        count += biased
     if tracer is not None:
         sdpa_rules.apply_to_model(model, tracer=tracer)
     RewriteRuleSet(own[-1:]).apply_to_model(model, tracer=tracer)

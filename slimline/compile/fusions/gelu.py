@@ -30,6 +30,19 @@ def rules() -> list:
     return [*erf_rules.rules, *gelu_rules.rules, *_tanh_half_first(), *bias_gelu_rules.rules]
 
 
+def apply(model, tracer=None) -> int:
+    """onnxscript's rules; GPT-2's form (32 operand orders) only where a Pow is left for it to match."""
+    from onnxscript.rewriter import RewriteRuleSet
+    from onnxscript.rewriter.ort_fusions.bias_gelu import bias_gelu_rules
+    from onnxscript.rewriter.ort_fusions.erfgelu import rules as erf_rules
+    from onnxscript.rewriter.ort_fusions.gelu import gelu_rules
+
+    count = RewriteRuleSet([*erf_rules.rules, *gelu_rules.rules]).apply_to_model(model, tracer=tracer)
+    if any(node.op_type == "Pow" for node in model.graph):
+        count += RewriteRuleSet(_tanh_half_first()).apply_to_model(model, tracer=tracer)
+    return count + RewriteRuleSet(bias_gelu_rules.rules).apply_to_model(model, tracer=tracer)
+
+
 def _tanh_half_first() -> list:
     """slimline's own: the tanh GELU as GPT-2's ``gelu_new`` writes it, ``(0.5 * x) * (1 + tanh(...))``
     with ``x ** 3 * 0.044715``. onnxscript's rule has ``x * (0.5 * (1 + tanh(...)))`` only, and its

@@ -106,6 +106,7 @@ FUSED_OPS_TABLE: tuple[FusedOp, ...] = (
         "BiasGelu",
         "gelu",
         gelu,
+        gelu.apply,
         skip_names={"BiasGelu": ("enable_bias_gelu",), "Gelu": ("enable_gelu", "enable_bias_gelu")},
     ),
     FusedOp("QuickGelu", "quick_gelu", quick_gelu, skip_names={"QuickGelu": ()}),
