@@ -274,6 +274,63 @@ def _print_fusions(info: dict) -> None:
 
 
 @main.command()
+@click.argument("source")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the artifact folder to create (must not exist)")
+@click.option(
+    "--bits",
+    type=click.Choice(["4", "8", "float"]),
+    default="4",
+    show_default=True,
+    help="weight bits (float: the fused fp32 graph)",
+)
+@click.option("--algorithm", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True)
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option("--shard-mb", type=click.IntRange(64), help="split the external weights into files of at most this many MB")
+@click.option(
+    "--verify",
+    "check",
+    is_flag=True,
+    help="then compare logits with transformers on the same weights (module by module) and time batch-1 decode",
+)
+@click.option("--threads", default=0, type=click.IntRange(0), help="threads for --verify (0: all cores)")
+@guarded("the partial output folder was removed; nothing else was touched.")
+def stream(
+    source: str, out: Path, bits: str, algorithm: str, block_size: str, shard_mb: int | None, check: bool, threads: int
+) -> None:
+    """Build a decoder of any size into a fused int4 ONNX model in bounded memory (weights read and
+    quantized one at a time from SOURCE's safetensors; a local folder, pip: or hf: source)."""
+    import json
+
+    from slimline import streaming
+    from slimline.models.loader import from_gguf, resolve_source
+
+    where = resolve_source(source)
+    if isinstance(where, str):  # hf:
+        from slimline.models.loader import hub_snapshot
+
+        where, _ = hub_snapshot(where, None)
+    elif where.suffix == ".gguf":
+        where = from_gguf(where)
+
+    def log(message: str) -> None:
+        err_console.print(message, markup=False, highlight=False)
+
+    report = streaming.build(
+        where,
+        out,
+        bits=None if bits == "float" else int(bits),
+        algorithm=algorithm,
+        block_size=int(block_size),
+        shard_mb=shard_mb,
+        log=log,
+    )
+    if check:
+        report.update(streaming.verify(out, where, threads=threads, log=log))
+        (out / "build.json").write_text(json.dumps(report, indent=2))
+    click.echo(json.dumps(report, indent=2))
+
+
+@main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of tables")
 @click.option("--fusions", is_flag=True, help="which fusion rules match where, and why the others don't")

@@ -96,6 +96,19 @@ def fixed_rope(model: Any) -> Any:
 
 
 def export_decoder(model: Any, path: Any, opset: int) -> None:
+    program = export_program(model, opset, optimize=True)
+    program.save(str(path), external_data=_large(model))
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
+    if add_logits_to_keep(graph):
+        onnx.save_model(graph, str(path))
+
+
+def export_program(model: Any, opset: int, optimize: bool = True, fake_mode: Any = None) -> Any:
+    """The ``torch.onnx`` program of ``model`` with its KV cache. Under ``fake_mode`` (a torch
+    FakeTensorMode that built ``model``) the weights are never allocated: the streaming path traces an
+    8B model's graph this way and binds the real weights afterwards (``slimline.streaming``)."""
     import torch
 
     if model.config.model_type not in DECODER_TYPES:
@@ -105,12 +118,13 @@ def export_decoder(model: Any, path: Any, opset: int) -> None:
         )
     layers, kv, hd = kv_shape(model.config)
     batch, seq, past = 2, 5, 3
-    args = (
-        torch.randint(0, min(1000, model.config.vocab_size), (batch, seq)),
-        torch.ones(batch, seq + past, dtype=torch.int64),
-        torch.arange(past, past + seq).expand(batch, seq),
-        *[torch.randn(batch, kv, past, hd) for _ in range(2 * layers)],
-    )
+    with fake_mode or contextlib.nullcontext():
+        args = (
+            torch.randint(0, min(1000, model.config.vocab_size), (batch, seq)),
+            torch.ones(batch, seq + past, dtype=torch.int64),
+            torch.arange(past, past + seq).expand(batch, seq),
+            *[torch.randn(batch, kv, past, hd) for _ in range(2 * layers)],
+        )
     b, s, p, t = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
     dynamic = {
         "input_ids": {0: b, 1: s},
@@ -122,8 +136,8 @@ def export_decoder(model: Any, path: Any, opset: int) -> None:
         f"past_key_values.{i}.{k}" for i in range(layers) for k in ("key", "value")
     ]
     outputs = ["logits"] + [f"present.{i}.{k}" for i in range(layers) for k in ("key", "value")]
-    with torch.no_grad(), fixed_rope(model):
-        program = torch.onnx.export(
+    with fake_mode or contextlib.nullcontext(), torch.no_grad(), fixed_rope(model):
+        return torch.onnx.export(
             _WithCache.module(model),
             args,
             dynamo=True,
@@ -131,15 +145,9 @@ def export_decoder(model: Any, path: Any, opset: int) -> None:
             input_names=names,
             output_names=outputs,
             opset_version=opset,
-            optimize=True,
+            optimize=optimize,
             verbose=False,
         )
-    program.save(str(path), external_data=_large(model))
-    import onnx
-
-    graph = onnx.load(str(path), load_external_data=False)  # external weights stay where they are
-    if add_logits_to_keep(graph):
-        onnx.save_model(graph, str(path))
 
 
 def add_logits_to_keep(model: Any) -> bool:
@@ -154,7 +162,7 @@ def add_logits_to_keep(model: Any) -> bool:
 
     graph = model.graph
     head = next((n for n in graph.node if "logits" in n.output), None)
-    if head is None or head.op_type != "MatMul" or any(i.name == LOGITS_TO_KEEP for i in graph.input):
+    if head is None or head.op_type not in ("MatMul", "MatMulNBits") or any(i.name == LOGITS_TO_KEEP for i in graph.input):
         return False
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     graph.initializer.extend(

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (VmHWM where Linux has it)."""
     # VmHWM is per address space, so it starts afresh at exec; ru_maxrss would carry over the
     # parent's peak (Linux keeps it across execve).
     try:
@@ -153,7 +154,7 @@ def _probe(kind: str, path: str, task: str, batch: int, seq_len: int, threads: i
             result["gpu_allocator_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if kind.endswith("cuda"):
         result["gpu_device_mb"] = _gpu_process_mb()
-    result.update({"peak_rss_mb": round(_peak_rss_mb(), 1), "batch": batch, "seq_len": seq_len})
+    result.update({"peak_rss_mb": round(peak_rss_mb(), 1), "batch": batch, "seq_len": seq_len})
     return result
 
 

@@ -1,0 +1,686 @@
+"""Decoders of any size to int4 ONNX in bounded memory: trace with fake weights, bind lazily, write as
+quantized.
+
+The whole-model path (``compile.export`` -> ``compile.fuse`` -> ``quantize.weight_only``) holds the
+float model in torch, then the float ONNX graph, then its quantized copy: several times the fp32 size
+(an 8B model is 32 GB in fp32). This path never holds more than one weight:
+
+1. **Trace** the model's graph under torch's ``FakeTensorMode``: the same ``torch.onnx`` export and
+   the same graph as the whole-model path, but every parameter is a fake tensor (shape and dtype, no
+   storage), so tracing an 8B model costs its graph, not its weights.
+2. **Bind** each initializer to its tensor in the safetensors checkpoint as an ``onnx_ir.LazyTensor``
+   (``slimline.models.lazy.Checkpoint``, read with ``pread``, never memory-mapped). Buffers computed
+   at construction (rotary frequencies) come from the model built with its parameters on the meta
+   device. A weight's ``Transpose`` (how the exporter writes ``Linear``) becomes a lazy transposed
+   view of the same checkpoint tensor, so no float weight is ever folded in memory.
+3. **Optimize and fuse** the graph with the whole-model path's passes (onnxscript's optimizer and
+   slimline's fusion rules); they read small constants only. The fusion contract is checked as in
+   ``compile.fuse``.
+4. **Quantize lazily**: every MatMul with a 2-D weight becomes MatMulNBits whose ``B``, ``scales`` and
+   ``zero_points`` are lazy tensors computed from the checkpoint rows when they are written, in chunks
+   of output channels (RTN or HQQ); the token embedding becomes an 8-bit GatherBlockQuantized the
+   same way. GPTQ needs calibration activations layer by layer and is not in this path yet.
+5. **Write** with onnx_ir's external-data writer, which asks each tensor for its bytes one at a time:
+   the peak is one weight's float rows plus its codes. The graph-only passes (unused outputs, lengths
+   from the mask, ``logits_to_keep``) run on the saved graph without loading its weights.
+
+The output is written into a hidden folder beside the destination and renamed into place when
+complete: a failed or interrupted build (a full disk, a truncated shard) leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimline.errors import ModelError, ResourceError, StageError
+from slimline.evaluate.memory import peak_rss_mb
+from slimline.models.lazy import Checkpoint, checkpoint_name
+from slimline.quantize import nbits
+
+Log = Callable[[str], None]
+CHUNK_BYTES = 32 << 20  # float rows quantized at a time (the quantizer holds ~8 temporaries of this size)
+
+
+# -- 1. trace ------------------------------------------------------------------------------------
+
+
+def trace(config: Any, opset: int = 18, attention: dict | None = None) -> Any:
+    """The decoder's ONNX graph (onnx_ir.Model, not optimized) with fake weights."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    from slimline.compile.export_llm import export_program
+    from slimline.runtime import quiet
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode, quiet():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **(attention or {})).eval()
+        program = export_program(model, opset, optimize=False, fake_mode=mode)
+    return program.model
+
+
+def real_buffers(config: Any, attention: dict | None = None) -> dict[str, np.ndarray]:
+    """The model's buffers as its constructor computes them (rotary frequencies, with the exporter's
+    fixed-RoPE treatment), the parameters left on the meta device."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from slimline.compile.export_llm import fixed_rope
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **(attention or {}))
+    with fixed_rope(model):
+        return {name: b.detach().float().numpy().copy() for name, b in model.named_buffers() if b.device.type != "meta"}
+
+
+# -- 2. bind -------------------------------------------------------------------------------------
+
+
+class CheckpointTensor:
+    """Where a lazy weight's values come from: checkpoint tensor ``name``, transposed or not. The
+    quantizer reads the rows of ``[out, in]`` in chunks through ``rows``; anything else gets the
+    whole array."""
+
+    def __init__(self, ckpt: Checkpoint, name: str, transposed: bool = False) -> None:
+        self.ckpt, self.name, self.transposed = ckpt, name, transposed
+
+    def array(self) -> np.ndarray:
+        value = self.ckpt.read(self.name)
+        return np.ascontiguousarray(value.T) if self.transposed else value
+
+
+def lazy(source: CheckpointTensor, shape: tuple[int, ...]) -> Any:
+    import onnx_ir as ir
+
+    tensor = ir.LazyTensor(lambda: ir.tensor(source.array()), dtype=ir.DataType.FLOAT, shape=ir.Shape(shape))
+    tensor.slimline_source = source  # type: ignore[attr-defined]
+    return tensor
+
+
+def source_of(value: Any) -> CheckpointTensor | None:
+    return getattr(getattr(value, "const_value", None), "slimline_source", None)
+
+
+def bind(model: Any, ckpt: Checkpoint, buffers: dict[str, np.ndarray], tied: dict[str, str]) -> dict[str, int]:
+    """Give every initializer of the traced graph its value: lazy checkpoint tensors for weights,
+    computed buffers as they are. A weight the checkpoint lacks, or has in another shape, is an error
+    that names it."""
+    import onnx_ir as ir
+
+    counts = {"weights": 0, "buffers": 0}
+    for value in list(model.graph.initializers.values()):
+        fqn = value.name[len("model.") :] if value.name.startswith("model.") else value.name
+        shape = tuple(value.shape.numpy()) if value.shape is not None else ()
+        found = checkpoint_name(fqn, ckpt, tied)
+        if found is not None:
+            have = ckpt.entries[found].shape
+            if tuple(have) != shape:
+                raise ModelError(
+                    f"{ckpt.folder}: tensor `{found}` is {list(have)} in the checkpoint, the config makes it {list(shape)}. "
+                    "The config.json does not match the weights."
+                )
+            value.const_value = lazy(CheckpointTensor(ckpt, found), shape)
+            counts["weights"] += 1
+        elif fqn in buffers:
+            value.const_value = ir.tensor(buffers[fqn].astype(np.float32) if buffers[fqn].dtype == np.float64 else buffers[fqn])
+            counts["buffers"] += 1
+        else:
+            raise ModelError(
+                f"{ckpt.folder}: the checkpoint has no tensor `{fqn}`, which this model type needs. Is it a complete "
+                "checkpoint of the model its config.json describes?"
+            )
+    return counts
+
+
+def fold_transposes(model: Any) -> int:
+    """``Transpose(weight)`` -> a lazy transposed weight (what the optimizer would fold, in memory)."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    done = 0
+    for node in list(graph):
+        src = source_of(node.inputs[0]) if node.op_type == "Transpose" and node.inputs else None
+        perm = node.attributes.get_ints("perm", None) if src is not None else None
+        if src is None or list(perm or [1, 0]) != [1, 0] or len(node.inputs[0].shape) != 2:
+            continue
+        out = node.outputs[0]
+        if out.is_graph_output():
+            continue
+        rows, cols = node.inputs[0].shape.numpy()
+        name = out.name
+        out.name = f"{name}_folded"
+        fresh = ir.Value(name=name, shape=ir.Shape([cols, rows]), type=ir.TensorType(ir.DataType.FLOAT))
+        fresh.const_value = lazy(CheckpointTensor(src.ckpt, src.name, not src.transposed), (cols, rows))
+        graph.register_initializer(fresh)
+        ir.convenience.replace_all_uses_with(out, fresh)
+        graph.remove(node, safe=True)
+        done += 1
+    for value in list(graph.initializers.values()):
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
+    return done
+
+
+# -- 4. lazy quantization ------------------------------------------------------------------------
+
+
+class Quantized:
+    """The packed parts of one weight, computed when the first of them is written and dropped once
+    each has been; ``errors`` gets the weight's relative reconstruction error."""
+
+    def __init__(
+        self, src: CheckpointTensor, n: int, k: int, bits: int, block: int, algorithm: str, errors: dict, key: str
+    ) -> None:
+        self.src, self.n, self.k, self.bits, self.block, self.algorithm = src, n, k, bits, block, algorithm
+        self.errors, self.key = errors, key
+        self._parts: dict[str, np.ndarray] = {}
+
+    def _rows(self) -> Any:
+        """``W^T`` (``[out, in]``) in chunks of output channels. A Linear's checkpoint tensor is already
+        ``[out, in]``: its row ranges are contiguous bytes in the file. A Conv1D's (GPT-2) is ``[in, out]``:
+        read whole and transposed."""
+        ckpt = self.src.ckpt
+        if not self.src.transposed:
+            yield np.ascontiguousarray(ckpt.read(self.src.name).T)
+            return
+        step = max(1, CHUNK_BYTES // (4 * self.k))
+        for start in range(0, self.n, step):
+            yield ckpt.read(self.src.name, rows=(start, min(self.n, start + step)))
+
+    def compute(self) -> None:
+        parts: dict[str, list[np.ndarray]] = {}
+        err = ref = 0.0
+        for rows in self._rows():  # [n_chunk, k]: output channels x inputs
+            if self.algorithm == "hqq":
+                b = nbits.hqq(rows.T, self.bits, self.block)
+            else:
+                b = nbits.rtn(rows.T, self.bits, self.block)
+            packed = nbits.pack(b)
+            if self.algorithm == "hqq" and packed.get("zero_points", b.zero).dtype != np.float32:
+                packed["zero_points"] = b.zero.astype(np.float32)  # HQQ's zeros are float, whatever this chunk's
+            for key, v in packed.items():
+                parts.setdefault(key, []).append(v)
+            deq = b.dequantize().T
+            err += float(np.square(rows - deq).sum())
+            ref += float(np.square(rows).sum())
+        self._parts = {key: np.concatenate(v, axis=0) for key, v in parts.items()}
+        self.errors[self.key] = math.sqrt(err / ref) if ref > 0 else 0.0
+
+    def part(self, key: str) -> np.ndarray:
+        if key not in self._parts:
+            self.compute()
+        return self._parts.pop(key)
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        import onnx_ir as ir
+
+        blocks = -(-self.k // self.block)
+        out = {
+            "B": ((self.n, blocks, self.block * self.bits // 8), ir.DataType.UINT8),
+            "scales": ((self.n, blocks), ir.DataType.FLOAT),
+        }
+        if self.algorithm == "hqq":
+            out["zero_points"] = ((self.n, blocks), ir.DataType.FLOAT)
+        elif self.bits == 4:
+            out["zero_points"] = ((self.n, -(-blocks // 2)), ir.DataType.UINT8)
+        else:
+            out["zero_points"] = ((self.n, blocks), ir.DataType.UINT8)
+        return out
+
+
+def _lazy_part(q: Quantized, key: str, shape: tuple[int, ...], dtype: Any) -> Any:
+    import onnx_ir as ir
+
+    return ir.LazyTensor(lambda: ir.tensor(q.part(key)), dtype=dtype, shape=ir.Shape(shape))
+
+
+def quantize_matmuls(
+    model: Any, bits: int, block: int, algorithm: str, head_bits: int, accuracy_level: int, errors: dict
+) -> dict[str, int]:
+    """Every MatMul with a lazy 2-D weight -> MatMulNBits with lazy parts."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    counts = {"MatMulNBits": 0, "float_weights": 0}
+    for node in list(graph):
+        if node.op_type != "MatMul":
+            continue
+        src = source_of(node.inputs[1])
+        if src is None or len(node.inputs[1].shape) != 2:
+            counts["float_weights"] += int(node.inputs[1].const_value is not None)
+            continue
+        k, n = node.inputs[1].shape.numpy()
+        head = any(o.is_graph_output() and o.name == "logits" for o in node.outputs)
+        nb = head_bits if head else bits
+        if k % 2:
+            counts["float_weights"] += 1
+            continue
+        label = node.name or node.outputs[0].name
+        q = Quantized(src, int(n), int(k), nb, block, algorithm, errors, label)
+        inputs = [node.inputs[0]]
+        for key, (shape, dtype) in q.shapes().items():
+            v = ir.Value(name=f"{label}_q{nb}_{key}", shape=ir.Shape(shape), type=ir.TensorType(dtype))
+            v.const_value = _lazy_part(q, key, shape, dtype)
+            graph.register_initializer(v)
+            inputs.append(v)
+        attrs = {"K": int(k), "N": int(n), "bits": nb, "block_size": block}
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        new = ir.node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft", name=node.name, num_outputs=1)
+        graph.insert_before(node, new)
+        name = node.outputs[0].name
+        node.outputs[0].name = f"{name}_float"
+        ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0], replace_graph_outputs=True)
+        new.outputs[0].name = name
+        graph.remove(node, safe=True)
+        counts["MatMulNBits"] += 1
+    model.opset_imports.setdefault("com.microsoft", 1)
+    for value in list(graph.initializers.values()):
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
+    return counts
+
+
+class _EmbeddingParts:
+    def __init__(self, src: CheckpointTensor, vocab: int, hidden: int, block: int, errors: dict, key: str) -> None:
+        self.src, self.vocab, self.hidden, self.block, self.errors, self.key = src, vocab, hidden, block, errors, key
+        self._parts: dict[str, np.ndarray] = {}
+
+    def compute(self) -> None:
+        parts: dict[str, list] = {"data": [], "scale": [], "zero": []}
+        err = ref = 0.0
+        step = max(1, CHUNK_BYTES // (4 * self.hidden))
+        for start in range(0, self.vocab, step):
+            rows = self.src.ckpt.read(self.src.name, rows=(start, min(self.vocab, start + step)))
+            b = nbits.rtn(np.ascontiguousarray(rows.T), 8, self.block)  # q: [rows, hidden]
+            parts["data"].append(b.q.astype(np.uint8))
+            parts["scale"].append(b.scale.astype(np.float32))
+            parts["zero"].append(b.zero.astype(np.uint8))
+            err += float(np.square(rows - b.dequantize().T).sum())
+            ref += float(np.square(rows).sum())
+        self._parts = {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+        self.errors[self.key] = math.sqrt(err / ref) if ref > 0 else 0.0
+
+    def part(self, key: str) -> np.ndarray:
+        if key not in self._parts:
+            self.compute()
+        return self._parts.pop(key)
+
+
+def quantize_embedding(model: Any, block: int, errors: dict) -> int:
+    """The token-embedding Gather (a lazy ``[vocab, hidden]`` table, axis 0) -> 8-bit GatherBlockQuantized."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    done = 0
+    for node in list(graph):
+        src = source_of(node.inputs[0]) if node.op_type == "Gather" else None
+        if src is None or src.transposed or node.attributes.get_int("axis", 0) != 0 or len(node.inputs[0].shape) != 2:
+            continue
+        vocab, hidden = (int(d) for d in node.inputs[0].shape.numpy())
+        if hidden % block:
+            continue
+        label = node.name or node.outputs[0].name
+        parts = _EmbeddingParts(src, vocab, hidden, block, errors, label)
+        shapes = {
+            "data": ((vocab, hidden), ir.DataType.UINT8),
+            "scale": ((vocab, hidden // block), ir.DataType.FLOAT),
+            "zero": ((vocab, hidden // block), ir.DataType.UINT8),
+        }
+        values = {}
+        for key, (shape, dtype) in shapes.items():
+            v = ir.Value(name=f"{label}_q8_{key}", shape=ir.Shape(shape), type=ir.TensorType(dtype))
+            v.const_value = ir.LazyTensor(
+                lambda key=key, parts=parts: ir.tensor(parts.part(key)), dtype=dtype, shape=ir.Shape(shape)
+            )
+            graph.register_initializer(v)
+            values[key] = v
+        new = ir.node(
+            "GatherBlockQuantized",
+            [values["data"], node.inputs[1], values["scale"], values["zero"]],
+            attributes={"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": 8},
+            domain="com.microsoft",
+            name=node.name,
+        )
+        graph.insert_before(node, new)
+        ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0])
+        graph.remove(node, safe=True)
+        done += 1
+    for value in list(graph.initializers.values()):
+        if not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
+    return done
+
+
+# -- 5. estimate, write --------------------------------------------------------------------------
+
+
+def estimate(ckpt: Checkpoint, bits: int, block: int, embedding_bits: int | None) -> dict[str, float]:
+    """Before compute: the output size and this process's peak memory, from the checkpoint's shapes."""
+    largest = max(e.numel for e in ckpt.entries.values())
+    out = 0.0
+    for name, e in ckpt.entries.items():
+        if len(e.shape) == 2 and min(e.shape) > 1:
+            b = (embedding_bits or 32) if ("embed" in name or name.endswith("wte.weight")) else bits
+            out += e.numel * (b / 8 + 5 / block)
+        else:
+            out += e.numel * 4
+    chunk = min(largest * 4, CHUNK_BYTES)
+    # the graph and the Python/torch/ORT libraries (~1 GB) + one weight's codes + one chunk and its temporaries
+    peak = 1.2e9 + largest * (bits / 8 + 5 / block) * 2 + chunk * 6
+    return {"output_mb": out / 1e6, "peak_mb": peak / 1e6, "largest_tensor_mb": largest * 4 / 1e6}
+
+
+def _available_memory_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(guess: dict[str, float], out_dir: Path) -> None:
+    free_disk = shutil.disk_usage(out_dir).free / 1e6
+    if guess["output_mb"] * 1.05 > free_disk:
+        raise ResourceError(
+            f"stream: the artifact will take about {guess['output_mb']:,.0f} MB and {out_dir} has {free_disk:,.0f} MB free. "
+            "Free disk space or write to another disk (--out)."
+        )
+    memory = _available_memory_mb()
+    if memory is not None and guess["peak_mb"] > memory:
+        raise ResourceError(
+            f"stream: the build needs about {guess['peak_mb']:,.0f} MB of memory at its peak and {memory:,.0f} MB is available. "
+            "Close other programs, or run it on a machine with more memory."
+        )
+
+
+def graph_passes(path: Path) -> dict[str, int]:
+    """The fusion's graph-only passes and ``logits_to_keep``, on the saved graph (weights stay on disk)."""
+    import onnx
+
+    from slimline.compile.export_llm import add_logits_to_keep
+    from slimline.compile.fusions import gqa_lengths, unused_outputs
+
+    proto = onnx.load(str(path), load_external_data=False)
+    done = {
+        "dropped_unused_outputs": unused_outputs.drop_unused_outputs(proto),
+        "gqa_lengths_from_mask": gqa_lengths.lengths_from_mask(proto),
+        "logits_to_keep": int(add_logits_to_keep(proto)),
+    }
+    onnx.save_model(proto, str(path))
+    return done
+
+
+def build(
+    folder: Path | str,
+    out: Path | str,
+    *,
+    bits: int | None = 4,
+    block_size: int = 32,
+    algorithm: str = "rtn",
+    head_bits: int | None = None,
+    embedding_bits: int | None = 8,
+    accuracy_level: int = 4,
+    shard_mb: int | None = None,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Safetensors decoder folder -> fused int4 ONNX decoder in ``out`` (a new folder). Returns the report.
+    ``bits=None`` writes the fused float graph (the same graph and weights as compile.export + compile.fuse)."""
+    import onnx_ir as ir
+    from transformers import AutoConfig
+
+    from slimline.compile.fusions import fuse_model
+    from slimline.family import KNOWN_DECODERS, expected_fusions, family_of
+    from slimline.models.loader import attention_kwargs
+    from slimline.runfolder import make_hidden_dir
+
+    folder, out = Path(folder), Path(out)
+    if algorithm not in ("rtn", "hqq"):
+        raise StageError(
+            f"stream: algorithm `{algorithm}`: the streaming path quantizes with rtn or hqq (GPTQ needs the layer-by-layer calibration, not built yet)."
+        )
+    if out.exists():
+        raise StageError(f"stream: {out} exists; slimline does not overwrite it. Choose a new --out or remove it yourself.")
+    t_all = time.perf_counter()
+    times: dict[str, float] = {}
+    report: dict[str, Any] = {
+        "options": {
+            "bits": bits,
+            "block_size": block_size,
+            "algorithm": algorithm,
+            "head_bits": head_bits,
+            "embedding_bits": embedding_bits if bits else None,
+            "accuracy_level": accuracy_level,
+        }
+    }
+    ckpt = Checkpoint(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in KNOWN_DECODERS:
+        raise StageError(f"stream: model type `{config.model_type}` is not a supported decoder ({', '.join(KNOWN_DECODERS)}).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    guess = estimate(ckpt, bits or 32, block_size, embedding_bits if bits else None)
+    report.update({f"estimate.{k}": round(v, 1) for k, v in guess.items()})
+    log(
+        f"checkpoint: {len(ckpt.entries)} tensors, {ckpt.numel / 1e9:.2f}B parameters, {ckpt.nbytes / 1e9:.2f} GB; "
+        f"estimated output {guess['output_mb']:,.0f} MB, peak memory {guess['peak_mb']:,.0f} MB"
+    )
+    check_fits(guess, out.parent)
+
+    attention = attention_kwargs(folder)
+    t = time.perf_counter()
+    model = trace(config, 18, attention)
+    times["trace"] = time.perf_counter() - t
+    log(f"traced with fake weights in {times['trace']:.1f}s: {sum(1 for _ in model.graph)} nodes")
+
+    t = time.perf_counter()
+    buffers = real_buffers(config, attention)
+    tied = {"lm_head.weight": _input_embedding_name(config, ckpt)} if getattr(config, "tie_word_embeddings", False) else {}
+    report.update({f"bound.{k}": v for k, v in bind(model, ckpt, buffers, tied).items()})
+    report["folded_transposes"] = fold_transposes(model)
+    from onnxscript.optimizer import optimize_ir
+
+    optimize_ir(model)
+    result = fuse_model(model)
+    times["fuse"] = time.perf_counter() - t
+    report.update({f"fused.{op}": n for op, n in result.counts.items()})
+    contract, how = expected_fusions(family_of("text-generation"), config)
+    short = {op: (n, result.counts.get(op, 0)) for op, n in contract.items() if result.counts.get(op, 0) < n}
+    report["contract"] = "met" if not short else "failed"
+    if short:
+        raise StageError(
+            "stream: the fusion contract is not met ("
+            + ", ".join(f"{op}: expected {w}, got {g}" for op, (w, g) in short.items())
+            + f"; {how}). The layers would run unfused."
+        )
+    log(f"fused in {times['fuse']:.1f}s: " + ", ".join(f"{op} {n}" for op, n in result.counts.items() if n))
+
+    errors: dict[str, float] = {}
+    counts = quantize_matmuls(model, bits, block_size, algorithm, head_bits or bits, accuracy_level, errors) if bits else {}
+    if bits and embedding_bits:
+        counts["GatherBlockQuantized"] = quantize_embedding(model, max(block_size, 64), errors)
+    report.update({f"quantized.{k}": v for k, v in counts.items()})
+
+    staging = make_hidden_dir(out.parent, f".{out.name}.partial-")
+    try:
+        t = time.perf_counter()
+        total = sum(1 for _ in model.graph.initializers)
+        state = {"n": 0, "last": time.perf_counter(), "bytes": 0}
+
+        def progress(tensor: Any, info: Any) -> None:
+            state["n"] += 1
+            state["bytes"] += tensor.nbytes
+            if time.perf_counter() - state["last"] > 15:
+                state["last"] = time.perf_counter()
+                log(f"writing: {state['n']}/{total} tensors, {state['bytes'] / 1e6:,.0f} MB, peak RSS {peak_rss_mb():,.0f} MB")
+
+        path = staging / "model.onnx"
+        ir.save(
+            model,
+            path,
+            external_data="model.onnx.data",
+            callback=progress,
+            max_shard_size_bytes=shard_mb * 1_000_000 if shard_mb else None,
+            alignment=4096,
+        )
+        times["quantize_write"] = time.perf_counter() - t
+        report.update({f"pass.{k}": v for k, v in graph_passes(path).items()})
+        config.save_pretrained(staging)
+        _copy_tokenizer(folder, staging)
+        size = sum(p.stat().st_size for p in staging.iterdir() if p.name.startswith("model.onnx"))
+        _finish(report, errors, size, times, t_all)
+        (staging / "build.json").write_text(json.dumps(report, indent=2))
+        os.rename(staging, out)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ResourceError(
+            f"stream: writing {out} failed ({err.strerror or err}); nothing was kept. Free disk space and run again."
+        ) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"wrote {out} ({report['output_mb']:,.0f} MB) in {times['quantize_write']:.0f}s; peak RSS {peak_rss_mb():,.0f} MB")
+    return report
+
+
+def _finish(report: dict, errors: dict[str, float], size: int, times: dict[str, float], t_all: float) -> None:
+    values = list(errors.values())
+    worst = max(errors, key=errors.get) if errors else None
+    report.update(
+        {
+            "output_mb": round(size / 1e6, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "weight_error.mean": round(float(np.mean(values)), 5) if values else None,
+            "weight_error.max": round(errors[worst], 5) if worst else None,
+            "weight_error.worst": worst,
+            **{f"time.{k}_s": round(v, 1) for k, v in times.items()},
+            "time.total_s": round(time.perf_counter() - t_all, 1),
+        }
+    )
+
+
+def _input_embedding_name(config: Any, ckpt: Checkpoint) -> str:
+    for name in ckpt.names():
+        if name.endswith("embed_tokens.weight") or name.endswith("wte.weight"):
+            return name
+    raise ModelError(
+        f"{ckpt.folder}: the model ties its LM head to the token embedding, and the checkpoint has no embedding table."
+    )
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.model",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+    ):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def round_trip(bits: int, block: int, algorithm: str, embedding_bits: int | None, head_bits: int | None = None) -> Callable:
+    """The streaming build's quantization applied to one torch parameter and undone (``[out, in]``
+    weights of Linear layers; the token embedding at ``embedding_bits`` in blocks of 64): torch then
+    computes with exactly the weights the artifact holds."""
+
+    def rows_through(value: np.ndarray, quantize: Callable) -> np.ndarray:
+        step = max(1, CHUNK_BYTES // (4 * value.shape[1]))  # in chunks of rows: the temporaries stay small
+        for start in range(0, value.shape[0], step):
+            chunk = value[start : start + step]
+            value[start : start + step] = quantize(np.ascontiguousarray(chunk.T)).dequantize().T
+        return value
+
+    def fn(name: str, value: np.ndarray) -> np.ndarray:
+        if value.ndim != 2 or min(value.shape) == 1:
+            return value
+        if name.endswith("embed_tokens.weight") or name.endswith("wte.weight"):
+            if not embedding_bits:
+                return value
+            return rows_through(value, lambda w: nbits.rtn(w, embedding_bits, max(block, 64)))
+        nb = (head_bits or bits) if name.endswith("lm_head.weight") else bits
+        if algorithm == "hqq":
+            return rows_through(value, lambda w: nbits.hqq(w, nb, block))
+        return rows_through(value, lambda w: nbits.rtn(w, nb, block))
+
+    return fn
+
+
+def verify(
+    out: Path | str,
+    folder: Path | str,
+    *,
+    prompts: int = 3,
+    prompt_len: int = 32,
+    decode_tokens: int = 16,
+    threads: int = 0,
+    log: Log = print,
+) -> dict[str, Any]:
+    """The built artifact against transformers on the same weights (``SequentialModel``, module by
+    module): logit cosine at every prompt position and top-1 agreement against the float weights, the
+    same cosine against the float model computing with the artifact's rounded weights (which isolates
+    the graph from the rounding: it should be ~1), and batch-1 decode speed."""
+    from transformers import AutoConfig
+
+    from slimline.generate import OnnxDecoder
+    from slimline.models.sequential import SequentialModel
+
+    out, folder = Path(out), Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    built = json.loads((out / "build.json").read_text()) if (out / "build.json").is_file() else {}
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (prompts, prompt_len))
+    t = time.perf_counter()
+    expected = {"float": SequentialModel(folder).logits(ids)}
+    log(f"verify: torch reference on the float weights ({time.perf_counter() - t:.0f}s)")
+    options = built.get("options", {})
+    if options.get("bits"):
+        t = time.perf_counter()
+        rounding = round_trip(
+            options["bits"], options["block_size"], options["algorithm"], options.get("embedding_bits"), options.get("head_bits")
+        )
+        expected["rounded"] = SequentialModel(folder, transform=rounding).logits(ids)
+        log(f"verify: torch reference on the artifact's rounded weights ({time.perf_counter() - t:.0f}s)")
+    t = time.perf_counter()
+    decoder = OnnxDecoder(out / "model.onnx", threads)
+    load_s = time.perf_counter() - t
+    got = np.concatenate([decoder.prefill(ids[i : i + 1]) for i in range(prompts)])
+    result: dict[str, Any] = {}
+    for key, want in expected.items():
+        cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+        tag = "" if key == "float" else ".rounded_weights"
+        result[f"verify.logit_cosine{tag}.min"] = round(float(cos.min()), 5)
+        result[f"verify.logit_cosine{tag}.mean"] = round(float(cos.mean()), 5)
+        result[f"verify.top1_agreement{tag}"] = round(float(np.mean(got.argmax(-1) == want.argmax(-1))), 4)
+    steps = []
+    logits = decoder.prefill(ids[:1], last_only=True)
+    for _ in range(decode_tokens):
+        token = np.asarray(logits).reshape(1, -1).argmax(-1)
+        t = time.perf_counter()
+        logits = decoder.step(token)
+        steps.append(time.perf_counter() - t)
+    result.update(
+        {
+            "verify.positions": int(ids.size),
+            "verify.session_load_s": round(load_s, 1),
+            "verify.decode_b1_tok_s": round(1.0 / float(np.median(steps)), 2),
+            "verify.peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+    )
+    log("verify: " + ", ".join(f"{k[7:]} {v}" for k, v in result.items()))
+    return result

@@ -1,0 +1,158 @@
+"""The streaming build (issue 23): a decoder traced with fake weights, bound lazily to its safetensors,
+fused and quantized as it is written, gives the whole-model path's graph and answers; the checkpoint is
+checked before compute; a failed write leaves nothing behind."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from slimline import streaming as stream
+from slimline.errors import ModelError, ResourceError, StageError
+from slimline.family import expected_fusions, family_of
+from slimline.models.lazy import Checkpoint, to_bf16, write_safetensors
+from slimline.models.sequential import SequentialModel
+from tests.models import tiny_decoder, tiny_llama
+
+IDS = np.array([[5, 9, 33, 100, 7, 2, 41, 17, 60, 3, 12]])
+
+
+def torch_logits(folder, ids):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slimline.models.loader import attention_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(folder, **attention_kwargs(folder)).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("stream") / "llama")
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text"])
+def test_float_build_is_the_model(kind, llama, tmp_path):
+    """Fake-weight trace + lazy binding + fusion = transformers' logits, prefill and decode with the
+    cache; the fused ops meet the family's contract (Gemma 3: sandwich and q/k norms, window, scale)."""
+    from slimline.generate import OnnxDecoder
+
+    folder = llama if kind == "llama" else tiny_decoder(kind, tmp_path / kind)
+    report = stream.build(folder, tmp_path / "out", bits=None, log=quiet)
+    assert report["contract"] == "met"
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False)
+    counts = Counter(n.op_type for n in graph.graph.node)
+    from transformers import AutoConfig
+
+    contract, _ = expected_fusions(family_of("text-generation"), AutoConfig.from_pretrained(folder))
+    assert all(counts[op] >= n for op, n in contract.items()), (contract, counts)
+    want = torch_logits(folder, IDS)
+    decoder = OnnxDecoder(tmp_path / "out" / "model.onnx", 1)
+    got = decoder.prefill(IDS[:, :8])[0]
+    np.testing.assert_allclose(got, want[0, :8], atol=1e-4)
+    for i in range(8, IDS.shape[1]):  # decode steps against the full recomputation
+        np.testing.assert_allclose(decoder.step(IDS[0, i : i + 1])[0], want[0, i], atol=1e-4)
+
+
+def test_int4_build_and_verify(llama, tmp_path):
+    out = tmp_path / "int4"
+    report = stream.build(llama, out, bits=4, algorithm="rtn", log=quiet)
+    layers = 2
+    assert report["quantized.MatMulNBits"] == 7 * layers + 1  # q, k, v, o, gate, up, down per layer + the head
+    assert report["quantized.GatherBlockQuantized"] == 1
+    assert 0 < report["weight_error.mean"] < 0.15
+    assert json.loads((out / "build.json").read_text())["options"]["bits"] == 4
+    ops = Counter(n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node)
+    assert ops["MatMul"] <= 1  # the rotary angles' MatMul at most; every weight is packed
+    checked = stream.verify(out, llama, prompts=2, prompt_len=12, decode_tokens=3, threads=1, log=quiet)
+    # against transformers computing with the artifact's rounded weights, the graph is exact up to the
+    # kernel's int8 activations (accuracy_level 4)
+    assert checked["verify.logit_cosine.rounded_weights.min"] > 0.998
+    assert checked["verify.logit_cosine.min"] > 0.9
+    with pytest.raises(StageError, match="exists"):
+        stream.build(llama, out, log=quiet)
+
+
+def test_sequential_model_is_transformers(llama):
+    np.testing.assert_allclose(SequentialModel(llama).logits(IDS), torch_logits(llama, IDS), atol=1e-5)
+
+
+def test_checkpoint_reads_rows_and_bf16(tmp_path):
+    import torch
+
+    values = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    write_safetensors(tmp_path / "model.safetensors", {"w": values, "v": ((3,), lambda: np.ones(3, np.float32))})
+    ckpt = Checkpoint(tmp_path)
+    expected = torch.from_numpy(values).bfloat16().float().numpy()  # torch's rounding to bf16
+    np.testing.assert_array_equal(ckpt.read("w"), expected)
+    np.testing.assert_array_equal(ckpt.read("w", rows=(2, 5)), expected[2:5])
+    np.testing.assert_array_equal(ckpt.read("v"), np.ones(3, np.float32))
+    assert to_bf16(np.float32([1.0])).tolist() == [0x3F80]
+
+
+def test_bad_checkpoints_are_named(llama, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(llama, bad)
+    weights = bad / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(ModelError, match="truncated.*1,000 missing"):
+        Checkpoint(bad)
+    os.unlink(weights)
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(ModelError, match="not there: model-00001-of-00002"):
+        Checkpoint(bad)
+    # a tensor the model needs is missing: named before anything is written
+    ckpt = Checkpoint(llama)
+    kept = {n: ckpt.read(n) for n in ckpt.names() if "layers.1.mlp.down_proj" not in n}
+    (bad / "model.safetensors.index.json").unlink()
+    write_safetensors(weights, kept, dtype="F32")
+    with pytest.raises(ModelError, match="no tensor `model.layers.1.mlp.down_proj.weight`"):
+        stream.build(bad, tmp_path / "never", log=quiet)
+    assert not (tmp_path / "never").exists()
+
+
+def test_failed_write_leaves_nothing(llama, tmp_path, monkeypatch):
+    def full_disk(self):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream.Quantized, "compute", full_disk)
+    with pytest.raises(ResourceError, match="No space left"):
+        stream.build(llama, tmp_path / "out", log=quiet)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its hidden staging folder
+
+
+def test_a_build_that_cannot_fit_stops_first(llama, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(stream.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(ResourceError, match="MB free"):
+        stream.build(llama, tmp_path / "out", log=quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_stream_bad_source_exit_2(tmp_path):
+    from click.testing import CliRunner
+
+    from slimline.cli import main
+
+    result = CliRunner().invoke(main, ["stream", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "no such file or folder" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
