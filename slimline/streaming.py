@@ -166,27 +166,61 @@ def fold_transposes(model: Any) -> int:
         ir.convenience.replace_all_uses_with(out, fresh)
         graph.remove(node, safe=True)
         done += 1
+    _drop_unread(graph)
+    return done
+
+
+def _drop_unread(graph: Any) -> None:
     for value in list(graph.initializers.values()):
         if not value.uses() and not value.is_graph_output():
             graph.initializers.pop(value.name)
-    return done
 
 
 # -- 4. lazy quantization ------------------------------------------------------------------------
 
 
-class Quantized:
-    """The packed parts of one weight, computed when the first of them is written and dropped once
-    each has been; ``errors`` gets the weight's relative reconstruction error."""
+class _LazyParts:
+    """The packed parts of one weight, computed chunk by chunk when the first of them is written and
+    dropped once each has been; ``errors[key]`` gets the weight's relative reconstruction error."""
+
+    def __init__(self, errors: dict, key: str) -> None:
+        self.errors, self.key = errors, key
+        self._parts: dict[str, np.ndarray] = {}
+
+    def _chunks(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _encode(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], nbits.Blocked]:  # pragma: no cover
+        raise NotImplementedError
+
+    def compute(self) -> None:
+        parts: dict[str, list[np.ndarray]] = {}
+        err = ref = 0.0
+        for rows in self._chunks():  # [n_chunk, k]: output channels (or table rows) x inputs
+            packed, b = self._encode(rows)
+            for key, v in packed.items():
+                parts.setdefault(key, []).append(v)
+            err += float(np.square(rows - b.dequantize().T).sum())
+            ref += float(np.square(rows).sum())
+        self._parts = {key: np.concatenate(v, axis=0) for key, v in parts.items()}
+        self.errors[self.key] = math.sqrt(err / ref) if ref > 0 else 0.0
+
+    def part(self, key: str) -> np.ndarray:
+        if key not in self._parts:
+            self.compute()
+        return self._parts.pop(key)
+
+
+class Quantized(_LazyParts):
+    """A MatMul weight's MatMulNBits parts (``B``, ``scales``, ``zero_points``)."""
 
     def __init__(
         self, src: CheckpointTensor, n: int, k: int, bits: int, block: int, algorithm: str, errors: dict, key: str
     ) -> None:
+        super().__init__(errors, key)
         self.src, self.n, self.k, self.bits, self.block, self.algorithm = src, n, k, bits, block, algorithm
-        self.errors, self.key = errors, key
-        self._parts: dict[str, np.ndarray] = {}
 
-    def _rows(self) -> Any:
+    def _chunks(self) -> Any:
         """``W^T`` (``[out, in]``) in chunks of output channels. A Linear's checkpoint tensor is already
         ``[out, in]``: its row ranges are contiguous bytes in the file. A Conv1D's (GPT-2) is ``[in, out]``:
         read whole and transposed."""
@@ -198,29 +232,12 @@ class Quantized:
         for start in range(0, self.n, step):
             yield ckpt.read(self.src.name, rows=(start, min(self.n, start + step)))
 
-    def compute(self) -> None:
-        parts: dict[str, list[np.ndarray]] = {}
-        err = ref = 0.0
-        for rows in self._rows():  # [n_chunk, k]: output channels x inputs
-            if self.algorithm == "hqq":
-                b = nbits.hqq(rows.T, self.bits, self.block)
-            else:
-                b = nbits.rtn(rows.T, self.bits, self.block)
-            packed = nbits.pack(b)
-            if self.algorithm == "hqq" and packed.get("zero_points", b.zero).dtype != np.float32:
-                packed["zero_points"] = b.zero.astype(np.float32)  # HQQ's zeros are float, whatever this chunk's
-            for key, v in packed.items():
-                parts.setdefault(key, []).append(v)
-            deq = b.dequantize().T
-            err += float(np.square(rows - deq).sum())
-            ref += float(np.square(rows).sum())
-        self._parts = {key: np.concatenate(v, axis=0) for key, v in parts.items()}
-        self.errors[self.key] = math.sqrt(err / ref) if ref > 0 else 0.0
-
-    def part(self, key: str) -> np.ndarray:
-        if key not in self._parts:
-            self.compute()
-        return self._parts.pop(key)
+    def _encode(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], nbits.Blocked]:
+        b = nbits.hqq(rows.T, self.bits, self.block) if self.algorithm == "hqq" else nbits.rtn(rows.T, self.bits, self.block)
+        packed = nbits.pack(b)
+        if self.algorithm == "hqq" and packed.get("zero_points", b.zero).dtype != np.float32:
+            packed["zero_points"] = b.zero.astype(np.float32)  # HQQ's zeros are float, whatever this chunk's
+        return packed, b
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         import onnx_ir as ir
@@ -286,36 +303,25 @@ def quantize_matmuls(
         graph.remove(node, safe=True)
         counts["MatMulNBits"] += 1
     model.opset_imports.setdefault("com.microsoft", 1)
-    for value in list(graph.initializers.values()):
-        if not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(value.name)
+    _drop_unread(graph)
     return counts
 
 
-class _EmbeddingParts:
-    def __init__(self, src: CheckpointTensor, vocab: int, hidden: int, block: int, errors: dict, key: str) -> None:
-        self.src, self.vocab, self.hidden, self.block, self.errors, self.key = src, vocab, hidden, block, errors, key
-        self._parts: dict[str, np.ndarray] = {}
+class _EmbeddingParts(_LazyParts):
+    """A token-embedding table's 8-bit GatherBlockQuantized parts, blocks along the hidden axis."""
 
-    def compute(self) -> None:
-        parts: dict[str, list] = {"data": [], "scale": [], "zero": []}
-        err = ref = 0.0
+    def __init__(self, src: CheckpointTensor, vocab: int, hidden: int, block: int, errors: dict, key: str) -> None:
+        super().__init__(errors, key)
+        self.src, self.vocab, self.hidden, self.block = src, vocab, hidden, block
+
+    def _chunks(self) -> Any:
         step = max(1, CHUNK_BYTES // (4 * self.hidden))
         for start in range(0, self.vocab, step):
-            rows = self.src.ckpt.read(self.src.name, rows=(start, min(self.vocab, start + step)))
-            b = nbits.rtn(np.ascontiguousarray(rows.T), 8, self.block)  # q: [rows, hidden]
-            parts["data"].append(b.q.astype(np.uint8))
-            parts["scale"].append(b.scale.astype(np.float32))
-            parts["zero"].append(b.zero.astype(np.uint8))
-            err += float(np.square(rows - b.dequantize().T).sum())
-            ref += float(np.square(rows).sum())
-        self._parts = {k: np.concatenate(v, axis=0) for k, v in parts.items()}
-        self.errors[self.key] = math.sqrt(err / ref) if ref > 0 else 0.0
+            yield self.src.ckpt.read(self.src.name, rows=(start, min(self.vocab, start + step)))
 
-    def part(self, key: str) -> np.ndarray:
-        if key not in self._parts:
-            self.compute()
-        return self._parts.pop(key)
+    def _encode(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], nbits.Blocked]:
+        b = nbits.rtn(np.ascontiguousarray(rows.T), 8, self.block)  # q: [rows, hidden]
+        return {"data": b.q.astype(np.uint8), "scale": b.scale.astype(np.float32), "zero": b.zero.astype(np.uint8)}, b
 
 
 def quantize_embedding(model: Any, block: int, errors: dict) -> int:
@@ -357,9 +363,7 @@ def quantize_embedding(model: Any, block: int, errors: dict) -> int:
         ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0])
         graph.remove(node, safe=True)
         done += 1
-    for value in list(graph.initializers.values()):
-        if not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(value.name)
+    _drop_unread(graph)
     return done
 
 
