@@ -109,7 +109,68 @@ def lazy(source: CheckpointTensor, shape: tuple[int, ...]) -> Any:
 
 
 def source_of(value: Any) -> CheckpointTensor | None:
+    """The checkpoint tensor behind a lazy initializer (None for a merged one or a computed constant)."""
     return getattr(getattr(value, "const_value", None), "slimline_source", None)
+
+
+def sources_of(value: Any) -> list[CheckpointTensor] | None:
+    """The checkpoint tensors a lazy MatMul weight concatenates along its columns (one, unless merged)."""
+    merged = getattr(getattr(value, "const_value", None), "slimline_sources", None)
+    if merged is not None:
+        return merged
+    single = source_of(value)
+    return None if single is None else [single]
+
+
+def merge_siblings(model: Any) -> int:
+    """MatMuls that read one input with lazy weights of the same K -> one MatMul over the concatenated
+    weight and a Split, as ``compile.fusions.sibling_matmul`` does on the whole-model path (Q/K/V, then
+    packed into GroupQueryAttention; gate/up). The merged weight stays lazy: its quantized parts are
+    each source's, one after the other along N (blocks run along K, so each column quantizes exactly
+    as it would alone). Returns the groups merged."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    groups: dict[int, list[Any]] = {}
+    for node in graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or source_of(node.inputs[1]) is None:
+            continue
+        if len(node.inputs[1].shape) != 2 or node.outputs[0].is_graph_output():
+            continue
+        groups.setdefault(id(node.inputs[0]), []).append(node)
+    merged = 0
+    for nodes in groups.values():
+        if len(nodes) < 2 or len({int(n.inputs[1].shape[0]) for n in nodes}) != 1:
+            continue
+        sources = [source_of(n.inputs[1]) for n in nodes]
+        widths = [int(n.inputs[1].shape[1]) for n in nodes]
+        k = int(nodes[0].inputs[1].shape[0])
+        weight = ir.Value(
+            name=f"{nodes[0].inputs[1].name}_merged", shape=ir.Shape([k, sum(widths)]), type=ir.TensorType(ir.DataType.FLOAT)
+        )
+        weight.const_value = ir.LazyTensor(
+            lambda sources=sources: ir.tensor(np.concatenate([s.array() for s in sources], axis=1)),
+            dtype=ir.DataType.FLOAT,
+            shape=ir.Shape([k, sum(widths)]),
+        )
+        weight.const_value.slimline_sources = sources  # type: ignore[attr-defined]
+        sizes = ir.Value(name=f"{nodes[0].name}_split_sizes", shape=ir.Shape([len(widths)]), type=ir.TensorType(ir.DataType.INT64))
+        sizes.const_value = ir.tensor(np.array(widths, np.int64))
+        graph.register_initializer(weight)
+        graph.register_initializer(sizes)
+        name = "+".join(n.name for n in nodes)
+        wide = ir.node("MatMul", [nodes[0].inputs[0], weight], name=name)
+        split = ir.node("Split", [wide.outputs[0], sizes], attributes={"axis": -1}, num_outputs=len(nodes), name=f"{name}/split")
+        graph.insert_before(nodes[0], [wide, split])
+        for node, out in zip(nodes, split.outputs, strict=True):
+            old = node.outputs[0].name
+            node.outputs[0].name = f"{old}_unmerged"
+            ir.convenience.replace_all_uses_with(node.outputs[0], out)
+            out.name = old
+            graph.remove(node, safe=True)
+        merged += 1
+    _drop_unread(graph)
+    return merged
 
 
 def bind(model: Any, ckpt: Checkpoint, buffers: dict[str, np.ndarray], tied: dict[str, str]) -> dict[str, int]:
@@ -215,22 +276,23 @@ class Quantized(_LazyParts):
     """A MatMul weight's MatMulNBits parts (``B``, ``scales``, ``zero_points``)."""
 
     def __init__(
-        self, src: CheckpointTensor, n: int, k: int, bits: int, block: int, algorithm: str, errors: dict, key: str
+        self, sources: list[CheckpointTensor], n: int, k: int, bits: int, block: int, algorithm: str, errors: dict, key: str
     ) -> None:
         super().__init__(errors, key)
-        self.src, self.n, self.k, self.bits, self.block, self.algorithm = src, n, k, bits, block, algorithm
+        self.sources, self.n, self.k, self.bits, self.block, self.algorithm = sources, n, k, bits, block, algorithm
 
     def _chunks(self) -> Any:
         """``W^T`` (``[out, in]``) in chunks of output channels. A Linear's checkpoint tensor is already
         ``[out, in]``: its row ranges are contiguous bytes in the file. A Conv1D's (GPT-2) is ``[in, out]``:
         read whole and transposed."""
-        ckpt = self.src.ckpt
-        if not self.src.transposed:
-            yield np.ascontiguousarray(ckpt.read(self.src.name).T)
-            return
         step = max(1, CHUNK_BYTES // (4 * self.k))
-        for start in range(0, self.n, step):
-            yield ckpt.read(self.src.name, rows=(start, min(self.n, start + step)))
+        for src in self.sources:  # a merged weight: each source's output channels in turn
+            if not src.transposed:
+                yield np.ascontiguousarray(src.ckpt.read(src.name).T)
+                continue
+            rows = src.ckpt.entries[src.name].shape[0]
+            for start in range(0, rows, step):
+                yield src.ckpt.read(src.name, rows=(start, min(rows, start + step)))
 
     def _encode(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], nbits.Blocked]:
         b = nbits.hqq(rows.T, self.bits, self.block) if self.algorithm == "hqq" else nbits.rtn(rows.T, self.bits, self.block)
@@ -273,7 +335,7 @@ def quantize_matmuls(
     for node in list(graph):
         if node.op_type != "MatMul":
             continue
-        src = source_of(node.inputs[1])
+        src = sources_of(node.inputs[1])
         if src is None or len(node.inputs[1].shape) != 2:
             counts["float_weights"] += int(node.inputs[1].const_value is not None)
             continue
@@ -416,11 +478,12 @@ def graph_passes(path: Path) -> dict[str, int]:
     import onnx
 
     from slimline.compile.export_llm import add_logits_to_keep
-    from slimline.compile.fusions import gqa_lengths, unused_outputs
+    from slimline.compile.fusions import gqa_lengths, sibling_matmul, unused_outputs
 
     proto = onnx.load(str(path), load_external_data=False)
     done = {
         "dropped_unused_outputs": unused_outputs.drop_unused_outputs(proto),
+        "packed_qkv_attention": sibling_matmul.pack_attention_inputs(proto),
         "gqa_lengths_from_mask": gqa_lengths.lengths_from_mask(proto),
         "logits_to_keep": int(add_logits_to_keep(proto)),
     }
@@ -511,6 +574,7 @@ def build(
         )
     log(f"fused in {times['fuse']:.1f}s: " + ", ".join(f"{op} {n}" for op, n in result.counts.items() if n))
 
+    report["merged_sibling_matmuls"] = merge_siblings(model)
     errors: dict[str, float] = {}
     counts = quantize_matmuls(model, bits, block_size, algorithm, head_bits or bits, accuracy_level, errors) if bits else {}
     if bits and embedding_bits:

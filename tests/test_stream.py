@@ -70,7 +70,10 @@ def test_int4_build_and_verify(llama, tmp_path):
     out = tmp_path / "int4"
     report = stream.build(llama, out, bits=4, algorithm="rtn", log=quiet)
     layers = 2
-    assert report["quantized.MatMulNBits"] == 7 * layers + 1  # q, k, v, o, gate, up, down per layer + the head
+    # q/k/v merged into one, gate/up into one: qkv, o, gate+up, down per layer + the head
+    assert report["merged_sibling_matmuls"] == 2 * layers
+    assert report["quantized.MatMulNBits"] == 4 * layers + 1
+    assert report["pass.packed_qkv_attention"] == layers
     assert report["quantized.GatherBlockQuantized"] == 1
     assert 0 < report["weight_error.mean"] < 0.15
     assert json.loads((out / "build.json").read_text())["options"]["bits"] == 4
