@@ -283,7 +283,17 @@ def _print_fusions(info: dict) -> None:
     show_default=True,
     help="weight bits (float: the fused fp32 graph)",
 )
-@click.option("--algorithm", type=click.Choice(["rtn", "hqq"]), default="rtn", show_default=True)
+@click.option(
+    "--algorithm",
+    type=click.Choice(["rtn", "hqq", "gptq"]),
+    default="rtn",
+    show_default=True,
+    help="gptq: calibrated on the built-in Shakespeare, carried layer by layer",
+)
+@click.option(
+    "--calibration-windows", default=32, show_default=True, type=click.IntRange(1), help="gptq: windows of calibration text"
+)
+@click.option("--calibration-length", default=512, show_default=True, type=click.IntRange(16), help="gptq: tokens per window")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--shard-mb", type=click.IntRange(64), help="split the external weights into files of at most this many MB")
 @click.option(
@@ -295,7 +305,16 @@ def _print_fusions(info: dict) -> None:
 @click.option("--threads", default=0, type=click.IntRange(0), help="threads for --verify (0: all cores)")
 @guarded("the partial output folder was removed; nothing else was touched.")
 def stream(
-    source: str, out: Path, bits: str, algorithm: str, block_size: str, shard_mb: int | None, check: bool, threads: int
+    source: str,
+    out: Path,
+    bits: str,
+    algorithm: str,
+    calibration_windows: int,
+    calibration_length: int,
+    block_size: str,
+    shard_mb: int | None,
+    check: bool,
+    threads: int,
 ) -> None:
     """Build a decoder of any size into a fused int4 ONNX model in bounded memory (weights read and
     quantized one at a time from SOURCE's safetensors; a local folder, pip: or hf: source)."""
@@ -322,6 +341,8 @@ def stream(
         algorithm=algorithm,
         block_size=int(block_size),
         shard_mb=shard_mb,
+        calibration_windows=calibration_windows,
+        calibration_length=calibration_length,
         log=log,
     )
     if check:

@@ -154,7 +154,9 @@ def merge_siblings(model: Any) -> int:
             shape=ir.Shape([k, sum(widths)]),
         )
         weight.const_value.slimline_sources = sources  # type: ignore[attr-defined]
-        sizes = ir.Value(name=f"{nodes[0].name}_split_sizes", shape=ir.Shape([len(widths)]), type=ir.TensorType(ir.DataType.INT64))
+        sizes = ir.Value(
+            name=f"{nodes[0].name}_split_sizes", shape=ir.Shape([len(widths)]), type=ir.TensorType(ir.DataType.INT64)
+        )
         sizes.const_value = ir.tensor(np.array(widths, np.int64))
         graph.register_initializer(weight)
         graph.register_initializer(sizes)
@@ -280,6 +282,20 @@ class Quantized(_LazyParts):
     ) -> None:
         super().__init__(errors, key)
         self.sources, self.n, self.k, self.bits, self.block, self.algorithm = sources, n, k, bits, block, algorithm
+        self.store: Calibrated | None = None
+
+    def compute(self) -> None:
+        """GPTQ's parts from the calibration pass when it covered every source, else RTN/HQQ now."""
+        if self.store is None or not all(s.name in self.store.paths for s in self.sources):
+            super().compute()
+            return
+        parts: dict[str, list[np.ndarray]] = {}
+        for src in self.sources:
+            with np.load(self.store.paths[src.name]) as saved:
+                for key in saved.files:
+                    parts.setdefault(key, []).append(saved[key])
+        self._parts = {key: np.concatenate(v, axis=0) for key, v in parts.items()}
+        self.errors[self.key] = max(self.store.errors[s.name] for s in self.sources)
 
     def _chunks(self) -> Any:
         """``W^T`` (``[out, in]``) in chunks of output channels. A Linear's checkpoint tensor is already
@@ -325,7 +341,14 @@ def _lazy_part(q: Quantized, key: str, shape: tuple[int, ...], dtype: Any) -> An
 
 
 def quantize_matmuls(
-    model: Any, bits: int, block: int, algorithm: str, head_bits: int, accuracy_level: int, errors: dict
+    model: Any,
+    bits: int,
+    block: int,
+    algorithm: str,
+    head_bits: int,
+    accuracy_level: int,
+    errors: dict,
+    store: Calibrated | None = None,
 ) -> dict[str, int]:
     """Every MatMul with a lazy 2-D weight -> MatMulNBits with lazy parts."""
     import onnx_ir as ir
@@ -346,7 +369,8 @@ def quantize_matmuls(
             counts["float_weights"] += 1
             continue
         label = node.name or node.outputs[0].name
-        q = Quantized(src, int(n), int(k), nb, block, algorithm, errors, label)
+        q = Quantized(src, int(n), int(k), nb, block, "rtn" if algorithm == "gptq" else algorithm, errors, label)
+        q.store = store if nb == bits else None
         inputs = [node.inputs[0]]
         for key, (shape, dtype) in q.shapes().items():
             v = ir.Value(name=f"{label}_q{nb}_{key}", shape=ir.Shape(shape), type=ir.TensorType(dtype))
@@ -429,6 +453,166 @@ def quantize_embedding(model: Any, block: int, errors: dict) -> int:
     return done
 
 
+# -- 3b. GPTQ: calibration carried layer by layer ----------------------------------------------
+
+
+class _Hessians:
+    """``X^T X`` of each Linear's inputs over the calibration batches, one per distinct input tensor."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Any] = {}
+        self.alias: dict[str, str] = {}
+        self.seen: dict[int, str] = {}
+
+    def new_batch(self) -> None:
+        self.seen.clear()
+
+    def hook(self, name: str) -> Callable:
+        def accumulate(module: Any, args: tuple) -> None:
+            x = args[0]
+            first = self.seen.get(x.data_ptr())
+            if first is not None:  # Q/K/V (gate/up) read the same tensor: one Hessian
+                self.alias[name] = first
+                return
+            self.seen[x.data_ptr()] = name
+            flat = x.reshape(-1, x.shape[-1]).float()
+            contribution = (flat.T @ flat).double()
+            self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution
+
+        return accumulate
+
+    def of(self, name: str) -> np.ndarray:
+        return self.sums[self.alias.get(name, name)].numpy()
+
+
+class Calibrated:
+    """GPTQ's packed parts per checkpoint tensor, in ``.npz`` files under a scratch folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.paths: dict[str, Path] = {}
+        self.errors: dict[str, float] = {}
+
+
+def calibration_windows(folder: Path, vocab: int, windows: int, length: int, log: Log) -> np.ndarray:
+    """``[windows, length]`` token ids: the calibration plays of the built-in Shakespeare, tokenized with
+    the model's tokenizer and cut into windows; random ids when the folder has no tokenizer."""
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        log("gptq: the model folder has no tokenizer; calibrating on random token ids")
+        return np.random.default_rng(0).integers(0, vocab, (windows, length))
+    from slimline.measure.data import load_shakespeare
+
+    text = "\n".join(load_shakespeare(100_000, 0).calibration)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = min(windows, len(ids) // length)
+    return np.asarray(ids[: n * length], np.int64).reshape(n, length)
+
+
+def _decoder_layers(model: Any, count: int) -> Any:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise StageError(f"gptq: no list of {count} decoder layers in this model; use --algorithm rtn or hqq.")
+
+
+def calibrate_gptq(
+    folder: Path,
+    ckpt: Checkpoint,
+    bits: int,
+    block: int,
+    scratch: Path,
+    *,
+    windows: int = 32,
+    length: int = 512,
+    damp: float = 0.01,
+    act_order: bool = True,
+    log: Log = print,
+) -> Calibrated:
+    """GPTQ every Linear of every decoder layer, one layer in memory at a time.
+
+    The calibration windows run through the embeddings up to the first layer (transformers' own
+    forward, module by module, ``SequentialModel``); from there the hidden states are carried layer by
+    layer. In each layer the inputs of its Linears give their Hessians ``X^T X`` (one per distinct
+    input: Q/K/V share one, gate/up another); each weight is quantized with GPTQ and its packed parts
+    saved; the layer then runs again with the quantized weights, and its outputs are the next layer's
+    inputs, so each layer is calibrated on what the quantized model before it really produces. The
+    peak is one layer's weights, its Hessians, the GPTQ temporaries of one weight and the hidden states
+    (windows x length x hidden, in float32). The LM head and the embedding stay RTN."""
+    import torch
+
+    from slimline.models.sequential import SequentialModel
+
+    sequential = SequentialModel(folder, ckpt)
+    config = sequential.config
+    count = getattr(config, "num_hidden_layers", None) or config.n_layer
+    layers = _decoder_layers(sequential.model, count)
+    ids = calibration_windows(folder, config.vocab_size, windows, length, log)
+    captured: list[tuple[Any, dict]] = []
+
+    class _Stop(Exception):
+        pass
+
+    def catch(module: Any, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    batch = 4
+    for start in range(0, len(ids), batch):
+        try:
+            with torch.no_grad():
+                sequential.model(torch.from_numpy(ids[start : start + batch]), use_cache=False)
+        except _Stop:
+            pass
+    handle.remove()
+    hidden = [h for h, _ in captured]
+    kwargs = [k for _, k in captured]
+    store = Calibrated(scratch)
+    t0 = time.perf_counter()
+    for i, layer in enumerate(layers):
+        prefix = next(n for n, m in sequential.model.named_modules() if m is layer)
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        hessians = _Hessians()
+        handles = [m.register_forward_pre_hook(hessians.hook(n)) for n, m in linears.items()]
+        with torch.no_grad():
+            for b in range(len(hidden)):
+                hessians.new_batch()
+                layer(hidden[b], **kwargs[b])
+        for h in handles:
+            h.remove()
+        rounded: dict[str, np.ndarray] = {}
+        for name in linears:
+            fqn = f"{prefix}.{name}.weight"
+            stored = sequential.names_of(linears[name])["weight"]
+            weight = ckpt.read(stored)  # [out, in]
+            hessian = hessians.of(name)
+            b = nbits.gptq(weight.T, hessian, bits, block, damp=damp, act_order=act_order)
+            path = scratch / f"{stored}.npz"
+            np.savez(path, **nbits.pack(b))
+            store.paths[stored] = path
+            deq = b.dequantize().T
+            store.errors[stored] = float(np.linalg.norm(weight - deq) / max(np.linalg.norm(weight), 1e-30))
+            rounded[fqn] = np.ascontiguousarray(deq)
+        del hessians
+        sequential.transform = lambda name, value, rounded=rounded: rounded.get(name, value)
+        with torch.no_grad():
+            for b in range(len(hidden)):
+                out = layer(hidden[b], **kwargs[b])
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+        sequential.transform = None
+        log(
+            f"gptq: layer {i + 1}/{len(layers)} ({len(linears)} weights) in {time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_mb():,.0f} MB"
+        )
+    return store
+
+
 # -- 5. estimate, write --------------------------------------------------------------------------
 
 
@@ -502,6 +686,8 @@ def build(
     embedding_bits: int | None = 8,
     accuracy_level: int = 4,
     shard_mb: int | None = None,
+    calibration_windows: int = 32,
+    calibration_length: int = 512,
     log: Log = print,
 ) -> dict[str, Any]:
     """Safetensors decoder folder -> fused int4 ONNX decoder in ``out`` (a new folder). Returns the report.
@@ -515,7 +701,7 @@ def build(
     from slimline.runfolder import make_hidden_dir
 
     folder, out = Path(folder), Path(out)
-    if algorithm not in ("rtn", "hqq"):
+    if algorithm not in ("rtn", "hqq", "gptq"):
         raise StageError(
             f"stream: algorithm `{algorithm}`: the streaming path quantizes with rtn or hqq (GPTQ needs the layer-by-layer calibration, not built yet)."
         )
@@ -575,13 +761,28 @@ def build(
     log(f"fused in {times['fuse']:.1f}s: " + ", ".join(f"{op} {n}" for op, n in result.counts.items() if n))
 
     report["merged_sibling_matmuls"] = merge_siblings(model)
+    staging = make_hidden_dir(out.parent, f".{out.name}.partial-")
+    store = None
+    if bits and algorithm == "gptq":
+        t = time.perf_counter()
+        try:
+            (staging / ".gptq").mkdir()
+            store = calibrate_gptq(
+                folder, ckpt, bits, block_size, staging / ".gptq", windows=calibration_windows, length=calibration_length, log=log
+            )
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        times["gptq"] = time.perf_counter() - t
+        report["gptq.weights"] = len(store.paths)
     errors: dict[str, float] = {}
-    counts = quantize_matmuls(model, bits, block_size, algorithm, head_bits or bits, accuracy_level, errors) if bits else {}
+    counts = (
+        quantize_matmuls(model, bits, block_size, algorithm, head_bits or bits, accuracy_level, errors, store) if bits else {}
+    )
     if bits and embedding_bits:
         counts["GatherBlockQuantized"] = quantize_embedding(model, max(block_size, 64), errors)
     report.update({f"quantized.{k}": v for k, v in counts.items()})
 
-    staging = make_hidden_dir(out.parent, f".{out.name}.partial-")
     try:
         t = time.perf_counter()
         total = sum(1 for _ in model.graph.initializers)
@@ -605,6 +806,7 @@ def build(
         )
         times["quantize_write"] = time.perf_counter() - t
         report.update({f"pass.{k}": v for k, v in graph_passes(path).items()})
+        shutil.rmtree(staging / ".gptq", ignore_errors=True)
         config.save_pretrained(staging)
         _copy_tokenizer(folder, staging)
         size = sum(p.stat().st_size for p in staging.iterdir() if p.name.startswith("model.onnx"))
@@ -717,7 +919,7 @@ def verify(
     expected = {"float": SequentialModel(folder).logits(ids)}
     log(f"verify: torch reference on the float weights ({time.perf_counter() - t:.0f}s)")
     options = built.get("options", {})
-    if options.get("bits"):
+    if options.get("bits") and options.get("algorithm") in ("rtn", "hqq"):  # GPTQ's rounding depends on its calibration
         t = time.perf_counter()
         rounding = round_trip(
             options["bits"], options["block_size"], options["algorithm"], options.get("embedding_bits"), options.get("head_bits")

@@ -159,3 +159,13 @@ def test_cli_stream_bad_source_exit_2(tmp_path):
     assert result.exit_code == 2, result.output
     assert "no such file or folder" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_calibrates_layer_by_layer(llama, tmp_path):
+    out = tmp_path / "gptq"
+    report = stream.build(llama, out, algorithm="gptq", calibration_windows=4, calibration_length=32, log=quiet)
+    assert report["gptq.weights"] == 7 * 2  # every Linear of both layers; the head stays RTN
+    assert not (out / ".gptq").exists()  # its scratch parts are gone once written into the artifact
+    checked = stream.verify(out, llama, prompts=2, prompt_len=12, decode_tokens=2, threads=1, log=quiet)
+    assert checked["verify.logit_cosine.min"] > 0.95
+    assert "verify.logit_cosine.rounded_weights.min" not in checked  # GPTQ's rounding can't be replayed without its data

@@ -62,6 +62,10 @@ class SequentialModel:
             module.register_forward_pre_hook(self._onload)
             module.register_forward_hook(self._offload)
 
+    def names_of(self, module: Any) -> dict[str, str]:
+        """The checkpoint tensor behind each of ``module``'s own parameters."""
+        return self._names[id(module)]
+
     def _onload(self, module: Any, args: Any) -> None:
         import torch
         from accelerate.utils import set_module_tensor_to_device
