@@ -303,6 +303,13 @@ def _print_fusions(info: dict) -> None:
     help="then compare logits with transformers on the same weights (module by module) and time batch-1 decode",
 )
 @click.option("--threads", default=0, type=click.IntRange(0), help="threads for --verify (0: all cores)")
+@click.option(
+    "--perplexity-tokens",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="--verify: also perplexity on the built-in Shakespeare's held-out plays, float vs artifact (each window reads every weight)",
+)
 @guarded("the partial output folder was removed; nothing else was touched.")
 def stream(
     source: str,
@@ -315,6 +322,7 @@ def stream(
     shard_mb: int | None,
     check: bool,
     threads: int,
+    perplexity_tokens: int,
 ) -> None:
     """Build a decoder of any size into a fused int4 ONNX model in bounded memory (weights read and
     quantized one at a time from SOURCE's safetensors; a local folder, pip: or hf: source)."""
@@ -346,7 +354,7 @@ def stream(
         log=log,
     )
     if check:
-        report.update(streaming.verify(out, where, threads=threads, log=log))
+        report.update(streaming.verify(out, where, threads=threads, perplexity_tokens=perplexity_tokens, log=log))
         (out / "build.json").write_text(json.dumps(report, indent=2))
     click.echo(json.dumps(report, indent=2))
 

@@ -616,19 +616,47 @@ def calibrate_gptq(
 # -- 5. estimate, write --------------------------------------------------------------------------
 
 
-def estimate(ckpt: Checkpoint, bits: int, block: int, embedding_bits: int | None) -> dict[str, float]:
-    """Before compute: the output size and this process's peak memory, from the checkpoint's shapes."""
+def estimate(
+    ckpt: Checkpoint,
+    config: Any,
+    bits: int,
+    block: int,
+    embedding_bits: int | None,
+    algorithm: str = "rtn",
+    windows: int = 0,
+    length: int = 0,
+) -> dict[str, float]:
+    """Before compute: the output size and this process's peak memory, from the checkpoint's shapes.
+
+    Peak: the libraries and the graph (~1.2 GB) + one weight's packed parts (twice, while written) +
+    one chunk of rows and the quantizer's temporaries. GPTQ adds one decoder layer's float weights, its
+    Hessians (float64, one per distinct input), the float64 copies GPTQ works on for its largest weight,
+    and the calibration hidden states (twice, while a layer runs)."""
     largest = max(e.numel for e in ckpt.entries.values())
     out = 0.0
     for name, e in ckpt.entries.items():
         if len(e.shape) == 2 and min(e.shape) > 1:
             b = (embedding_bits or 32) if ("embed" in name or name.endswith("wte.weight")) else bits
             out += e.numel * (b / 8 + 5 / block)
+            if b != bits and getattr(config, "tie_word_embeddings", False):  # the tied head's own int4 copy
+                out += e.numel * (bits / 8 + 5 / block)
         else:
             out += e.numel * 4
     chunk = min(largest * 4, CHUNK_BYTES)
-    # the graph and the Python/torch/ORT libraries (~1 GB) + one weight's codes + one chunk and its temporaries
     peak = 1.2e9 + largest * (bits / 8 + 5 / block) * 2 + chunk * 6
+    if algorithm == "gptq":
+        per_layer: dict[str, list[int]] = {}
+        for name, e in ckpt.entries.items():
+            parts = name.split(".")
+            if "layers" in parts and len(e.shape) == 2:
+                key = ".".join(parts[: parts.index("layers") + 2])
+                per_layer.setdefault(key, []).append(e.numel)
+        layer = max((sum(v) for v in per_layer.values()), default=0)
+        widest = max((max(v) for v in per_layer.values()), default=0)
+        hidden = getattr(config, "hidden_size", 0)
+        inner = getattr(config, "intermediate_size", 0) or 4 * hidden
+        hessians = 8 * (3 * hidden * hidden + inner * inner)  # attention in, o_proj in, mlp in; down_proj's is the largest
+        peak += layer * 4 + hessians + widest * 8 * 4 + windows * length * hidden * 4 * 2
     return {"output_mb": out / 1e6, "peak_mb": peak / 1e6, "largest_tensor_mb": largest * 4 / 1e6}
 
 
@@ -724,7 +752,9 @@ def build(
     if config.model_type not in KNOWN_DECODERS:
         raise StageError(f"stream: model type `{config.model_type}` is not a supported decoder ({', '.join(KNOWN_DECODERS)}).")
     out.parent.mkdir(parents=True, exist_ok=True)
-    guess = estimate(ckpt, bits or 32, block_size, embedding_bits if bits else None)
+    guess = estimate(
+        ckpt, config, bits or 32, block_size, embedding_bits if bits else None, algorithm, calibration_windows, calibration_length
+    )
     report.update({f"estimate.{k}": round(v, 1) for k, v in guess.items()})
     log(
         f"checkpoint: {len(ckpt.entries)} tensors, {ckpt.numel / 1e9:.2f}B parameters, {ckpt.nbytes / 1e9:.2f} GB; "
@@ -895,6 +925,7 @@ def verify(
     out: Path | str,
     folder: Path | str,
     *,
+    perplexity_tokens: int = 0,
     prompts: int = 3,
     prompt_len: int = 32,
     decode_tokens: int = 16,
@@ -952,5 +983,37 @@ def verify(
             "verify.peak_rss_mb": round(peak_rss_mb(), 1),
         }
     )
+    if perplexity_tokens:
+        result.update(_perplexity(decoder, folder, perplexity_tokens, log))
     log("verify: " + ", ".join(f"{k[7:]} {v}" for k, v in result.items()))
     return result
+
+
+def _perplexity(decoder: Any, folder: Path, tokens: int, log: Log) -> dict[str, Any]:
+    """Perplexity of the float model (module by module) and of the artifact on the built-in
+    Shakespeare's held-out plays, with decoder-int4's windows (context 512, stride 256), so that the
+    figures compare with a ``slimline run`` of that recipe."""
+    from transformers import AutoTokenizer
+
+    from slimline.evaluate.llm import onnx_logits, score
+    from slimline.measure.data import load_shakespeare
+    from slimline.measure.inputs import token_stream
+    from slimline.models.sequential import SequentialModel
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        log("verify: no tokenizer in the model folder; perplexity skipped")
+        return {}
+    ids = token_stream(tokenizer, load_shakespeare(2048, 2000).evaluation, tokens)
+    t = time.perf_counter()
+    base, base_pred = score(SequentialModel(folder).logits, ids, 512, 256)
+    log(f"verify: float perplexity {base:.3f} ({time.perf_counter() - t:.0f}s)")
+    ppl, pred = score(onnx_logits(decoder), ids, 512, 256)
+    return {
+        "verify.perplexity.float": round(base, 4),
+        "verify.perplexity": round(ppl, 4),
+        "verify.perplexity.change_pct": round(100 * (ppl / base - 1), 2),
+        "verify.next_token_agreement": round(float(np.mean(pred == base_pred)), 4),
+        "verify.perplexity_tokens": int(len(ids)),
+    }

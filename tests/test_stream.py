@@ -166,6 +166,8 @@ def test_gptq_calibrates_layer_by_layer(llama, tmp_path):
     report = stream.build(llama, out, algorithm="gptq", calibration_windows=4, calibration_length=32, log=quiet)
     assert report["gptq.weights"] == 7 * 2  # every Linear of both layers; the head stays RTN
     assert not (out / ".gptq").exists()  # its scratch parts are gone once written into the artifact
-    checked = stream.verify(out, llama, prompts=2, prompt_len=12, decode_tokens=2, threads=1, log=quiet)
+    checked = stream.verify(out, llama, prompts=2, prompt_len=12, decode_tokens=2, threads=1, perplexity_tokens=300, log=quiet)
     assert checked["verify.logit_cosine.min"] > 0.95
+    assert checked["verify.perplexity_tokens"] == 300 and checked["verify.perplexity.float"] > 1
+    assert abs(checked["verify.perplexity.change_pct"]) < 10
     assert "verify.logit_cosine.rounded_weights.min" not in checked  # GPTQ's rounding can't be replayed without its data
