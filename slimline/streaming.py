@@ -50,6 +50,20 @@ Log = Callable[[str], None]
 CHUNK_BYTES = 32 << 20  # float rows quantized at a time (the quantizer holds ~8 temporaries of this size)
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the system. glibc raises its mmap threshold after large frees,
+    so the next weights' buffers come from the heap and, freed in another order, stay resident: a
+    layer-by-layer loop then grows by about a layer's weights per layer. ``malloc_trim`` returns them."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 # -- 1. trace ------------------------------------------------------------------------------------
 
 
@@ -271,7 +285,10 @@ class _LazyParts:
     def part(self, key: str) -> np.ndarray:
         if key not in self._parts:
             self.compute()
-        return self._parts.pop(key)
+        value = self._parts.pop(key)
+        if not self._parts:
+            release_memory()
+        return value
 
 
 class Quantized(_LazyParts):
@@ -501,7 +518,7 @@ def calibration_windows(folder: Path, vocab: int, windows: int, length: int, log
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - no tokenizer files, or ones transformers cannot read
         log("gptq: the model folder has no tokenizer; calibrating on random token ids")
         return np.random.default_rng(0).integers(0, vocab, (windows, length))
     from slimline.measure.data import load_shakespeare
@@ -607,6 +624,7 @@ def calibrate_gptq(
                 out = layer(hidden[b], **kwargs[b])
                 hidden[b] = out[0] if isinstance(out, tuple) else out
         sequential.transform = None
+        release_memory()
         log(
             f"gptq: layer {i + 1}/{len(layers)} ({len(linears)} weights) in {time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_mb():,.0f} MB"
         )
@@ -1002,7 +1020,7 @@ def _perplexity(decoder: Any, folder: Path, tokens: int, log: Log) -> dict[str, 
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - no tokenizer files, or ones transformers cannot read
         log("verify: no tokenizer in the model folder; perplexity skipped")
         return {}
     ids = token_stream(tokenizer, load_shakespeare(2048, 2000).evaluation, tokens)
