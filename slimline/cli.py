@@ -293,6 +293,12 @@ def _print_fusions(info: dict) -> None:
 @click.option(
     "--calibration-windows", default=32, show_default=True, type=click.IntRange(1), help="gptq: windows of calibration text"
 )
+@click.option("--clip-search", is_flag=True, help="gptq: per block, shrink the range where that lowers the rounding error")
+@click.option(
+    "--max-layer-error",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="gptq: a layer group whose relative output error exceeds this goes to 8 bits (blocks of 64)",
+)
 @click.option("--calibration-length", default=512, show_default=True, type=click.IntRange(16), help="gptq: tokens per window")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--shard-mb", type=click.IntRange(64), help="split the external weights into files of at most this many MB")
@@ -318,6 +324,8 @@ def stream(
     algorithm: str,
     calibration_windows: int,
     calibration_length: int,
+    clip_search: bool,
+    max_layer_error: float | None,
     block_size: str,
     shard_mb: int | None,
     check: bool,
@@ -351,6 +359,8 @@ def stream(
         shard_mb=shard_mb,
         calibration_windows=calibration_windows,
         calibration_length=calibration_length,
+        clip_search=clip_search,
+        max_layer_error=max_layer_error,
         log=log,
     )
     if check:

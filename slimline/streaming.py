@@ -386,15 +386,21 @@ def quantize_matmuls(
             counts["float_weights"] += 1
             continue
         label = node.name or node.outputs[0].name
-        q = Quantized(src, int(n), int(k), nb, block, "rtn" if algorithm == "gptq" else algorithm, errors, label)
-        q.store = store if nb == bits else None
+        nblock, calibrated = block, None
+        if store is not None and all(s.name in store.paths for s in src):
+            widths = {store.bits[s.name] for s in src}
+            if len(widths) == 1:  # GPTQ covered every source at one width (a fallback moves a whole group)
+                (nb, nblock), calibrated = widths.pop(), store
+        q = Quantized(src, int(n), int(k), nb, nblock, "rtn" if algorithm == "gptq" else algorithm, errors, label)
+        q.store = calibrated
+        counts["bits8"] = counts.get("bits8", 0) + int(nb == 8)
         inputs = [node.inputs[0]]
         for key, (shape, dtype) in q.shapes().items():
             v = ir.Value(name=f"{label}_q{nb}_{key}", shape=ir.Shape(shape), type=ir.TensorType(dtype))
             v.const_value = _lazy_part(q, key, shape, dtype)
             graph.register_initializer(v)
             inputs.append(v)
-        attrs = {"K": int(k), "N": int(n), "bits": nb, "block_size": block}
+        attrs = {"K": int(k), "N": int(n), "bits": nb, "block_size": nblock}
         if accuracy_level:
             attrs["accuracy_level"] = accuracy_level
         new = ir.node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft", name=node.name, num_outputs=1)
@@ -498,17 +504,36 @@ class _Hessians:
 
         return accumulate
 
+    def key(self, name: str) -> str:
+        return self.alias.get(name, name)
+
     def of(self, name: str) -> np.ndarray:
-        return self.sums[self.alias.get(name, name)].numpy()
+        return self.sums[self.key(name)].numpy()
 
 
 class Calibrated:
-    """GPTQ's packed parts per checkpoint tensor, in ``.npz`` files under a scratch folder."""
+    """GPTQ's packed parts per checkpoint tensor, in ``.npz`` files under a scratch folder, with the bit
+    width and block size each was quantized with and its relative output error."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.paths: dict[str, Path] = {}
+        self.bits: dict[str, tuple[int, int]] = {}
         self.errors: dict[str, float] = {}
+        self.fallbacks = 0
+
+
+def output_error(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray) -> float:
+    """Relative output error of a ``[out, in]`` weight's rounding over the calibration inputs:
+    ``sqrt(tr(dW H dW^T) / tr(W H W^T))`` with ``H = X^T X``, no forward pass needed."""
+    import torch
+
+    w = torch.from_numpy(weight).double()
+    d = w - torch.from_numpy(b.dequantize().T.copy()).double()
+    h = torch.from_numpy(hessian)
+    num = float(((d @ h) * d).sum())
+    den = float(((w @ h) * w).sum())
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
 
 def calibration_windows(folder: Path, vocab: int, windows: int, length: int, log: Log) -> np.ndarray:
@@ -549,6 +574,10 @@ def calibrate_gptq(
     length: int = 512,
     damp: float = 0.01,
     act_order: bool = True,
+    clip: bool = False,
+    max_layer_error: float | None = None,
+    fallback_bits: int = 8,
+    fallback_block: int = 64,
     log: Log = print,
 ) -> Calibrated:
     """GPTQ every Linear of every decoder layer, one layer in memory at a time.
@@ -605,18 +634,32 @@ def calibrate_gptq(
         for h in handles:
             h.remove()
         rounded: dict[str, np.ndarray] = {}
+        groups: dict[str, list[str]] = {}  # Linears reading one input: merged into one MatMulNBits later
         for name in linears:
-            fqn = f"{prefix}.{name}.weight"
-            stored = sequential.names_of(linears[name])["weight"]
-            weight = ckpt.read(stored)  # [out, in]
-            hessian = hessians.of(name)
-            b = nbits.gptq(weight.T, hessian, bits, block, damp=damp, act_order=act_order)
-            path = scratch / f"{stored}.npz"
-            np.savez(path, **nbits.pack(b))
-            store.paths[stored] = path
-            deq = b.dequantize().T
-            store.errors[stored] = float(np.linalg.norm(weight - deq) / max(np.linalg.norm(weight), 1e-30))
-            rounded[fqn] = np.ascontiguousarray(deq)
+            groups.setdefault(hessians.key(name), []).append(name)
+        for key, names in groups.items():
+            hessian = hessians.of(key)
+            weights = {n: ckpt.read(sequential.names_of(linears[n])["weight"]) for n in names}  # [out, in]
+            nb, nblock = bits, block
+            results = {
+                n: nbits.gptq(w.T, hessian, nb, nblock, damp=damp, act_order=act_order, clip=clip) for n, w in weights.items()
+            }
+            errors = {n: output_error(weights[n], results[n], hessian) for n in names}
+            if max_layer_error is not None and max(errors.values()) > max_layer_error:
+                # the whole group in fallback_bits: it becomes one MatMulNBits, with one bit width
+                nb, nblock = fallback_bits, fallback_block
+                results = {
+                    n: nbits.gptq(w.T, hessian, nb, nblock, damp=damp, act_order=act_order, clip=clip) for n, w in weights.items()
+                }
+                errors = {n: output_error(weights[n], results[n], hessian) for n in names}
+                store.fallbacks += len(names)
+            for n in names:
+                stored = sequential.names_of(linears[n])["weight"]
+                path = scratch / f"{stored}.npz"
+                np.savez(path, **nbits.pack(results[n]))
+                store.paths[stored], store.bits[stored] = path, (nb, nblock)
+                store.errors[stored] = errors[n]
+                rounded[f"{prefix}.{n}.weight"] = np.ascontiguousarray(results[n].dequantize().T)
         del hessians
         sequential.transform = lambda name, value, rounded=rounded: rounded.get(name, value)
         with torch.no_grad():
@@ -734,6 +777,8 @@ def build(
     shard_mb: int | None = None,
     calibration_windows: int = 32,
     calibration_length: int = 512,
+    clip_search: bool = False,
+    max_layer_error: float | None = None,
     log: Log = print,
 ) -> dict[str, Any]:
     """Safetensors decoder folder -> fused int4 ONNX decoder in ``out`` (a new folder). Returns the report.
@@ -757,6 +802,8 @@ def build(
     times: dict[str, float] = {}
     report: dict[str, Any] = {
         "options": {
+            "clip_search": clip_search,
+            "max_layer_error": max_layer_error,
             "bits": bits,
             "block_size": block_size,
             "algorithm": algorithm,
@@ -816,13 +863,24 @@ def build(
         try:
             (staging / ".gptq").mkdir()
             store = calibrate_gptq(
-                folder, ckpt, bits, block_size, staging / ".gptq", windows=calibration_windows, length=calibration_length, log=log
+                folder,
+                ckpt,
+                bits,
+                block_size,
+                staging / ".gptq",
+                windows=calibration_windows,
+                length=calibration_length,
+                clip=clip_search,
+                max_layer_error=max_layer_error,
+                log=log,
             )
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         times["gptq"] = time.perf_counter() - t
         report["gptq.weights"] = len(store.paths)
+        report["gptq.fallback_weights"] = store.fallbacks
+        report["gptq.output_error.max"] = round(max(store.errors.values()), 5) if store.errors else None
     errors: dict[str, float] = {}
     counts = (
         quantize_matmuls(model, bits, block_size, algorithm, head_bits or bits, accuracy_level, errors, store) if bits else {}

@@ -171,3 +171,32 @@ def test_gptq_calibrates_layer_by_layer(llama, tmp_path):
     assert checked["verify.perplexity_tokens"] == 300 and checked["verify.perplexity.float"] > 1
     assert abs(checked["verify.perplexity.change_pct"]) < 10
     assert "verify.logit_cosine.rounded_weights.min" not in checked  # GPTQ's rounding can't be replayed without its data
+
+
+def test_gptq_fallback_moves_whole_groups(llama, tmp_path):
+    """A group of Linears over the output-error bar goes to 8 bits together (it is one MatMulNBits)."""
+    out = tmp_path / "gptq8"
+    report = stream.build(
+        llama,
+        out,
+        algorithm="gptq",
+        calibration_windows=2,
+        calibration_length=32,
+        max_layer_error=1e-6,
+        clip_search=True,
+        log=quiet,
+    )
+    assert report["gptq.fallback_weights"] == 14
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    widths = sorted(
+        (next(a.i for a in n.attribute if a.name == "bits"), next(a.i for a in n.attribute if a.name == "block_size"))
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+    )
+    assert widths == [(4, 32)] + [(8, 64)] * 8  # the RTN head, then every layer's merged and single weights
+    from slimline.generate import OnnxDecoder
+
+    got = OnnxDecoder(out / "model.onnx", 1).prefill(IDS)
+    want = torch_logits(llama, IDS)
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    assert cos.min() > 0.98
