@@ -485,7 +485,7 @@ class _Hessians:
     def __init__(self) -> None:
         self.sums: dict[str, Any] = {}
         self.alias: dict[str, str] = {}
-        self.seen: dict[int, str] = {}
+        self.seen: dict[int, tuple[str, Any]] = {}
 
     def new_batch(self) -> None:
         self.seen.clear()
@@ -493,11 +493,13 @@ class _Hessians:
     def hook(self, name: str) -> Callable:
         def accumulate(module: Any, args: tuple) -> None:
             x = args[0]
-            first = self.seen.get(x.data_ptr())
-            if first is not None:  # Q/K/V (gate/up) read the same tensor: one Hessian
-                self.alias[name] = first
+            first = self.seen.get(id(x))
+            if first is not None and first[1] is x:  # Q/K/V (gate/up) read the same tensor: one Hessian
+                self.alias[name] = first[0]
                 return
-            self.seen[x.data_ptr()] = name
+            # holding the tensor until the batch ends keeps its id (and memory) from being reused by a
+            # later input of this layer, which would otherwise pass for the same one
+            self.seen[id(x)] = (name, x)
             flat = x.reshape(-1, x.shape[-1]).float()
             contribution = (flat.T @ flat).double()
             self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution

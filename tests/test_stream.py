@@ -200,3 +200,20 @@ def test_gptq_fallback_moves_whole_groups(llama, tmp_path):
     want = torch_logits(llama, IDS)
     cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     assert cos.min() > 0.98
+
+
+def test_hessians_shared_only_by_the_same_input():
+    """Q/K/V read one tensor and share a Hessian; a later input never passes for an earlier one, even
+    when the allocator hands it the freed memory of one (the bug this guards against gave down_proj
+    a q_proj Hessian)."""
+    import torch
+
+    h = stream._Hessians()
+    h.new_batch()
+    x = torch.randn(4, 3)
+    h.hook("q")(None, (x,))
+    h.hook("k")(None, (x,))
+    del x
+    for name in ("o", "down"):
+        h.hook(name)(None, (torch.randn(4, 3),))  # each a fresh tensor, possibly at the address just freed
+    assert (h.key("k"), h.key("o"), h.key("down")) == ("q", "o", "down")
