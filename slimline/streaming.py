@@ -580,6 +580,7 @@ def calibrate_gptq(
     max_layer_error: float | None = None,
     fallback_bits: int = 8,
     fallback_block: int = 64,
+    head_bits: int | None = None,
     log: Log = print,
 ) -> Calibrated:
     """GPTQ every Linear of every decoder layer, one layer in memory at a time.
@@ -591,7 +592,8 @@ def calibrate_gptq(
     saved; the layer then runs again with the quantized weights, and its outputs are the next layer's
     inputs, so each layer is calibrated on what the quantized model before it really produces. The
     peak is one layer's weights, its Hessians, the GPTQ temporaries of one weight and the hidden states
-    (windows x length x hidden, in float32). The LM head and the embedding stay RTN."""
+    (windows x length x hidden, in float32). The LM head is calibrated last, on the final norm of the
+    hidden states (``_gptq_head``); the embedding stays RTN."""
     import torch
 
     from slimline.models.sequential import SequentialModel
@@ -673,7 +675,60 @@ def calibrate_gptq(
         log(
             f"gptq: layer {i + 1}/{len(layers)} ({len(linears)} weights) in {time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_mb():,.0f} MB"
         )
+    _gptq_head(sequential, ckpt, hidden, store, head_bits or bits, block, damp, act_order, clip, log)
     return store
+
+
+def _gptq_head(
+    sequential: Any,
+    ckpt: Checkpoint,
+    hidden: list,
+    store: Calibrated,
+    bits: int,
+    block: int,
+    damp: float,
+    act_order: bool,
+    clip: bool,
+    log: Log,
+) -> None:
+    """GPTQ of the LM head on the final norm of the carried hidden states. The head is where a 4-bit
+    rounding reaches the logits directly: on SmolLM2 an RTN int4 head cost +10 points of perplexity
+    that an 8-bit one did not. Its rows go through GPTQ in chunks (an 8B model's head is 128k x 4096:
+    in float64 at once, 4 GB), each with the same Hessian."""
+    import torch
+
+    head = sequential.model.get_output_embeddings()
+    base = getattr(sequential.model, "base_model", None)
+    norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+    if head is None or norm is None or not isinstance(head, torch.nn.Linear):
+        log("gptq: no final norm and Linear head found; the LM head stays RTN")
+        return
+    total = None
+    with torch.no_grad():
+        for h in hidden:
+            x = norm(h).reshape(-1, h.shape[-1]).float()
+            part = (x.T @ x).double()
+            total = part if total is None else total + part
+    hessian = total.numpy()
+    stored = sequential.names_of(head)["weight"]
+    rows = ckpt.entries[stored].shape[0]
+    step = max(1, CHUNK_BYTES // (4 * ckpt.entries[stored].shape[1]))
+    parts: dict[str, list[np.ndarray]] = {}
+    num = den = 0.0
+    for start in range(0, rows, step):
+        w = ckpt.read(stored, rows=(start, min(rows, start + step)))
+        b = nbits.gptq(w.T, hessian, bits, block, damp=damp, act_order=act_order, clip=clip)
+        for key, v in nbits.pack(b).items():
+            parts.setdefault(key, []).append(v)
+        e = output_error(w, b, hessian)
+        ref = float(((torch.from_numpy(w).double() @ total) * torch.from_numpy(w).double()).sum())
+        num, den = num + e * e * ref, den + ref
+    path = store.folder / f"{stored}.head.npz"
+    np.savez(path, **{k: np.concatenate(v, axis=0) for k, v in parts.items()})
+    store.paths[stored], store.bits[stored] = path, (bits, block)
+    store.errors[stored] = math.sqrt(num / den) if den > 0 else 0.0
+    release_memory()
+    log(f"gptq: LM head ({rows} x {ckpt.entries[stored].shape[1]}) output error {store.errors[stored]:.4f}")
 
 
 # -- 5. estimate, write --------------------------------------------------------------------------
@@ -874,6 +929,7 @@ def build(
                 length=calibration_length,
                 clip=clip_search,
                 max_layer_error=max_layer_error,
+                head_bits=head_bits,
                 log=log,
             )
         except BaseException:

@@ -164,7 +164,7 @@ def test_cli_stream_bad_source_exit_2(tmp_path):
 def test_gptq_calibrates_layer_by_layer(llama, tmp_path):
     out = tmp_path / "gptq"
     report = stream.build(llama, out, algorithm="gptq", calibration_windows=4, calibration_length=32, log=quiet)
-    assert report["gptq.weights"] == 7 * 2  # every Linear of both layers; the head stays RTN
+    assert report["gptq.weights"] == 7 * 2 + 1  # every Linear of both layers, and the (tied) LM head
     assert not (out / ".gptq").exists()  # its scratch parts are gone once written into the artifact
     checked = stream.verify(out, llama, prompts=2, prompt_len=12, decode_tokens=2, threads=1, perplexity_tokens=300, log=quiet)
     assert checked["verify.logit_cosine.min"] > 0.95
