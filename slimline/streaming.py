@@ -525,17 +525,21 @@ class Calibrated:
         self.fallbacks = 0
 
 
-def output_error(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray) -> float:
-    """Relative output error of a ``[out, in]`` weight's rounding over the calibration inputs:
-    ``sqrt(tr(dW H dW^T) / tr(W H W^T))`` with ``H = X^T X``, no forward pass needed."""
+def error_terms(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray) -> tuple[float, float]:
+    """``tr(dW H dW^T)`` and ``tr(W H W^T)`` of a ``[out, in]`` weight's rounding, ``H = X^T X``: the
+    squared output error over the calibration inputs and the squared output, with no forward pass."""
     import torch
 
     w = torch.from_numpy(weight).double()
     d = w - torch.from_numpy(b.dequantize().T.copy()).double()
     h = torch.from_numpy(hessian)
-    num = float(((d @ h) * d).sum())
-    den = float(((w @ h) * w).sum())
-    return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+    return max(float(((d @ h) * d).sum()), 0.0), float(((w @ h) * w).sum())
+
+
+def output_error(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray) -> float:
+    """Relative output error ``sqrt(tr(dW H dW^T) / tr(W H W^T))`` of a weight's rounding."""
+    num, den = error_terms(weight, b, hessian)
+    return math.sqrt(num / den) if den > 0 else 0.0
 
 
 def calibration_windows(folder: Path, vocab: int, windows: int, length: int, log: Log) -> np.ndarray:
@@ -720,9 +724,8 @@ def _gptq_head(
         b = nbits.gptq(w.T, hessian, bits, block, damp=damp, act_order=act_order, clip=clip)
         for key, v in nbits.pack(b).items():
             parts.setdefault(key, []).append(v)
-        e = output_error(w, b, hessian)
-        ref = float(((torch.from_numpy(w).double() @ total) * torch.from_numpy(w).double()).sum())
-        num, den = num + e * e * ref, den + ref
+        chunk_num, chunk_den = error_terms(w, b, hessian)
+        num, den = num + chunk_num, den + chunk_den
     path = store.folder / f"{stored}.head.npz"
     np.savez(path, **{k: np.concatenate(v, axis=0) for k, v in parts.items()})
     store.paths[stored], store.bits[stored] = path, (bits, block)
