@@ -183,13 +183,20 @@ def gptq(
     if static:
         scale[:], zero[:] = block_params(w.numpy().reshape(n, n_blocks, block_size), bits, symmetric, clip)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(kp)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(kp, dtype=torch.float64)
+    w = w[:, perm]
+    # At most two K x K float64 matrices live at once (an 8B model's down_proj: K = 14336, 1.6 GB each):
+    # the permutation, the damping and the factorizations each replace the one before.
+    h = h.index_select(0, perm)
+    h = h.index_select(1, perm)
+    h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        h = torch.linalg.cholesky(h)
+        h = torch.cholesky_inverse(h)
+        hinv = torch.linalg.cholesky(h, upper=True)
     except RuntimeError as e:  # not positive definite even after damping
         raise ValueError(f"GPTQ: the damped Hessian is not positive definite ({e}); raise `damp`.") from e
-    q = torch.zeros_like(w)
+    del h
+    q = torch.zeros(w.shape, dtype=torch.uint8)
     chunk = max(chunk // block_size, 1) * block_size  # a block never straddles two chunks
     qmax = 2**bits - 1
     for i1 in range(0, kp, chunk):
@@ -205,13 +212,13 @@ def gptq(
             s = torch.from_numpy(scale[:, g]).double()
             z = torch.from_numpy(zero[:, g]).double()
             codes = torch.clamp(torch.round(w1[:, i] / s + z), 0, qmax)
-            q[:, i1 + i] = codes
+            q[:, i1 + i] = codes.to(torch.uint8)
             e = (w1[:, i] - (codes - z) * s) / hinv1[i, i]
             w1[:, i:] -= e[:, None] @ hinv1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     q = q[:, torch.argsort(perm)]
-    return Blocked(q.numpy().astype(np.uint8), scale, zero, bits, block_size, k, symmetric)
+    return Blocked(q.numpy(), scale, zero, bits, block_size, k, symmetric)
 
 
 # -- packing into MatMulNBits ----------------------------------------------------------------------
