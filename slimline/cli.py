@@ -456,6 +456,45 @@ def check(run_dir: Path, overrides: tuple[str, ...], require: tuple[str, ...], j
 
 
 @main.command()
+@click.argument("space", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="the study folder: new, or one to resume")
+@click.option("--trials", type=click.IntRange(1), help="trials in the study, resumed ones included (default: search.trials)")
+@click.option(
+    "--address", metavar="HOST:PORT", help="a Ray cluster to run the trials on (default: RAY_ADDRESS, else a local Ray)"
+)
+@click.option(
+    "--parallel", type=click.IntRange(1), help="trials at once (default: one per node when timing, one per CPU otherwise)"
+)
+@MODEL_OPTION
+@TASK_OPTION
+@guarded("the study is kept as it was: run the same command again to resume it.")
+def search(
+    space: Path, out: Path, trials: int | None, address: str | None, parallel: int | None, model: str | None, task: str | None
+) -> None:
+    """Search SPACE (a recipe with ranges and choices) for the recipes that meet its budgets: Optuna
+    proposes, Ray runs each trial as a measured run; writes the Pareto front and best.yaml to OUT."""
+    from slimline.search.space import load_space
+    from slimline.search.study import search as run_search
+
+    parsed = load_space(space, model=model, task=task)
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    outcome = run_search(parsed, out, trials=trials, address=address, parallel=parallel, log=say)
+    click.echo((out / "pareto.md").read_text())
+    if outcome.best is None:  # exit 1, as for a failed budget
+        console.print(
+            f"no trial met the budgets ({len(outcome.trials)} trials; {out}/pareto.md lists why each missed). "
+            "Widen the space, relax a budget, or run more trials (--trials).",
+            style="red",
+            markup=False,
+        )
+        sys.exit(1)
+    console.print(f"best recipe: {out}/best.yaml (Pareto front: {out}/pareto.md, pareto.png)", markup=False)
+
+
+@main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for compare.{md,json,png,html}")
 @guarded("no comparison was written.")

@@ -1,0 +1,239 @@
+"""slimline search: the space, the study folder, and real searches on Ray (local and a two-node cluster)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slimline.errors import OutputError, RecipeError
+from slimline.recipe import from_dict
+from slimline.search.space import load_space
+from slimline.search.study import prepare_folder, search
+from tests.models import tiny_recipe
+
+SLIMLINE = str(Path(sys.executable).parent / "slimline")
+
+
+def tiny_space(model_dir: Path, trials: int = 2) -> dict:
+    """Export, an optional SmoothQuant with a searched alpha, int8 with a searched per-channel flag;
+    accuracy only (no timing), so trials pack one per CPU."""
+    r = tiny_recipe(model_dir, speed={"enabled": False}, budgets={"max_fidelity_drop": 0.5})
+    r["evaluate"]["data"]["evaluation_size"] = 24
+    r["stages"] = [
+        {"compile.export": {}},
+        {"quantize.smoothquant": {"alpha": {"range": [0.3, 0.8]}, "optional": True}},
+        {"quantize.dynamic_int8": {"per_channel": {"choice": [True, False]}}},
+    ]
+    r["search"] = {"trials": trials, "objectives": ["fidelity", "size"], "startup_trials": 2}
+    return r
+
+
+def test_space_names_parameters_and_builds_each_point(tiny_bert_dir):
+    space = load_space(tiny_space(tiny_bert_dir))
+    assert [p.name for p in space.params] == [
+        "quantize.smoothquant.enabled",
+        "quantize.smoothquant.alpha",
+        "quantize.dynamic_int8.per_channel",
+    ]
+    assert [(o.metric, o.direction) for o in space.objectives] == [("mean_cosine", "maximize"), ("size_mb", "minimize")]
+    on = space.materialize(
+        {"quantize.smoothquant.enabled": True, "quantize.smoothquant.alpha": 0.42, "quantize.dynamic_int8.per_channel": False}
+    )
+    assert on["stages"][1] == {"quantize.smoothquant": {"alpha": 0.42}}  # `optional` is the search's, not the stage's
+    assert on["stages"][2] == {"quantize.dynamic_int8": {"per_channel": False}}
+    off = space.materialize(
+        {"quantize.smoothquant.enabled": False, "quantize.smoothquant.alpha": 0.42, "quantize.dynamic_int8.per_channel": True}
+    )
+    assert [next(iter(s)) for s in off["stages"]] == ["compile.export", "quantize.dynamic_int8"]
+    assert space.describe(
+        {"quantize.smoothquant.enabled": False, "quantize.smoothquant.alpha": 0.42, "quantize.dynamic_int8.per_channel": True}
+    ) == {
+        "quantize.smoothquant.enabled": "off",
+        "quantize.smoothquant.alpha": "-",  # sampled, but its stage is off
+        "quantize.dynamic_int8.per_channel": "True",
+    }
+    from_dict(on)  # a valid recipe
+    # integer ranges stay integers; a list choice is stored by index and given back whole
+    raw = tiny_space(tiny_bert_dir)
+    raw["stages"][2]["quantize.dynamic_int8"]["exclude"] = {"choice": [[], ["role:ffn.out@0"]]}
+    raw["evaluate"]["data"]["calibration_size"] = {"range": [8, 16]}
+    space = load_space(raw)
+    exclude = next(p for p in space.params if p.name == "quantize.dynamic_int8.exclude")
+    assert exclude.distribution().choices == (0, 1) and exclude.value(1) == ["role:ffn.out@0"]
+    assert next(p for p in space.params if p.name == "evaluate.data.calibration_size").kind == "int"
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (
+            lambda r: r["stages"][2]["quantize.dynamic_int8"].update(per_chanel={"choice": [True, False]}),
+            ["per_chanel", "per_channel"],
+        ),
+        (
+            lambda r: r["stages"][1]["quantize.smoothquant"].update(alpha={"range": [0.3, 1.7]}),
+            ["quantize.smoothquant.alpha = 1.7"],
+        ),
+        (lambda r: r["stages"][1]["quantize.smoothquant"].update(alpha={"range": [0.8, 0.3]}), ["low < high"]),
+        (lambda r: r["stages"][2]["quantize.dynamic_int8"].update(per_channel={"choice": [True]}), ["at least two"]),
+        (lambda r: r["search"].update(objectives=["speed", "accuracy"]), ["`accuracy` is not an objective"]),
+        (lambda r: r["search"].update(trails=3), ["trails", "trials"]),
+        (lambda r: r["search"].update(objectives=["speed"]), ["speed", "evaluate.speed.enabled"]),
+        (
+            lambda r: [
+                r["stages"][1]["quantize.smoothquant"].update(alpha=0.5, optional=False),
+                r["stages"][2]["quantize.dynamic_int8"].update(per_channel=True),
+            ],
+            ["no option to search"],
+        ),
+    ],
+)
+def test_space_errors_name_the_place_and_the_fix(tiny_bert_dir, change, words):
+    raw = tiny_space(tiny_bert_dir)
+    change(raw)
+    with pytest.raises(RecipeError) as err:
+        load_space(raw)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_study_folder_is_ours_or_refused(tiny_bert_dir, tmp_path):
+    space = load_space(tiny_space(tiny_bert_dir))
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not a slimline search folder"):
+        prepare_folder(foreign, space)
+    assert (foreign / "mine.txt").read_text() == "keep me" and len(list(foreign.iterdir())) == 1
+    out = tmp_path / "study"
+    assert prepare_folder(out, space) is False and prepare_folder(out, space) is True  # new, then resumed
+    raw = tiny_space(tiny_bert_dir)
+    raw["stages"][1]["quantize.smoothquant"]["alpha"] = {"range": [0.2, 0.8]}
+    with pytest.raises(RecipeError, match="different search space"):
+        prepare_folder(out, load_space(raw))
+
+
+def _kill_first_attempt(folder: Path, killed: list[int]) -> threading.Thread:
+    """SIGKILL the worker that runs trial 0, once, a moment after it starts: Ray runs it again."""
+
+    def watch() -> None:
+        pid_file = folder / "trials" / "0000.pid"
+        for _ in range(1200):
+            if pid_file.is_file() and pid_file.read_text().strip():
+                time.sleep(1.0)
+                pid = int(pid_file.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_search_on_local_ray_survives_a_killed_worker_and_resumes(tiny_bert_dir, tmp_path):
+    space = load_space(tiny_space(tiny_bert_dir, trials=2))
+    out = tmp_path / "study"
+    killed: list[int] = []
+    watcher = _kill_first_attempt(out, killed)
+    lines: list[str] = []
+    first = search(space, out, parallel=2, log=lines.append)
+    watcher.join(1)
+    assert killed, "the watcher never saw trial 0 start"
+    log0 = (out / "trials" / "0000.log").read_text()
+    assert log0.count("trial on ") == 2, log0  # killed once, run again by Ray
+    assert [r["state"] for r in first.trials] == ["complete", "complete"]
+    assert all(r["passed"] for r in first.trials) and first.best is not None
+    recipe = yaml.safe_load((out / "best.yaml").read_text())
+    assert recipe["name"] == "tiny-best" and from_dict(recipe)
+    assert "# The searched choices:" in (out / "best.yaml").read_text()
+    assert (out / "pareto.png").stat().st_size > 0 and "| 0" in (out / "pareto.md").read_text()
+    kept = {r["number"]: r["values"] for r in first.trials}
+
+    # a driver that died mid-trial leaves a RUNNING trial in the study: resuming queues it again
+    from slimline.search.study import open_study
+
+    study = open_study(space, out)
+    stale = study.ask(space.distributions())
+    resumed = search(space, out, trials=4, parallel=2, log=lines.append)
+    rows = {r["number"]: r for r in resumed.trials}
+    assert {n: rows[n]["values"] for n in kept} == kept  # no finished trial lost or rerun
+    assert rows[stale.number]["state"] == "fail" and "interrupted" in rows[stale.number]["error"]
+    rerun = [r for r in resumed.trials if r["rerun_of"] == stale.number]
+    assert len(rerun) == 1 and rerun[0]["state"] == "complete" and rerun[0]["params"] == stale.params
+    assert sum(r["state"] in ("complete", "fail") for r in resumed.trials) == 4
+    assert any("queued again" in line for line in lines)
+    results = json.loads((out / "results.json").read_text())
+    assert results["best"] is not None and len(results["trials"]) == 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_search_on_a_two_node_cluster_with_a_killed_worker_and_an_interrupted_driver(tiny_bert_dir, tmp_path):
+    """`ray start --head` plus a second `ray start --address` node on this machine; a worker killed mid-trial;
+    the driver interrupted (SIGINT) after its first result; the same command resumes and loses nothing."""
+    ray = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    # Ray 2.60 clusters authenticate with a token: every node and the driver share this one
+    token = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **token, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    node = ["--num-cpus", "1", "--resources", json.dumps({"slimline_node": 1}), "--disable-usage-stats"]
+    subprocess.run(
+        [ray, "start", "--head", "--port", str(port), "--include-dashboard", "false", *node],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    try:
+        subprocess.run([ray, "start", "--address", f"127.0.0.1:{port}", *node], check=True, env=env, capture_output=True)
+        space_file = tmp_path / "space.yaml"
+        space_file.write_text(yaml.safe_dump(tiny_space(tiny_bert_dir, trials=4)))
+        out = tmp_path / "study"
+        cmd = [SLIMLINE, "search", str(space_file), "--out", str(out), "--address", f"127.0.0.1:{port}"]
+        killed: list[int] = []
+        watcher = _kill_first_attempt(out, killed)
+        driver = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        seen: list[str] = []
+        for line in driver.stdout:
+            seen.append(line)
+            if " done in " in line:  # one result is in: stop the driver while the other node's trial runs
+                driver.send_signal(signal.SIGINT)
+                break
+        rest, _ = driver.communicate(timeout=120)
+        text = "".join(seen) + rest
+        assert driver.returncode == 130, text
+        assert "2 at a time" in text and "resume" in text
+        watcher.join(1)
+        assert killed
+        before = json.loads((out / "results.json").read_text())
+        finished = {r["number"]: r["values"] for r in before["trials"] if r["state"] == "complete"}
+        assert finished
+        again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert again.returncode == 0, again.stdout + again.stderr
+        after = json.loads((out / "results.json").read_text())
+        rows = {r["number"]: r for r in after["trials"]}
+        assert {n: rows[n]["values"] for n in finished} == finished
+        assert sum(r["state"] in ("complete", "fail") for r in after["trials"]) >= 4
+        assert any(r["rerun_of"] is not None and r["state"] == "complete" for r in after["trials"])
+        assert after["best"] is not None and "connected to the Ray cluster" in again.stdout
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(tmp_path / "study", ignore_errors=True)
