@@ -97,6 +97,16 @@ def test_smoothquant_lowers_static_int8_error_on_outlier_channels(fused, tmp_pat
     assert ffn_in(after) < 0.5 * ffn_in(plain)
 
 
+def test_smoothquant_include_takes_roles(fused, tmp_path):  # noqa: F811
+    art = outlier_model(fused, tmp_path)
+    by_glob = SmoothQuant(include=["*intermediate*"]).run(art, context(tmp_path / "g")).report
+    by_role = SmoothQuant(include=["role:ffn.in"]).run(art, context(tmp_path / "r")).report
+    assert by_role["activations"] == by_glob["activations"] == 2  # the FFN input of each of the 2 layers
+    assert by_role["act_max.largest_after"] == by_glob["act_max.largest_after"]
+    with pytest.raises(ValueError, match="ffn.middle"):
+        SmoothQuant(include=["role:ffn.middle"])
+
+
 def test_smoothquant_folds_into_a_norm_read_only_by_the_matmuls(tmp_path):
     """Pre-norm (Llama-style): LayerNormalization -> MatMul only; 1/s goes into gamma/beta, no Mul is added."""
     from onnx import TensorProto, helper, numpy_helper

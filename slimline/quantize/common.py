@@ -57,14 +57,19 @@ class OnnxQuantizer(Stage):
     @field_validator("exclude")
     @classmethod
     def _roles_are_known(cls, value: list[str]) -> list[str]:
-        from slimline.family import layers_by_role
+        return roles_are_known(value)
 
-        for entry in value:
-            if entry.startswith("role:"):
-                _, error = layers_by_role({}, entry)
-                if error:
-                    raise ValueError(error)
-        return value
+
+def roles_are_known(value: list[str]) -> list[str]:
+    """Validation of a list of node globs / ``role:`` entries: an unknown role fails at load."""
+    from slimline.family import layers_by_role
+
+    for entry in value:
+        if entry.startswith("role:"):
+            _, error = layers_by_role({}, entry)
+            if error:
+                raise ValueError(error)
+    return value
 
 
 class FileQuantizer(OnnxQuantizer):
@@ -187,9 +192,9 @@ def module_path(node: Any) -> str:
     return ""
 
 
-def excluded_nodes(model: Any, patterns: list[str], ctx: Context, stage: str) -> set[str]:
-    """Node names matched by the ``exclude`` entries: globs on node names, or layer roles
-    (``role:ffn.out@0``, resolved through the family adapter). One that matches nothing is a warning."""
+def excluded_nodes(model: Any, patterns: list[str], ctx: Context, stage: str, key: str = "exclude") -> set[str]:
+    """Node names matched by the ``exclude`` (or ``include``) entries: globs on node names, or layer
+    roles (``role:ffn.out@0``, resolved through the family adapter). One that matches nothing is a warning."""
     from slimline.family import layers_by_role
 
     names = [n.name for n in model.graph.node if n.name]
@@ -199,11 +204,12 @@ def excluded_nodes(model: Any, patterns: list[str], ctx: Context, stage: str) ->
         if pattern.startswith("role:"):
             matched, error = layers_by_role(paths, pattern)
             if error:
-                raise StageError(f"{stage}: exclude {error}.")
+                raise StageError(f"{stage}: {key} {error}.")
         else:
             matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
-            ctx.warn(f"{stage}: exclude pattern `{pattern}` matches no node; nothing was kept in float for it.")
+            effect = "nothing was kept in float for it" if key == "exclude" else "it selects nothing"
+            ctx.warn(f"{stage}: {key} pattern `{pattern}` matches no node; {effect}.")
         chosen.update(matched)
     return chosen
 

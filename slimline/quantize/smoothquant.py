@@ -15,19 +15,18 @@ calibration text and fails above ``rtol``.
 
 from __future__ import annotations
 
-import fnmatch
 from collections import defaultdict
 from typing import Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from slimline import onnxfile
 from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.measure.inputs import calibration_feeds, check_texts
 from slimline.quantize import calib
-from slimline.quantize.common import loads_in_ort, refuse_quantized, weight_of
+from slimline.quantize.common import excluded_nodes, loads_in_ort, refuse_quantized, roles_are_known, weight_of
 from slimline.stage import Context, Stage, StageResult
 
 NORMS = ("LayerNormalization", "SimplifiedLayerNormalization")
@@ -41,10 +40,16 @@ class SmoothQuant(Stage):
 
     alpha: float = Field(0.5, ge=0, le=1, description="migration strength: 0 keeps activations, 1 moves all range into weights")
     include: list[str] = Field(
-        default_factory=list, description="MatMul node-name globs to smooth (default: all with a constant weight)"
+        default_factory=list,
+        description="MatMuls to smooth: node-name globs or layers by role, e.g. role:ffn.in (default: all with a constant weight)",
     )
     calibration_texts: int = Field(128, ge=8, le=100_000, description="texts whose activation maxima set the scales")
     rtol: float = Field(1e-4, gt=0, description="max change of the float model's outputs, relative to their largest value")
+
+    @field_validator("include")
+    @classmethod
+    def _roles_are_known(cls, value: list[str]) -> list[str]:
+        return roles_are_known(value)
 
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
@@ -53,9 +58,10 @@ class SmoothQuant(Stage):
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
         readers: dict[str, list[Any]] = defaultdict(list)  # activation -> MatMuls with a constant weight
+        chosen = excluded_nodes(model, self.include, ctx, self.kind, key="include") if self.include else None
         for node in model.graph.node:
             if node.op_type == "MatMul" and weight_of(model, node) is not None:
-                if not self.include or any(fnmatch.fnmatchcase(node.name, p) for p in self.include):
+                if chosen is None or node.name in chosen:
                     readers[node.input[0]].append(node)
         if not readers:
             raise StageError(f"{self.kind}: no MatMul with a constant weight matches include={self.include}.")
