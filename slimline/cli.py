@@ -495,6 +495,54 @@ def search(
 
 
 @main.command()
+@click.option(
+    "--recipe", "recipes", multiple=True, required=True, metavar="RECIPE", help="a recipe file or built-in name (repeat)"
+)
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="SOURCE",
+    help="run each recipe on this model too (repeat; default: each recipe's own)",
+)
+@click.option(
+    "--target", "targets", multiple=True, metavar="TARGET", help="measure on this target (repeat; default: each recipe's targets)"
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a recipe key in every cell")
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="a new folder for runs/, sweep.md, sweep.json, junit.xml"
+)
+@click.option("--address", metavar="HOST:PORT", help="a Ray cluster to run the cells on (default: RAY_ADDRESS, else a local Ray)")
+@click.option(
+    "--parallel", type=click.IntRange(1), help="cells at once (default: one per node when timing, one per CPU otherwise)"
+)
+@guarded("the cells that finished are in the sweep's report; the others are marked not run.")
+def sweep(
+    recipes: tuple[str, ...],
+    models: tuple[str, ...],
+    targets: tuple[str, ...],
+    overrides: tuple[str, ...],
+    out: Path,
+    address: str | None,
+    parallel: int | None,
+) -> None:
+    """Run recipes x models x targets as Ray tasks (a CI matrix): one aggregated report and one JUnit
+    file. Exit 0 if every cell met its budgets, 1 if a budget failed, 2 if a cell could not run."""
+    from slimline.search.sweep import plan
+    from slimline.search.sweep import sweep as run_sweep
+
+    cells = plan(list(recipes), list(models), list(targets), list(overrides))
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    result = run_sweep(cells, out, address=address, parallel=parallel, log=say)
+    click.echo((out / "sweep.md").read_text())
+    states = [c["state"] for c in result["cells"]]
+    sys.exit(2 if "error" in states else 1 if "failed" in states else 0)
+
+
+@main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="folder for compare.{md,json,png,html}")
 @guarded("no comparison was written.")

@@ -237,3 +237,34 @@ def test_search_on_a_two_node_cluster_with_a_killed_worker_and_an_interrupted_dr
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
         shutil.rmtree(tmp_path / "study", ignore_errors=True)
+
+
+def test_sweep_runs_recipes_by_models_and_writes_one_report_and_junit(tiny_bert_dir, tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from slimline.search.sweep import plan, sweep
+
+    ok = tiny_recipe(tiny_bert_dir, speed={"enabled": False}, budgets={"max_fidelity_drop": 0.5})
+    ok["stages"] = [{"compile.export": {}}, {"quantize.dynamic_int8": {}}]
+    ok["evaluate"]["data"]["evaluation_size"] = 24
+    strict = {**ok, "name": "strict", "evaluate": {**ok["evaluate"], "budgets": {"max_size_mb": 0.000001}}}
+    files = []
+    for r in (ok, strict):
+        f = tmp_path / f"{r['name']}.yaml"
+        f.write_text(yaml.safe_dump(r))
+        files.append(str(f))
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        plan([*files, str(tmp_path / "missing.yaml")], [], [], [])  # checked before anything runs
+    cells = plan(files, [str(tiny_bert_dir)], [], [])
+    assert [c.name for c in cells] == [f"tiny__{tiny_bert_dir.name}__ort-cpu", f"strict__{tiny_bert_dir.name}__ort-cpu"]
+    result = sweep(cells, tmp_path / "sweep", parallel=2, log=lambda m: None)
+    assert [c["state"] for c in result["cells"]] == ["passed", "failed"]
+    assert result["cells"][1]["failed_budgets"][0].startswith("max_size_mb")
+    junit = ET.parse(tmp_path / "sweep" / "junit.xml").getroot()
+    assert junit.get("failures") == "1" and junit.get("errors") == "0"
+    failed = [c.get("name") for c in junit.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["max_size_mb"]
+    assert "| strict__" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert (tmp_path / "sweep" / "runs" / cells[0].name / "model.onnx").is_file()
+    with pytest.raises(OutputError, match="not empty"):
+        sweep(cells, tmp_path / "sweep", log=lambda m: None)

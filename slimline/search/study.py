@@ -83,6 +83,7 @@ def run_trial(recipe: dict[str, Any], folder: str, target: str) -> dict[str, Any
         "passed": result.passed,
         "verdict": result.verdict.state if result.verdict else None,
         "warnings": reporter.warnings[:20],
+        "report": report,  # a few kB; on a cluster the run folder stays on the node that ran it
     }
 
 
@@ -255,7 +256,7 @@ def start_ray(address: str | None, log: Log) -> bool:
     return True
 
 
-def _capacity(timing: bool, parallel: int | None) -> int:
+def capacity(timing: bool, parallel: int | None) -> int:
     import ray
 
     resources = ray.cluster_resources()
@@ -306,7 +307,7 @@ def search(
         total = trials or space.spec.trials
         started = start_ray(address, log)
         timing = bool(space.materialize(space.defaults()).get("evaluate", {}).get("speed", {}).get("enabled", True))
-        room = _capacity(timing, parallel or space.spec.parallel)
+        room = capacity(timing, parallel or space.spec.parallel)
         options: dict[str, Any] = {"num_cpus": 1, "max_retries": space.spec.retries, "retry_exceptions": False}
         if timing:
             options["resources"] = {NODE: 1}
