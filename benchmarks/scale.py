@@ -1,13 +1,13 @@
 """Model size as a matter of time, not memory: Llama-3.x-shaped checkpoints through the streaming int4 build.
 
-    .venv/bin/python benchmarks/scale.py [--sizes 1b,3b,8b] [--algorithm rtn|hqq|gptq] [--calibration-windows 8] [--work runs/scale] [--real smollm2]
+    .venv/bin/python benchmarks/scale.py [--sizes 1b,3b,8b] [--algorithm rtn|hqq|gptq] [--calibration-windows 32] [--work runs/scale] [--real smollm2]
 
 For each size it writes a synthetic checkpoint with the real shapes of Llama-3.2-1B, Llama-3.2-3B or
 Llama-3.1-8B (random bf16 weights, std 0.02, norms at 1; sharded safetensors of at most 5 GB with an
 index, as the hub ships them), then, each in its own process so that each peak RSS is its own:
 
 1. ``slimline stream CKPT --out ART`` (trace with fake weights, bind lazily, fuse, RTN/HQQ int4 as the
-   weights are written; or GPTQ layer by layer on ``--calibration-windows`` windows of 512 random token
+   weights are written; or GPTQ layer by layer on ``--calibration-windows`` windows of 128 random token
    ids, as the synthetic checkpoint has no tokenizer): peak RSS, wall time per stage, output size;
 2. verification (``slimline.streaming.verify``): logit cosine at every position of 3 random
    32-token prompts against transformers on the same weights, run module by module
@@ -168,7 +168,7 @@ def write_checkpoint(folder: Path, config: dict) -> float:
 def run_build(ckpt: Path, art: Path, algorithm: str, windows: int) -> dict:
     cmd = [str(ROOT / ".venv/bin/slimline"), "stream", str(ckpt), "--out", str(art), "--algorithm", algorithm]
     if algorithm == "gptq":
-        cmd += ["--calibration-windows", str(windows)]
+        cmd += ["--calibration-windows", str(windows), "--calibration-length", "128"]
     print("  $ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode:
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="1b,3b,8b")
     parser.add_argument("--algorithm", default="rtn", choices=["rtn", "hqq", "gptq"])
     parser.add_argument(
-        "--calibration-windows", type=int, default=8, help="gptq: windows of 512 tokens (random ids: no tokenizer)"
+        "--calibration-windows", type=int, default=32, help="gptq: windows of 128 tokens (random ids: no tokenizer)"
     )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale")
     parser.add_argument("--real", default="", help="smollm2: also the shipped SmolLM2-135M through the same path")

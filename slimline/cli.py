@@ -291,7 +291,11 @@ def _print_fusions(info: dict) -> None:
     help="gptq: calibrated on the built-in Shakespeare, carried layer by layer",
 )
 @click.option(
-    "--calibration-windows", default=32, show_default=True, type=click.IntRange(1), help="gptq: windows of calibration text"
+    "--calibration-windows",
+    default=128,
+    show_default=True,
+    type=click.IntRange(1),
+    help="gptq: windows of calibration text (many short windows calibrate better than a few long ones)",
 )
 @click.option("--clip-search", is_flag=True, help="gptq: per block, shrink the range where that lowers the rounding error")
 @click.option(
@@ -299,7 +303,7 @@ def _print_fusions(info: dict) -> None:
     type=click.FloatRange(0, 1, min_open=True),
     help="gptq: a layer group whose relative output error exceeds this goes to 8 bits (blocks of 64)",
 )
-@click.option("--calibration-length", default=512, show_default=True, type=click.IntRange(16), help="gptq: tokens per window")
+@click.option("--calibration-length", default=128, show_default=True, type=click.IntRange(16), help="gptq: tokens per window")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
 @click.option("--shard-mb", type=click.IntRange(64), help="split the external weights into files of at most this many MB")
 @click.option(
