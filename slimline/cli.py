@@ -499,6 +499,33 @@ def search(
 
 
 @main.command()
+@click.argument("recipe")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="a new folder for sensitivity.{md,json,png,html}")
+@click.option(
+    "--formats",
+    default="int8,int4-32,int4-64,int4-128,fp16",
+    show_default=True,
+    help="candidate formats, comma-separated: int8, int4-32, int4-64, int4-128, fp16",
+)
+@click.option("--texts", default=256, show_default=True, type=click.IntRange(8), help="evaluation texts per point")
+@click.option("--threads", default=0, type=click.IntRange(0), help="threads (0: all cores)")
+@MODEL_OPTION
+@TASK_OPTION
+@guarded("no sensitivity report was written.")
+def sensitivity(recipe: str, out: Path, formats: str, texts: int, threads: int, model: str | None, task: str | None) -> None:
+    """Per-layer sensitivity: every layer in every candidate format, alone, measured (output error and
+    the task metric), ranked worst first."""
+    from slimline.search.sensitivity import sensitivity as run_sensitivity
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    run_sensitivity(recipe, out, model=model, task=task, formats=chosen, texts=texts, threads=threads, log=say)
+    click.echo((out / "sensitivity.md").read_text())
+
+
+@main.command()
 @click.option(
     "--recipe", "recipes", multiple=True, required=True, metavar="RECIPE", help="a recipe file or built-in name (repeat)"
 )

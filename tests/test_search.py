@@ -268,3 +268,31 @@ def test_sweep_runs_recipes_by_models_and_writes_one_report_and_junit(tiny_bert_
     assert (tmp_path / "sweep" / "runs" / cells[0].name / "model.onnx").is_file()
     with pytest.raises(OutputError, match="not empty"):
         sweep(cells, tmp_path / "sweep", log=lambda m: None)
+
+
+def test_sensitivity_measures_each_layer_in_each_format_alone(tiny_bert_dir, tmp_path):
+    from slimline.search.sensitivity import sensitivity
+
+    recipe = tiny_recipe(tiny_bert_dir, speed={"enabled": False})
+    out = tmp_path / "sens"
+    result = sensitivity(recipe, out, texts=16, log=lambda m: None)
+    rows = result["rows"]
+    nodes = {r["node"] for r in rows}
+    assert len(nodes) == 8  # 2 layers: a fused Attention and 3 MatMuls each
+    roles = {r["role"] for r in rows}
+    assert {"attention.fused@0", "attention.out@1", "ffn.in@0", "ffn.out@1"} <= roles
+    by = {(r["node"], r["format"]): r for r in rows}
+    for node in nodes:
+        assert (node, "int8") in by and by[(node, "int8")]["output_error"] > 0
+        if (node, "int4-32") in by:  # a MatMul: fp16 rounding is far smaller than int4's
+            assert by[(node, "fp16")]["output_error"] < by[(node, "int4-32")]["output_error"] / 10
+        else:
+            assert by[(node, "int8")]["op"] == "Attention"
+    worst = result["ranked"][0]
+    assert max(r["cosine_drop"] for r in rows if r["node"] == worst) == max(r["cosine_drop"] for r in rows)
+    assert {f.name for f in out.iterdir()} == {"sensitivity.md", "sensitivity.json", "sensitivity.png", "sensitivity.html"}
+    assert "ffn.out@0" in (out / "sensitivity.md").read_text()
+    with pytest.raises(OutputError, match="exists"):
+        sensitivity(recipe, out, log=lambda m: None)
+    with pytest.raises(RecipeError, match="unknown format int3"):
+        sensitivity(recipe, tmp_path / "other", formats=("int3",), log=lambda m: None)
