@@ -526,6 +526,39 @@ def sensitivity(recipe: str, out: Path, formats: str, texts: int, threads: int, 
 
 
 @main.command()
+@click.argument("recipe")
+@click.option(
+    "--sensitivity",
+    "sensitivity_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="a `slimline sensitivity` folder of this recipe",
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="a new folder: each round's run, mixed.yaml, mixed.json"
+)
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 10), help="choose-build-measure rounds at most")
+@MODEL_OPTION
+@TASK_OPTION
+@guarded("the rounds that finished are in --out; nothing else was touched.")
+def mixed(recipe: str, sensitivity_dir: Path, out: Path, rounds: int, model: str | None, task: str | None) -> None:
+    """Mixed precision under the recipe's max_fidelity_drop: each layer int8 or float, chosen from measured
+    sensitivities (knapsack), then built and measured; writes the chosen recipe as mixed.yaml."""
+    from slimline.search.mixed import mixed as run_mixed
+
+    def say(message: str) -> None:
+        console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    result = run_mixed(recipe, sensitivity_dir, out, model=model, task=task, rounds=rounds, log=say)
+    if result["chosen"] is None:
+        console.print(
+            f"no choice met max_fidelity_drop {result['budget']} in {rounds} rounds ({out}/mixed.json)", style="red", markup=False
+        )
+        sys.exit(1)
+    console.print(f"chosen recipe: {out}/mixed.yaml", markup=False)
+
+
+@main.command()
 @click.option(
     "--recipe", "recipes", multiple=True, required=True, metavar="RECIPE", help="a recipe file or built-in name (repeat)"
 )

@@ -296,3 +296,41 @@ def test_sensitivity_measures_each_layer_in_each_format_alone(tiny_bert_dir, tmp
         sensitivity(recipe, out, log=lambda m: None)
     with pytest.raises(RecipeError, match="unknown format int3"):
         sensitivity(recipe, tmp_path / "other", formats=("int3",), log=lambda m: None)
+
+
+def test_knapsack_keeps_the_most_bytes_within_the_budget():
+    import itertools
+    import random
+
+    from slimline.search.mixed import knapsack
+
+    rng = random.Random(0)
+    for _ in range(30):
+        items = [(f"l{i}", rng.choice([0.0, rng.uniform(0, 0.004)]), rng.randint(1, 100)) for i in range(8)]
+        budget = rng.uniform(0, 0.01)
+        chosen = knapsack(items, budget)
+        assert sum(d for n, d, _ in items if n in chosen) <= budget + 1e-5
+        best = max(
+            sum(b for _, _, b in subset)
+            for r in range(len(items) + 1)
+            for subset in itertools.combinations(items, r)
+            if sum(d for _, d, _ in subset) <= budget - 1e-5
+        )
+        assert sum(b for n, _, b in items if n in chosen) >= best  # as good as brute force
+
+
+def test_mixed_chooses_builds_and_measures(tiny_bert_dir, tmp_path):
+    from slimline.search.mixed import mixed
+    from slimline.search.sensitivity import sensitivity
+
+    recipe = tiny_recipe(tiny_bert_dir, speed={"enabled": False}, budgets={"max_fidelity_drop": 0.01})
+    sensitivity(recipe, tmp_path / "sens", formats=("int8",), texts=16, log=lambda m: None)
+    result = mixed(recipe, tmp_path / "sens", tmp_path / "mixed", log=lambda m: None)
+    first = result["attempts"][0]
+    assert first["measured_drop"] <= 0.01 and result["chosen"]
+    chosen = yaml.safe_load((tmp_path / "mixed" / "mixed.yaml").read_text())
+    stage = next(s["quantize.dynamic_int8"] for s in chosen["stages"] if "quantize.dynamic_int8" in s)
+    assert stage["fallback"] == "none" and from_dict(chosen)
+    assert "measured" in (tmp_path / "mixed" / "mixed.yaml").read_text()
+    with pytest.raises(RecipeError, match="measured for recipe"):
+        mixed({**recipe, "name": "other"}, tmp_path / "sens", tmp_path / "m2", log=lambda m: None)

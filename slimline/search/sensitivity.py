@@ -1,6 +1,7 @@
 """``slimline sensitivity RECIPE``: which layer is killing the accuracy, measured one layer at a time.
 
-The recipe's stages up to its first quantizer (export, fusion, pruning) give the float graph. Then,
+The recipe's stages up to its first quantizer (export, fusion, pruning, and SmoothQuant, which is
+exact in float) give the float graph. Then,
 for every layer with a constant weight and every candidate format, a copy of that graph where only
 that layer changes is built and run on the evaluation texts:
 
@@ -125,7 +126,10 @@ def sensitivity(
     bad = [f for f in formats if f not in FORMATS]
     if bad:
         raise RecipeError(f"sensitivity: unknown format {bad[0]}; choose from {', '.join(FORMATS)}.")
-    cut = next((i for i, s in enumerate(recipe.stages) if s.kind.startswith("quantize.")), None)
+    # the float graph: every stage before the first quantizer (SmoothQuant is exact in float, so it belongs here)
+    cut = next(
+        (i for i, s in enumerate(recipe.stages) if s.kind.startswith("quantize.") and s.kind != "quantize.smoothquant"), None
+    )
     prefix = [s for s in recipe.stages[:cut] if s.kind != "compile.tune"]
     if out.exists():
         raise OutputError(f"--out {out}: exists; slimline writes sensitivity results only into a new folder. Choose another.")
@@ -160,6 +164,7 @@ def sensitivity(
         log(
             f"sensitivity: {len(layers)} layers x {len(formats)} formats on {len(sample)} texts; float graph mean cosine {base:.5f}"
         )
+        sizes = {t.name: int(np.prod(t.dims)) * 4 for t in graph.graph.initializer}  # fp32 bytes of each weight
         rows = []
         t0 = time.perf_counter()
         attention = 0
@@ -184,6 +189,7 @@ def sensitivity(
                         "output_error": round(relative_error(np.nan_to_num(float_out), np.nan_to_num(vecs)), 6),
                         "mean_cosine": round(float(cos), 6),
                         "cosine_drop": round(float(base - cos), 6),
+                        "weight_bytes": sizes.get(node.input[1], 0),
                     }
                 )
                 for f in work.glob(f"v{i}-{fmt}.onnx*"):
