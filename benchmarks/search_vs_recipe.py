@@ -1,6 +1,6 @@
 """A recipe found by `slimline search` against a hand-tuned recipe, timed side by side.
 
-    .venv/bin/python benchmarks/search_vs_recipe.py runs/search-encoder [--recipe minilm-best] [--repeats 10]
+    .venv/bin/python benchmarks/search_vs_recipe.py runs/search-encoder [--recipe minilm-best] [--also 31] [--repeats 10]
 
 Takes the best trial's artifact from a finished study (``best.yaml`` names its run folder), builds the
 hand-tuned recipe's stages in this process, and times both with torch fp32, interleaved (ABBA), batch
@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("study", type=Path)
     p.add_argument("--recipe", default="minilm-best")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--also", type=int, action="append", default=[], help="another trial of the study to time beside them")
     a = p.parse_args()
     found, choices = best_trial(a.study)
     recipe = yaml.safe_load((a.study / "best.yaml").read_text())
@@ -55,6 +56,7 @@ def main() -> None:
     print(f"before timing, other processes keep {cpu_busy():.0%} of the CPUs busy", flush=True)
     base = torch_runner(ref.model, "torch fp32", 2)
     runners = [base, ort_runner(hand, f"slimline {a.recipe}", 2), ort_runner(found, "slimline search best", 2)]
+    runners += [ort_runner(a.study / "trials" / f"{n:04d}" / "model.onnx", f"search trial {n}", 2) for n in a.also]
     speed: dict[int, dict[str, float]] = {}
     for batch, reps in ((32, a.repeats), (1, a.repeats * 3)):
         times = time_runners(runners, fixed_batch(ref.tokenizer, data.evaluation, batch, 128), warmup=1, repeats=reps)
