@@ -132,7 +132,7 @@ def _kill_first_attempt(folder: Path, killed: list[int]) -> threading.Thread:
         pid_file = folder / "trials" / "0000.pid"
         for _ in range(1200):
             if pid_file.is_file() and pid_file.read_text().strip():
-                time.sleep(1.0)
+                time.sleep(0.5)  # inside the trial: loading and exporting the model alone take longer
                 pid = int(pid_file.read_text())
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)

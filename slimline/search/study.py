@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -274,6 +276,31 @@ def capacity(timing: bool, parallel: int | None) -> int:
 # -- the loop -----------------------------------------------------------------------------------------
 
 
+class StopRequests:
+    """Ctrl-C and SIGTERM become a flag the driver's loop checks between Ray calls. A KeyboardInterrupt
+    raised inside Ray's or Optuna's own calls can be swallowed there (a study once ran on to its end
+    after SIGINT); the loop then raises it itself, where the cleanup is."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+
 @dataclass
 class Outcome:
     folder: Path
@@ -319,9 +346,11 @@ def search(
         pending: dict[Any, tuple[Any, float]] = {}
         distributions = space.distributions()
         interrupted = False
+        stop = StopRequests()
         try:
             last = time.monotonic()
             while True:
+                stop.check()
                 done_count = sum(1 for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL))
                 if done_count + len(pending) < total and len(pending) < room:
                     trial = study.ask(distributions)
@@ -333,7 +362,7 @@ def search(
                     continue
                 if not pending:
                     break
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1)
                 if not ready:
                     if time.monotonic() - last >= 25:
                         running = ", ".join(f"{t.number} ({time.monotonic() - s:.0f}s)" for t, s in pending.values())
@@ -354,6 +383,7 @@ def search(
             pending.clear()
             log("search: interrupted; the study is kept: run the same command again to resume it")
         finally:
+            stop.restore()
             if started:
                 ray.shutdown()
         outcome = write_results(study, space, out, log)

@@ -20,7 +20,7 @@ from typing import Any
 from slimline.api import load_recipe
 from slimline.errors import OutputError, RecipeError
 from slimline.evaluate.gate import judge_report, junit_xml, write_junit
-from slimline.search.study import NODE, Log, capacity, run_trial, start_ray
+from slimline.search.study import NODE, Log, StopRequests, capacity, run_trial, start_ray
 from slimline.yamlconf import short
 
 MARKER = "sweep.json"
@@ -69,6 +69,7 @@ def sweep(cells: list[Cell], out: Path, *, address: str | None = None, parallel:
     started = start_ray(address, log)
     results: dict[str, dict[str, Any]] = {}
     pending: dict[Any, tuple[Cell, float]] = {}
+    stop = StopRequests()
     try:
         timing = any(c.recipe["evaluate"]["speed"]["enabled"] for c in cells)
         room = capacity(timing, parallel)
@@ -80,6 +81,7 @@ def sweep(cells: list[Cell], out: Path, *, address: str | None = None, parallel:
         queue = list(cells)
         last = time.monotonic()
         while queue or pending:
+            stop.check()
             while queue and len(pending) < room:
                 cell = queue.pop(0)
                 pending[task.remote(cell.recipe, str((out / "runs" / cell.name).resolve()), cell.target)] = (
@@ -87,7 +89,7 @@ def sweep(cells: list[Cell], out: Path, *, address: str | None = None, parallel:
                     time.monotonic(),
                 )
                 log(f"sweep: {cell.name} started")
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=30)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1)
             if not ready:
                 if time.monotonic() - last >= 25:
                     log(f"sweep: {len(results)}/{len(cells)} done; running {', '.join(c.name for c, _ in pending.values())}")
@@ -112,6 +114,7 @@ def sweep(cells: list[Cell], out: Path, *, address: str | None = None, parallel:
         write(cells, results, out, log)  # what finished, the rest marked not run
         raise
     finally:
+        stop.restore()
         if started:
             ray.shutdown()
     return write(cells, results, out, log)
