@@ -180,3 +180,38 @@ def test_fallback_bits_promotes_the_worst_layer_to_8_bit_instead_of_float(fused,
     assert r["fallback_8bit"] == 1 and r["fallback_kept"] == 0 and "8-bit instead" in r[f"fallback.{worst}"]
     assert r["quantized.MatMulNBits"] == 6 and "float.MatMul" not in r
     assert r["layer_errors"][worst] < plain[worst] / 4  # 8 bits: ~16x less rounding error than 4
+
+
+def test_layers_gives_chosen_layers_their_own_format_by_role(fused, tmp_path):  # noqa: F811
+    import onnx
+
+    plain = WeightOnly(block_size=32).run(fused, context(tmp_path / "p")).report["layer_errors"]
+    stage = WeightOnly(
+        block_size=32, layers={"role:ffn.out": {"bits": 8, "block_size": 64}, "role:ffn.in@1": {"bits": 4, "block_size": 16}}
+    )
+    result = stage.run(fused, context(tmp_path / "l"))
+    r = result.report
+    chosen = {k.removeprefix("layers."): v for k, v in r.items() if k.startswith("layers.")}
+    assert len(chosen) == 3  # ffn.out in both layers, ffn.in of layer 1
+    assert sum("8-bit in blocks of 64" in v for v in chosen.values()) == 2
+    assert sum("4-bit in blocks of 16" in v for v in chosen.values()) == 1
+    for name, why in chosen.items():
+        assert r["layer_errors"][name] < plain[name]  # more bits or smaller blocks: less error than 4-bit/32
+        if "8-bit" in why:
+            assert r["layer_errors"][name] < plain[name] / 4
+    graph = onnx.load(str(result.artifact.path), load_external_data=False).graph
+    widths = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+    assert sorted((w["bits"], w["block_size"]) for n, w in widths.items() if n in chosen) == [(4, 16), (8, 64), (8, 64)]
+    assert sum(1 for n, w in widths.items() if n not in chosen and (w["bits"], w["block_size"]) == (4, 32)) == 3
+    # the recipe's own choice is not second-guessed by the fallback
+    strict = WeightOnly(
+        block_size=32,
+        fallback="auto",
+        max_layer_error=1e-9,
+        fallback_bits=8,
+        layers={"role:ffn.in@1": {"bits": 4, "block_size": 16}},
+    )
+    s = strict.run(fused, context(tmp_path / "s")).report
+    assert any("4-bit in blocks of 16" in v for k, v in s.items() if k.startswith("layers."))
+    with pytest.raises(ValueError, match="ffn.middle"):
+        WeightOnly(layers={"role:ffn.middle": {"bits": 8}})

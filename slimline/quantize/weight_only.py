@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slimline import onnxfile
 from slimline.artifact import OnnxModel
@@ -30,6 +30,7 @@ from slimline.quantize.common import (
     loads_in_ort,
     refuse_quantized,
     report_fallback,
+    roles_are_known,
     weight_of,
 )
 from slimline.stage import Context, StageResult
@@ -208,6 +209,14 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
     return errors
 
 
+class LayerFormat(BaseModel):
+    """One layer's own weight format in ``quantize.weight_only.layers``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bits: Literal[4, 8]
+    block_size: Literal[16, 32, 64, 128, 256] | None = Field(None, description="default: the stage's block size for these bits")
+
+
 class WeightOnly(OnnxQuantizer):
     """Group-wise int4/int8 weights (RTN, HQQ or GPTQ) into MatMulNBits, with per-layer output error."""
 
@@ -257,6 +266,17 @@ class WeightOnly(OnnxQuantizer):
     embedding_bits: Literal[4, 8] | None = Field(
         None, description="quantize the token-embedding Gather into GatherBlockQuantized (4 or 8 bits); default: float"
     )
+    layers: dict[str, LayerFormat] = Field(
+        default_factory=dict,
+        description="per-layer formats, by role or node glob: {'role:ffn.out@0': {bits: 8, block_size: 64}}; those "
+        "layers skip the fallback (their format is the recipe's choice) and report their error like the rest",
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layer_roles(cls, value: dict[str, LayerFormat]) -> dict[str, LayerFormat]:
+        roles_are_known(list(value))
+        return value
 
     def block_for(self, bits: int) -> int:
         return self.block_size_8bit if bits == 8 and self.block_size_8bit else self.block_size
@@ -322,13 +342,22 @@ class WeightOnly(OnnxQuantizer):
         if captured is None and (self.algorithm == "gptq" or self.fallback == "auto"):
             raise StageError(f"{self.kind}: algorithm {self.algorithm} / fallback auto needs calibration data; the run has none.")
 
+        chosen: dict[str, LayerFormat] = {}  # the recipe's own per-layer formats
+        for selector, fmt in self.layers.items():
+            matched = excluded_nodes(model, [selector], ctx, self.kind, key="layers") & set(layers)
+            chosen.update({n: fmt for n in matched})
         blocks: dict[str, nbits.Blocked] = {}
         errors: dict[str, float] = {}
         with ctx.reporter.task(f"{self.kind} ({self.algorithm})", total=len(layers)) as step:
             for name, (act, w) in layers.items():
                 c = captured[act] if captured else None
+                bits, block = (
+                    (chosen[name].bits, chosen[name].block_size)
+                    if name in chosen
+                    else (self.head_bits if name in heads else None, None)
+                )
                 try:
-                    blocks[name] = self.quantize_weight(w, c.gram if c else None, self.head_bits if name in heads else None)
+                    blocks[name] = self.quantize_weight(w, c.gram if c else None, bits, block)
                 except ValueError as e:
                     raise StageError(f"{self.kind}: layer {name}: {e}") from e
                 if c is not None:
@@ -337,7 +366,14 @@ class WeightOnly(OnnxQuantizer):
                 step.advance()
 
         shapes = {name: w.shape for name, (_, w) in layers.items()}
-        kept = choose_fallback(self, errors, shapes, self._quantize_file, ctx, ctx.stage_dir("weight_only_kernels"))
+        kept = choose_fallback(
+            self,
+            {n: e for n, e in errors.items() if n not in chosen},
+            shapes,
+            self._quantize_file,
+            ctx,
+            ctx.stage_dir("weight_only_kernels"),
+        )
         promoted, finer = {}, {}
         for name in list(kept):
             by_error = "slower" not in kept[name] and "not faster" not in kept[name]
@@ -393,6 +429,8 @@ class WeightOnly(OnnxQuantizer):
         if small:
             report["skipped_small"] = ", ".join(small)  # constant MatMuls with K or N < 16, kept float
         report_fallback(report, kept)
+        for name, fmt in chosen.items():
+            report[f"layers.{name}"] = f"{fmt.bits}-bit in blocks of {blocks[name].block_size} (the recipe's choice)"
         if finer:
             report[f"fallback_block_{self.fallback_block_size}"] = len(finer)
             report.update({f"fallback.{name}": why for name, why in finer.items()})
