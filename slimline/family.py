@@ -18,6 +18,7 @@ New families are new entries here (`decoder_contract`, `KNOWN_DECODERS`), not ne
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,18 +213,28 @@ MATMUL_ROLES: dict[str, str] = {
 ROLE_SYNTAX = "role:NAME or role:NAME@LAYER (LAYER counts from 0; -1 is the last), NAME one of " + ", ".join(MATMUL_ROLES)
 
 
+LAYER_INDEX = re.compile(r"(?:layers?|h|blocks?)\.(\d+)\.")  # the layer number in a module path
+
+
+def role_of(path: str) -> str:
+    """The role a module path plays, with its layer (``ffn.out@0`` for ``encoder.layer.0.output.dense``):
+    the selector ``layers_by_role`` reads back; '' when no role matches."""
+    for role, pattern in MATMUL_ROLES.items():
+        if re.search(pattern + r"$", path):
+            m = LAYER_INDEX.search(path + ".")
+            return f"{role}@{m.group(1)}" if m else role
+    return ""
+
+
 def layers_by_role(paths: dict[str, str], selector: str) -> tuple[list[str], str | None]:
     """The node names whose module path (``paths``: node name -> dotted path) plays the role ``selector``
     names (``role:ffn.out@0``), and an error when the selector can't be read."""
-    import re
-
     body = selector.removeprefix("role:")
     role, _, layer = body.partition("@")
     if role not in MATMUL_ROLES or (layer and not re.fullmatch(r"-?\d+", layer)):
         return [], f"`{selector}` is not a layer role: write {ROLE_SYNTAX}"
     suffix = re.compile(MATMUL_ROLES[role] + r"$")
-    index = re.compile(r"(?:layers?|h|blocks?)\.(\d+)\.")
-    found = [(name, index.search(path + ".")) for name, path in paths.items() if suffix.search(path)]
+    found = [(name, LAYER_INDEX.search(path + ".")) for name, path in paths.items() if suffix.search(path)]
     if layer:
         numbers = sorted({int(m.group(1)) for _, m in found if m})
         if not numbers:

@@ -175,25 +175,25 @@ def test_missing_tokenizer_is_refused_before_loading(tiny_bert_dir, tmp_path):
 def test_layers_are_chosen_by_role_in_every_encoder_family(kind, role, expected, tiny_bert_dir, tmp_path):
     import onnx
 
-    from slimline.quantize.common import excluded_nodes
+    from slimline.quantize.common import matching_nodes
 
     folder = tiny_bert_dir if kind == "bert" else bert_family(kind, tiny_bert_dir, tmp_path / kind)
     ctx = context(tmp_path)
     exported = Export().run(load_model(str(folder)), ctx)
     graph = onnx.load(str(exported.artifact.path))
-    assert sorted(excluded_nodes(graph, [role], ctx, "quantize.dynamic_int8")) == expected
+    assert sorted(matching_nodes(graph, [role], ctx, "quantize.dynamic_int8")) == expected
 
 
 def test_layers_by_role_on_a_decoder_read_the_exporters_scopes(tmp_path):
     import onnx
 
-    from slimline.quantize.common import excluded_nodes, module_path
+    from slimline.quantize.common import matching_nodes, module_path
     from tests.models import tiny_llama
 
     ctx = context(tmp_path)
     exported = Export().run(load_model(str(tiny_llama(tmp_path / "llama")), "text-generation"), ctx)
     graph = onnx.load(str(exported.artifact.path))
-    chosen = excluded_nodes(graph, ["role:ffn.out@1"], ctx, "quantize.weight_only")
+    chosen = matching_nodes(graph, ["role:ffn.out@1"], ctx, "quantize.weight_only")
     paths = {n.name: module_path(n) for n in graph.graph.node}
     assert [paths[n] for n in chosen] == ["model.model.layers.1.mlp.down_proj"]  # the export wrapper adds `model.`
 

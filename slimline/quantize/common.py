@@ -121,7 +121,7 @@ class FileQuantizer(OnnxQuantizer):
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
         prepared = self.prepare(model, artifact, ctx)
-        excluded = excluded_nodes(model, self.exclude, ctx, self.kind)
+        excluded = matching_nodes(model, self.exclude, ctx, self.kind)
         floats = excluded | self.always_float(model, prepared)
         out = ctx.stage_dir(self.workdir) / "model.onnx"
         self.quantize_file(artifact.path, out, prepared, floats)
@@ -192,8 +192,8 @@ def module_path(node: Any) -> str:
     return ""
 
 
-def excluded_nodes(model: Any, patterns: list[str], ctx: Context, stage: str, key: str = "exclude") -> set[str]:
-    """Node names matched by the ``exclude`` (or ``include``) entries: globs on node names, or layer
+def matching_nodes(model: Any, patterns: list[str], ctx: Context, stage: str, key: str = "exclude") -> set[str]:
+    """Node names matched by a stage's ``exclude`` (or ``include``, ``layers``) entries: globs on node names, or layer
     roles (``role:ffn.out@0``, resolved through the family adapter). One that matches nothing is a warning."""
     from slimline.family import layers_by_role
 

@@ -26,7 +26,7 @@ from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.measure.inputs import calibration_feeds, check_texts
 from slimline.quantize import calib
-from slimline.quantize.common import excluded_nodes, loads_in_ort, refuse_quantized, roles_are_known, weight_of
+from slimline.quantize.common import loads_in_ort, matching_nodes, refuse_quantized, roles_are_known, weight_of
 from slimline.stage import Context, Stage, StageResult
 
 NORMS = ("LayerNormalization", "SimplifiedLayerNormalization")
@@ -58,7 +58,7 @@ class SmoothQuant(Stage):
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
         readers: dict[str, list[Any]] = defaultdict(list)  # activation -> MatMuls with a constant weight
-        chosen = excluded_nodes(model, self.include, ctx, self.kind, key="include") if self.include else None
+        chosen = matching_nodes(model, self.include, ctx, self.kind, key="include") if self.include else None
         for node in model.graph.node:
             if node.op_type == "MatMul" and weight_of(model, node) is not None:
                 if chosen is None or node.name in chosen:

@@ -25,9 +25,9 @@ from slimline.quantize import calib, nbits
 from slimline.quantize.common import (
     OnnxQuantizer,
     choose_fallback,
-    excluded_nodes,
     fidelity_guard,
     loads_in_ort,
+    matching_nodes,
     refuse_quantized,
     report_fallback,
     roles_are_known,
@@ -308,7 +308,7 @@ class WeightOnly(OnnxQuantizer):
 
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
-        excluded = excluded_nodes(model, self.exclude, ctx, self.kind)
+        excluded = matching_nodes(model, self.exclude, ctx, self.kind)
         layers, small = {}, []
         for node in model.graph.node:
             if node.op_type in ("MatMul", "FusedMatMul") and node.name not in excluded:
@@ -344,7 +344,7 @@ class WeightOnly(OnnxQuantizer):
 
         chosen: dict[str, LayerFormat] = {}  # the recipe's own per-layer formats
         for selector, fmt in self.layers.items():
-            matched = excluded_nodes(model, [selector], ctx, self.kind, key="layers") & set(layers)
+            matched = matching_nodes(model, [selector], ctx, self.kind, key="layers") & set(layers)
             chosen.update({n: fmt for n in matched})
         blocks: dict[str, nbits.Blocked] = {}
         errors: dict[str, float] = {}

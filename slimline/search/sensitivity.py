@@ -19,7 +19,6 @@ Each point reports the output error (relative to the float graph's outputs) and 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import tempfile
 import time
@@ -33,19 +32,7 @@ from slimline.api import load_recipe
 from slimline.errors import OutputError, RecipeError
 
 FORMATS = ("int8", "int4-32", "int4-64", "int4-128", "fp16")
-FILES = ("sensitivity.md", "sensitivity.json", "sensitivity.png", "sensitivity.html")
 Log = Callable[[str], None]
-
-
-def role_of(path: str) -> str:
-    """``ffn.out@0`` for ``encoder.layer.0.output.dense``; '' when no role matches."""
-    from slimline.family import MATMUL_ROLES
-
-    for role, pattern in MATMUL_ROLES.items():
-        if re.search(pattern + r"$", path):
-            m = re.search(r"(?:layers?|h|blocks?)\.(\d+)\.", path + ".")
-            return f"{role}@{m.group(1)}" if m else role
-    return ""
 
 
 def _variant(model: Any, node: Any, fmt: str, src: Path, dst: Path) -> bool:
@@ -109,7 +96,7 @@ def sensitivity(
 
     from slimline.evaluate import fidelity as fid
     from slimline.evaluate.targets import ort_runner, torch_runner
-    from slimline.family import family_of
+    from slimline.family import family_of, role_of
     from slimline.measure import metrics
     from slimline.measure.data import load_data
     from slimline.measure.metrics import relative_error

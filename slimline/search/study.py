@@ -35,7 +35,6 @@ from slimline.yamlconf import short
 
 MARKER = "search-space.json"  # written first: says slimline made this folder, and for which space
 NODE = "slimline_node"  # the custom resource a timing trial reserves: one per node
-RESULT_FILES = ("results.json", "pareto.md", "pareto.png", "best.yaml")
 Log = Callable[[str], None]
 
 
@@ -467,7 +466,8 @@ def write_results(study: Any, space: Space, out: Path, log: Log) -> Outcome:
     feasible = [r for r in rows if r["state"] == "complete" and r["passed"]]
     front = [r["number"] for r in feasible if not any(_dominates(q["values"], r["values"], signs) for q in feasible)]
     best = max((r for r in feasible if r["number"] in front), key=lambda r: signs[0] * r["values"][0], default=None)
-    (out / "results.json").write_text(
+    _write_atomic(
+        out / "results.json",
         json.dumps(
             {
                 "space": space.name,
@@ -478,7 +478,7 @@ def write_results(study: Any, space: Space, out: Path, log: Log) -> Outcome:
                 "best": best["number"] if best else None,
             },
             indent=2,
-        )
+        ),
     )
     _write_atomic(out / "pareto.md", _markdown(space, rows, front, best))
     if len(space.objectives) >= 2 and any(r["values"] for r in rows):
