@@ -442,6 +442,22 @@ def test_sibling_matmul_merge_positive_variant_and_negative(tmp_path):
     assert merge_sibling_matmuls(m3) == (0, {"x": "mm0: output is a graph output"})
 
 
+def test_merged_matmuls_keep_their_layer_role(fused):
+    """compile.fuse's merged Q/K/V and gate/up MatMuls still answer to their roles (a recipe's `layers` and
+    `exclude` select them), one node per layer."""
+    import onnx
+
+    from slimline.family import layers_by_role
+    from slimline.quantize.common import module_path
+
+    m = onnx.load(str(fused.artifact.path), load_external_data=False)
+    paths = {n.name: module_path(n) for n in m.graph.node if n.op_type == "MatMul"}
+    for selector in ("role:attention.qkv@0", "role:ffn.in@-1"):
+        found, error = layers_by_role(paths, selector)
+        assert error is None and len(found) == 1 and "+" in found[0], (selector, found)
+    assert len(layers_by_role(paths, "role:attention.qkv")[0]) == 2  # both layers
+
+
 def test_text_generation_run_reports_perplexity_speed_and_budgets(llama, tmp_path):
     """evaluate.llm end to end on the tiny Llama: the report has the encoder schema plus LLM figures."""
     from slimline import recipe as R

@@ -71,8 +71,12 @@ def merge_sibling_matmuls(model: Any) -> tuple[int, dict[str, str]]:
         sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), f"{candidates[0].name}_split_sizes")
         model.graph.initializer.extend([merged_w, sizes])
         wide = f"{candidates[0].output[0]}_merged"
+        matmul = helper.make_node("MatMul", [x, merged_w.name], [wide], name=name)
+        # the first sibling's scope (``...self_attn.q_proj``) keeps the merged node's role: `role:attention.qkv@3`
+        # and `role:ffn.in@3` still select it
+        matmul.metadata_props.extend(candidates[0].metadata_props)
         replace[id(candidates[0])] = [
-            helper.make_node("MatMul", [x, merged_w.name], [wide], name=name),
+            matmul,
             helper.make_node("Split", [wide, sizes.name], [n.output[0] for n in candidates], name=f"{name}/split", axis=-1),
         ]
         drop.update(id(n) for n in candidates[1:])
