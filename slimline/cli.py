@@ -503,16 +503,25 @@ def search(
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="a new folder for sensitivity.{md,json,png,html}")
 @click.option(
     "--formats",
-    default="int8,int4-32,int4-64,int4-128,fp16",
-    show_default=True,
-    help="candidate formats, comma-separated: int8, int4-32, int4-64, int4-128, fp16",
+    default=None,
+    help="candidate formats, comma-separated. Encoders: int8, int4-32, int4-64, int4-128, fp16 (default: all). "
+    "Decoders: int4-N and int8-N, the recipe's quantize.weight_only at those bits and block sizes "
+    "(default: int4-32,int4-64,int4-128,int8-64)",
 )
-@click.option("--texts", default=256, show_default=True, type=click.IntRange(8), help="evaluation texts per point")
+@click.option(
+    "--texts",
+    default=None,
+    type=click.IntRange(8),
+    help="texts per point: evaluation texts for an encoder (default 256); calibration texts for a decoder, "
+    "packed into 128-token windows (default 96)",
+)
 @click.option("--threads", default=0, type=click.IntRange(0), help="threads (0: all cores)")
 @MODEL_OPTION
 @TASK_OPTION
 @guarded("no sensitivity report was written.")
-def sensitivity(recipe: str, out: Path, formats: str, texts: int, threads: int, model: str | None, task: str | None) -> None:
+def sensitivity(
+    recipe: str, out: Path, formats: str | None, texts: int | None, threads: int, model: str | None, task: str | None
+) -> None:
     """Per-layer sensitivity: every layer in every candidate format, alone, measured (output error and
     the task metric), ranked worst first."""
     from slimline.search.sensitivity import sensitivity as run_sensitivity
@@ -520,7 +529,7 @@ def sensitivity(recipe: str, out: Path, formats: str, texts: int, threads: int, 
     def say(message: str) -> None:
         console.print(message, markup=False, highlight=False, soft_wrap=True)
 
-    chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
+    chosen = tuple(f.strip() for f in formats.split(",") if f.strip()) if formats else None
     run_sensitivity(recipe, out, model=model, task=task, formats=chosen, texts=texts, threads=threads, log=say)
     click.echo((out / "sensitivity.md").read_text())
 
@@ -538,18 +547,31 @@ def sensitivity(recipe: str, out: Path, formats: str, texts: int, threads: int, 
     "--out", required=True, type=click.Path(path_type=Path), help="a new folder: each round's run, mixed.yaml, mixed.json"
 )
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 10), help="choose-build-measure rounds at most")
+@click.option(
+    "--max-weight-mb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="quantize.weight_only: the layer weights' bound in MB (default: what the recipe's own formats take)",
+)
 @MODEL_OPTION
 @TASK_OPTION
 @guarded("the rounds that finished are in --out; nothing else was touched.")
-def mixed(recipe: str, sensitivity_dir: Path, out: Path, rounds: int, model: str | None, task: str | None) -> None:
-    """Mixed precision under the recipe's max_fidelity_drop: each layer int8 or float, chosen from measured
-    sensitivities (knapsack), then built and measured; writes the chosen recipe as mixed.yaml."""
+def mixed(
+    recipe: str, sensitivity_dir: Path, out: Path, rounds: int, max_weight_mb: float | None, model: str | None, task: str | None
+) -> None:
+    """Mixed precision from measured sensitivities, then built and measured; writes the chosen recipe as
+    mixed.yaml. quantize.dynamic_int8: each layer int8 or float under max_fidelity_drop (knapsack).
+    quantize.weight_only (decoders): each layer's bits and block size, least summed KL within the
+    recipe's own weight bytes (multiple-choice knapsack)."""
     from slimline.search.mixed import mixed as run_mixed
 
     def say(message: str) -> None:
         console.print(message, markup=False, highlight=False, soft_wrap=True)
 
-    result = run_mixed(recipe, sensitivity_dir, out, model=model, task=task, rounds=rounds, log=say)
+    result = run_mixed(recipe, sensitivity_dir, out, model=model, task=task, rounds=rounds, max_weight_mb=max_weight_mb, log=say)
+    if result.get("kind") == "weight_only":
+        console.print(f"chosen recipe: {out}/mixed.yaml (run: {result['measured']['folder']})", markup=False)
+        sys.exit(0 if result["measured"]["passed"] else 1)
     if result["chosen"] is None:
         console.print(
             f"no choice met max_fidelity_drop {result['budget']} in {rounds} rounds ({out}/mixed.json)", style="red", markup=False

@@ -319,6 +319,34 @@ def test_knapsack_keeps_the_most_bytes_within_the_budget():
         assert sum(b for n, _, b in items if n in chosen) >= best  # as good as brute force
 
 
+def test_choose_formats_is_the_least_cost_within_the_bytes():
+    """The multiple-choice knapsack against brute force: least summed cost, bytes within the bound."""
+    import itertools
+    import random
+
+    from slimline.search.mixed import choose_formats
+
+    rng = random.Random(1)
+    for _ in range(30):
+        options = {
+            f"l{i}": {f: (rng.uniform(0, 1) / (j + 1), rng.randint(1, 40) * 1024 * (j + 1)) for j, f in enumerate("abc")}
+            for i in range(5)
+        }
+        budget = rng.randint(5, 300) * 1024
+        chosen = choose_formats(options, budget)
+        fits = [
+            combo
+            for combo in itertools.product("abc", repeat=5)
+            if sum(options[f"l{i}"][f][1] for i, f in enumerate(combo)) <= budget
+        ]
+        if not fits:
+            assert chosen is None
+            continue
+        best = min(sum(options[f"l{i}"][f][0] for i, f in enumerate(combo)) for combo in fits)
+        assert sum(options[n][f][1] for n, f in chosen.items()) <= budget
+        assert sum(options[n][f][0] for n, f in chosen.items()) == pytest.approx(best)
+
+
 def test_mixed_chooses_builds_and_measures(tiny_bert_dir, tmp_path):
     from slimline.search.mixed import mixed
     from slimline.search.sensitivity import sensitivity
@@ -334,3 +362,82 @@ def test_mixed_chooses_builds_and_measures(tiny_bert_dir, tmp_path):
     assert "measured" in (tmp_path / "mixed" / "mixed.yaml").read_text()
     with pytest.raises(RecipeError, match="measured for recipe"):
         mixed({**recipe, "name": "other"}, tmp_path / "sens", tmp_path / "m2", log=lambda m: None)
+
+
+def tiny_llm_recipe(model_dir: Path) -> dict:
+    return {
+        "name": "tiny-llm",
+        "model": {"source": str(model_dir), "task": "text-generation"},
+        "stages": [
+            {"compile.export": {}},
+            {"compile.fuse": {}},
+            {"quantize.weight_only": {"block_size": 16, "algorithm": "gptq", "min_cosine": 0, "calibration_texts": 16}},
+        ],
+        "evaluate": {
+            "data": {"source": "builtin:shakespeare", "calibration_size": 48, "evaluation_size": 60},
+            "memory": False,
+            "speed": {"enabled": False},
+            "generation": {"perplexity_tokens": 256, "context": 64, "stride": 32},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    from tests.models import tiny_llama
+
+    return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+def test_decoder_sensitivity_scores_the_recipes_own_quantizer_per_layer(tiny_llama_dir, tmp_path):
+    """A decoder's layers in the weight-only formats, each alone: KL and perplexity change from one float session
+    with that layer's weight fed in; finer formats cost more bytes and move the logits less."""
+    from slimline.search.sensitivity import sensitivity
+
+    recipe = tiny_llm_recipe(tiny_llama_dir)
+    out = tmp_path / "sens"
+    result = sensitivity(recipe, out, formats=("int4-16", "int4-32", "int8-16"), texts=48, log=lambda m: None)
+    assert result["metric"] == "kl" and result["float_perplexity"] > 1
+    rows = result["rows"]
+    by = {(r["node"], r["format"]): r for r in rows}
+    nodes = {r["node"] for r in rows}
+    roles = {r["role"] for r in rows}
+    # 2 layers x (merged Q/K/V, o_proj, merged gate/up, down_proj) + the tied LM head
+    assert len(nodes) == 9 and {"attention.qkv@0", "ffn.in@1", "ffn.out@0", "lm_head"} <= roles
+    for node in nodes:
+        four, eight = by[(node, "int4-16")], by[(node, "int8-16")]
+        assert four["kl"] > 0 and four["weight_bytes"] < eight["weight_bytes"]
+        assert eight["output_error"] < four["output_error"] / 4
+        assert by[(node, "int4-32")]["weight_bytes"] < four["weight_bytes"]
+    assert sum(by[(n, "int8-16")]["kl"] for n in nodes) < sum(by[(n, "int4-16")]["kl"] for n in nodes) / 4
+    md = (out / "sensitivity.md").read_text()
+    assert "KL divergence" in md and "lm_head" in md
+    with pytest.raises(RecipeError, match="not a weight-only format"):
+        sensitivity(recipe, tmp_path / "other", formats=("fp16",), log=lambda m: None)
+
+
+def test_decoder_mixed_trades_bytes_between_layers_and_measures(tiny_llama_dir, tmp_path):
+    """Decoder mixed precision: formats chosen within the recipe's own layer bytes, written as `layers`, built and
+    measured; the run's report names each layer's chosen format."""
+    from slimline.search.mixed import mixed
+    from slimline.search.sensitivity import sensitivity
+
+    recipe = tiny_llm_recipe(tiny_llama_dir)
+    sensitivity(recipe, tmp_path / "sens", formats=("int4-16", "int4-32", "int8-16"), texts=48, log=lambda m: None)
+    result = mixed(recipe, tmp_path / "sens", tmp_path / "mixed", log=lambda m: None)
+    est = result["estimate"]
+    assert est["chosen_weight_mb"] <= est["recipe_weight_mb"] and est["chosen_kl"] <= est["recipe_kl"]
+    assert result["changed"] and set(result["formats"]) <= {"int4-16", "int4-32", "int8-16"}
+    chosen = yaml.safe_load((tmp_path / "mixed" / "mixed.yaml").read_text())
+    layers = chosen["stages"][2]["quantize.weight_only"]["layers"]
+    assert layers == {k: {"bits": int(f[3]), "block_size": int(f.split("-")[1])} for k, f in result["changed"].items()}
+    report = json.loads((tmp_path / "mixed" / "round-1" / "report.json").read_text())
+    assert report["summary"]["ort-cpu"]["accuracy"]["perplexity"] == result["measured"]["perplexity"]
+    manifest = json.loads((tmp_path / "mixed" / "round-1" / "manifest.json").read_text())
+    stage_report = next(s["report"] for s in manifest["stages"] if s["kind"] == "quantize.weight_only")
+    named = {k: v for k, v in stage_report.items() if k.startswith("layers.")}
+    assert len(named) == len(layers) and all(v.endswith("(the recipe's choice)") for v in named.values())
+    # a tighter bound than the recipe's own bytes moves layers to the coarser format
+    tight = mixed(recipe, tmp_path / "sens", tmp_path / "tight", max_weight_mb=est["recipe_weight_mb"] * 0.85, log=lambda m: None)
+    assert tight["estimate"]["chosen_weight_mb"] <= est["recipe_weight_mb"] * 0.85
+    assert tight["formats"].get("int4-32", 0) > result["formats"].get("int4-32", 0)

@@ -13,7 +13,17 @@ that layer changes is built and run on the evaluation texts:
 
 Each point reports the output error (relative to the float graph's outputs) and the task metric
 (mean cosine to torch fp32 for an encoder's vectors), the layer named by node and by role
-(``ffn.out@0``). Encoders only for now (feature-extraction, text-classification, token-classification).
+(``ffn.out@0``).
+
+A decoder (text-generation) is measured on what its recipe's ``quantize.weight_only`` would build:
+formats ``int4-N`` and ``int8-N`` are that stage's own quantizer (its algorithm, GPTQ with its
+calibration Hessians, clip search, symmetric or not) at those bits and blocks. The float graph is
+run once with every candidate weight made an overridable initializer, so each point is one run with
+that layer's dequantized weight fed in, on windows of calibration text (never the held-out plays the
+run's perplexity is scored on). Each point reports the mean KL divergence of the next-token
+distribution from the float graph's (nats per token; small changes add up across layers, which is
+what ``slimline mixed`` sums), the perplexity change on those windows, the layer's own output error
+(what the quantizer's report and ``fallback: auto`` go by), and the format's stored bytes.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from slimline.api import load_recipe
 from slimline.errors import OutputError, RecipeError
 
 FORMATS = ("int8", "int4-32", "int4-64", "int4-128", "fp16")
+DECODER_FORMATS = ("int4-32", "int4-64", "int4-128", "int8-64")
+DECODER_WINDOW = 128  # tokens per calibration window a decoder is scored on
 Log = Callable[[str], None]
 
 
@@ -81,14 +93,134 @@ def _variant(model: Any, node: Any, fmt: str, src: Path, dst: Path) -> bool:
     return True
 
 
+def weight_format(fmt: str) -> tuple[int, int] | None:
+    """``int4-32`` -> (4, 32): a weight-only format's bits and block size; None for any other name."""
+    kind, _, block = fmt.partition("-")
+    if kind in ("int4", "int8") and block.isdigit() and int(block) >= 16 and int(block) & (int(block) - 1) == 0:
+        return int(kind[3:]), int(block)
+    return None
+
+
+def decoder_points(
+    src: Path,
+    stage: Any,
+    artifact: Any,
+    ctx: Any,
+    texts: list[str],
+    formats: tuple[str, ...],
+    threads: int,
+    work: Path,
+    log: Log,
+) -> tuple[float, list[dict]]:
+    """Every weight-only layer of the float decoder graph at ``src`` in every format, alone; returns the
+    float graph's perplexity on the windows and one row per (layer, format)."""
+    import onnx
+    from onnx import helper
+
+    from slimline.family import role_of
+    from slimline.measure.inputs import calibration_feeds
+    from slimline.measure.metrics import relative_error
+    from slimline.quantize import nbits
+    from slimline.quantize.common import matching_nodes, module_path, weight_of
+    from slimline.runtime import ort_session
+
+    model = onnx.load(str(src))
+    excluded = matching_nodes(model, stage.exclude, ctx, stage.kind)
+    nodes = {
+        n.name: n
+        for n in model.graph.node
+        if n.op_type in ("MatMul", "FusedMatMul")
+        and n.name not in excluded
+        and (w := weight_of(model, n)) is not None
+        and min(w.shape) >= 16
+    }
+    layers = {name: (n.input[0], weight_of(model, n)) for name, n in nodes.items()}
+    captured = stage._capture(model, artifact, layers, ctx)  # the stage's own calibration: samples, and Hessians for GPTQ
+    log(f"sensitivity: calibration captured for {len(layers)} layers ({stage.algorithm})")
+    # each layer's weight becomes an overridable initializer (a graph input with a default); a tied LM head
+    # gets its own copy first, so feeding it leaves the embedding Gather alone
+    fed: dict[str, str] = {}
+    inits = {t.name: t for t in model.graph.initializer}
+    for name, node in nodes.items():
+        weight = node.input[1]
+        if node.op_type == "FusedMatMul" or sum(weight in n.input for n in model.graph.node) > 1:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[weight])
+            copy.name = f"{weight}_sensitivity_{len(fed)}"
+            model.graph.initializer.append(copy)
+            node.input[1] = weight = copy.name
+        fed[name] = weight
+        model.graph.input.append(helper.make_tensor_value_info(weight, onnx.TensorProto.FLOAT, None))
+    path = work / "overridable.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="overridable.onnx.data")
+    transposed = {name for name, node in nodes.items() if node.op_type == "FusedMatMul"}
+    del model, inits
+    session = ort_session(path, threads)
+    inputs = [i.name for i in session.get_inputs() if i.name not in set(fed.values())]
+    feeds = calibration_feeds(artifact.tokenizer, texts, inputs, batch=4, max_length=DECODER_WINDOW, config=artifact.config)
+    feeds = [{k: v for k, v in f.items() if k in inputs} for f in feeds]
+
+    def log_probs(extra: dict) -> list[np.ndarray]:
+        out = []
+        for f in feeds:
+            logits = session.run(["logits"], {**f, **extra})[0][:, :-1].astype(np.float32)
+            logits -= logits.max(-1, keepdims=True)
+            out.append(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+        return out
+
+    targets = [f["input_ids"][:, 1:] for f in feeds]
+
+    def nll(logp: list[np.ndarray]) -> float:
+        picked = [np.take_along_axis(lp, t[..., None], -1) for lp, t in zip(logp, targets, strict=True)]
+        return float(-np.mean(np.concatenate([p.ravel() for p in picked])))
+
+    ref = log_probs({})
+    ref_p = [np.exp(lp) for lp in ref]
+    base_nll = nll(ref)
+    tokens = sum(t.size for t in targets)
+    log(
+        f"sensitivity: {len(layers)} layers x {len(formats)} formats, each scored on {tokens} tokens "
+        f"({len(feeds)} batches of windows of {DECODER_WINDOW}); float graph perplexity {np.exp(base_nll):.4f}"
+    )
+    rows = []
+    t0 = time.perf_counter()
+    for i, (name, (act, w)) in enumerate(layers.items()):
+        c = captured[act] if captured else None
+        path_ = module_path(nodes[name])
+        role = "lm_head" if name in transposed or "logits" in nodes[name].output else role_of(path_)
+        for fmt in formats:
+            bits, block = weight_format(fmt)
+            if w.shape[0] < block:
+                continue
+            b = stage.quantize_weight(w, c.gram if c is not None else None, bits, block)
+            wq = b.dequantize()
+            lp = log_probs({fed[name]: np.ascontiguousarray(wq.T if name in transposed else wq)})
+            kl = float(np.mean(np.concatenate([(p * (r - q)).sum(-1).ravel() for p, r, q in zip(ref_p, ref, lp, strict=True)])))
+            rows.append(
+                {
+                    "node": name,
+                    "op": nodes[name].op_type,
+                    "role": role,
+                    "module": path_,
+                    "format": fmt,
+                    "kl": round(max(kl, 0.0), 8),
+                    "perplexity_change": round(float(np.exp(nll(lp) - base_nll) - 1.0), 6),
+                    "output_error": round(relative_error(c.sample @ w, c.sample @ wq), 6) if c is not None else None,
+                    "weight_bytes": int(sum(v.nbytes for v in nbits.pack(b).values())),
+                }
+            )
+        log(f"sensitivity: layer {i + 1}/{len(layers)} {name} ({role or '-'}) in {time.perf_counter() - t0:.0f}s")
+    return float(np.exp(base_nll)), rows
+
+
 def sensitivity(
     recipe_ref: str | Path,
     out: Path,
     *,
     model: str | None = None,
     task: str | None = None,
-    formats: tuple[str, ...] = FORMATS,
-    texts: int = 256,
+    formats: tuple[str, ...] | None = None,
+    texts: int | None = None,
     threads: int = 0,
     log: Log = print,
 ) -> dict[str, Any]:
@@ -105,19 +237,34 @@ def sensitivity(
     from slimline.stage import Context
 
     _, recipe = load_recipe(recipe_ref, (), model, task)
-    if recipe.model.task == "text-generation":
-        raise RecipeError(
-            f"sensitivity: {recipe.name} is a text-generation recipe; per-layer sensitivity covers encoders so far "
-            "(feature-extraction, text-classification, token-classification)."
-        )
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise RecipeError(f"sensitivity: unknown format {bad[0]}; choose from {', '.join(FORMATS)}.")
+    decoder = recipe.model.task == "text-generation"
     # the float graph: every stage before the first quantizer (SmoothQuant is exact in float, so it belongs here)
     cut = next(
         (i for i, s in enumerate(recipe.stages) if s.kind.startswith("quantize.") and s.kind != "quantize.smoothquant"), None
     )
     prefix = [s for s in recipe.stages[:cut] if s.kind != "compile.tune"]
+    quantizer = recipe.stages[cut] if cut is not None else None
+    if decoder:
+        formats = formats or DECODER_FORMATS
+        texts = texts or 96
+        if quantizer is None or quantizer.kind != "quantize.weight_only":
+            raise RecipeError(
+                f"sensitivity: {recipe.name} is a text-generation recipe whose first quantizer is "
+                f"{quantizer.kind if quantizer else 'missing'}; a decoder's sensitivity measures the formats of "
+                "quantize.weight_only (int4-N, int8-N). Add that stage to the recipe."
+            )
+        for f in formats:
+            if weight_format(f) is None:
+                raise RecipeError(
+                    f"sensitivity: format {f} is not a weight-only format; a decoder takes int4-N or int8-N "
+                    f"(N the block size, e.g. {', '.join(DECODER_FORMATS)})."
+                )
+    else:
+        formats = formats or FORMATS
+        texts = texts or 256
+        bad = [f for f in formats if f not in FORMATS]
+        if bad:
+            raise RecipeError(f"sensitivity: unknown format {bad[0]}; choose from {', '.join(FORMATS)}.")
     if out.exists():
         raise OutputError(f"--out {out}: exists; slimline writes sensitivity results only into a new folder. Choose another.")
     work = Path(tempfile.mkdtemp(prefix="slimline-sensitivity-"))
@@ -132,6 +279,9 @@ def sensitivity(
             artifact = stage.run(artifact, ctx).artifact
             log(f"sensitivity: {stage.kind} done")
         src = Path(artifact.path)
+        if decoder:
+            base, rows = decoder_points(src, quantizer, artifact, ctx, data.calibration[:texts], formats, threads, work, log)
+            return write(out, recipe.name, base, formats, rows, log, metric="kl")
         graph = onnx.load(str(src))
         sample = data.evaluation[:texts]
         family = family_of(recipe.model.task)
@@ -189,40 +339,70 @@ def sensitivity(
     return write(out, recipe.name, base, formats, rows, log)
 
 
-def write(out: Path, name: str, base: float, formats: tuple[str, ...], rows: list[dict], log: Log) -> dict[str, Any]:
+def write(
+    out: Path, name: str, base: float, formats: tuple[str, ...], rows: list[dict], log: Log, metric: str = "cosine_drop"
+) -> dict[str, Any]:
+    """The report files; ``metric``: what a cell shows and the ranking goes by (``cosine_drop`` for an
+    encoder, ``kl`` for a decoder)."""
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     by_node: dict[str, dict[str, Any]] = {}
     for r in rows:
         entry = by_node.setdefault(r["node"], {"node": r["node"], "role": r["role"], "op": r["op"], "drops": {}, "errors": {}})
-        entry["drops"][r["format"]] = r["cosine_drop"]
-        entry["errors"][r["format"]] = r["output_error"]
+        entry["drops"][r["format"]] = r[metric]
+        entry["errors"][r["format"]] = r["output_error"] if r["output_error"] is not None else float("nan")
+        if "perplexity_change" in r:
+            entry.setdefault("perplexity", {})[r["format"]] = r["perplexity_change"]
     ranked = sorted(by_node.values(), key=lambda e: (-max(e["drops"].values()), -max(e["errors"].values())))
     result = {
         "recipe": name,
-        "float_mean_cosine": base,
+        "metric": metric,
+        ("float_perplexity" if metric == "kl" else "float_mean_cosine"): base,
         "formats": list(formats),
         "rows": rows,
         "ranked": [e["node"] for e in ranked],
     }
     (staging / "sensitivity.json").write_text(json.dumps(result, indent=2))
+    if metric == "kl":
+        about = (
+            f"Float graph perplexity on the scored calibration windows: {base:.4f}. Each cell: the mean KL divergence "
+            "(nats per token, x1e-3) of the next-token distribution from the float graph's when that layer alone takes "
+            "that format; in brackets the perplexity change on the same windows and the layer's own output error "
+            "(what the quantizer's report goes by); worst first. '-': the format doesn't apply (K under the block)."
+        )
+
+        def cell(e: dict, f: str) -> str:
+            return f"{e['drops'][f] * 1e3:.3f} ({e['perplexity'][f]:+.2%}, {e['errors'][f]:.4f})"
+    else:
+        about = (
+            f"Mean cosine to torch fp32 of the float graph: {base:.5f}. Each cell: the drop in mean cosine when that "
+            "layer alone takes that format (output error relative to the float graph in brackets); worst first. "
+            "'-': the format has no kernel for that op here."
+        )
+
+        def cell(e: dict, f: str) -> str:
+            return f"{e['drops'][f]:+.5f} ({e['errors'][f]:.4f})"
+
     lines = [
         f"# Per-layer sensitivity: {name}",
         "",
-        f"Mean cosine to torch fp32 of the float graph: {base:.5f}. Each cell: the drop in mean cosine when that "
-        "layer alone takes that format (output error relative to the float graph in brackets); worst first. "
-        "'-': the format has no kernel for that op here.",
+        about,
         "",
         "| rank | layer (role) | op | " + " | ".join(formats) + " |",
         "|---|---|---|" + "---|" * len(formats),
     ]
     for i, e in enumerate(ranked, 1):
-        cells = [f"{e['drops'][f]:+.5f} ({e['errors'][f]:.4f})" if f in e["drops"] else "-" for f in formats]
+        cells = [cell(e, f) if f in e["drops"] else "-" for f in formats]
         lines.append(f"| {i} | {e['node']} ({e['role'] or '-'}) | {e['op']} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     (staging / "sensitivity.md").write_text(md)
-    _plot(ranked, formats, staging / "sensitivity.png", name)
+    label = (
+        "mean next-token KL from the float graph when this layer alone changes (nats/token)"
+        if metric == "kl"
+        else "drop in mean cosine to fp32 when this layer alone changes"
+    )
+    _plot(ranked, formats, staging / "sensitivity.png", name, label)
     import base64
     import html
 
@@ -241,7 +421,7 @@ def write(out: Path, name: str, base: float, formats: tuple[str, ...], rows: lis
     return result
 
 
-def _plot(ranked: list[dict], formats: tuple[str, ...], path: Path, name: str) -> None:
+def _plot(ranked: list[dict], formats: tuple[str, ...], path: Path, name: str, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,7 +436,7 @@ def _plot(ranked: list[dict], formats: tuple[str, ...], path: Path, name: str) -
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(top))])
     ax.set_yticklabels([f"{e['role'] or e['node']}" for e in top], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("drop in mean cosine to fp32 when this layer alone changes")
+    ax.set_xlabel(label)
     ax.set_title(f"{name}: the {len(top)} most sensitive layers", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="x")
