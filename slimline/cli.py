@@ -504,7 +504,7 @@ def search(
 @click.option(
     "--formats",
     default=None,
-    help="candidate formats, comma-separated. Encoders: int8, int4-32, int4-64, int4-128, fp16 (default: all). "
+    help="candidate formats, comma-separated. Encoders: int8, int8-static, int4-32, int4-64, int4-128, fp16 (default: all). "
     "Decoders: int4-N and int8-N, the recipe's quantize.weight_only at those bits and block sizes "
     "(default: int4-32,int4-64,int4-128,int8-64)",
 )
@@ -560,7 +560,7 @@ def mixed(
     recipe: str, sensitivity_dir: Path, out: Path, rounds: int, max_weight_mb: float | None, model: str | None, task: str | None
 ) -> None:
     """Mixed precision from measured sensitivities, then built and measured; writes the chosen recipe as
-    mixed.yaml. quantize.dynamic_int8: each layer int8 or float under max_fidelity_drop (knapsack).
+    mixed.yaml. quantize.dynamic_int8 / static_int8: each layer int8 or float under max_fidelity_drop (knapsack).
     quantize.weight_only (decoders): each layer's bits and block size, least summed KL within the
     recipe's own weight bytes (multiple-choice knapsack)."""
     from slimline.search.mixed import mixed as run_mixed

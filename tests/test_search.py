@@ -286,8 +286,9 @@ def test_sensitivity_measures_each_layer_in_each_format_alone(tiny_bert_dir, tmp
         assert (node, "int8") in by and by[(node, "int8")]["output_error"] > 0
         if (node, "int4-32") in by:  # a MatMul: fp16 rounding is far smaller than int4's
             assert by[(node, "fp16")]["output_error"] < by[(node, "int4-32")]["output_error"] / 10
+            assert by[(node, "int8-static")]["output_error"] > 0  # QDQ on that node alone, ranges calibrated
         else:
-            assert by[(node, "int8")]["op"] == "Attention"
+            assert by[(node, "int8")]["op"] == "Attention" and (node, "int8-static") not in by
     worst = result["ranked"][0]
     assert max(r["cosine_drop"] for r in rows if r["node"] == worst) == max(r["cosine_drop"] for r in rows)
     assert {f.name for f in out.iterdir()} == {"sensitivity.md", "sensitivity.json", "sensitivity.png", "sensitivity.html"}
@@ -362,6 +363,15 @@ def test_mixed_chooses_builds_and_measures(tiny_bert_dir, tmp_path):
     assert "measured" in (tmp_path / "mixed" / "mixed.yaml").read_text()
     with pytest.raises(RecipeError, match="measured for recipe"):
         mixed({**recipe, "name": "other"}, tmp_path / "sens", tmp_path / "m2", log=lambda m: None)
+    # a static int8 recipe reads the int8-static figures, which this sensitivity run didn't measure
+    static = {**recipe, "stages": [*recipe["stages"][:2], {"quantize.static_int8": {}}]}
+    with pytest.raises(RecipeError, match="no int8-static measurements"):
+        mixed(static, tmp_path / "sens", tmp_path / "m3", log=lambda m: None)
+    sensitivity(static, tmp_path / "sens-static", formats=("int8-static",), texts=16, log=lambda m: None)
+    result = mixed(static, tmp_path / "sens-static", tmp_path / "m4", log=lambda m: None)
+    assert result["attempts"][0]["measured_drop"] <= 0.01
+    chosen = yaml.safe_load((tmp_path / "m4" / "mixed.yaml").read_text())
+    assert next(s["quantize.static_int8"] for s in chosen["stages"] if "quantize.static_int8" in s)["fallback"] == "none"
 
 
 def tiny_llm_recipe(model_dir: Path) -> dict:

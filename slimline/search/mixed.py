@@ -9,8 +9,9 @@ also what batch-1 decode reads per token, so the choice can only trade bytes bet
 add them. The chosen formats go into ``quantize.weight_only.layers`` and the point is built and
 measured once; the report compares its measured perplexity, size and speed with nothing estimated.
 
-For a recipe whose quantizer is ``quantize.dynamic_int8`` each layer is int8 or float (its
-``exclude``). The choice is a 0/1 knapsack: keep as many weight bytes in int8 as possible while the
+For a recipe whose quantizer is ``quantize.dynamic_int8`` or ``quantize.static_int8`` each layer is
+int8 or float (its ``exclude``), by the sensitivity's ``int8`` or ``int8-static`` figures. The
+choice is a 0/1 knapsack: keep as many weight bytes in int8 as possible while the
 sum of the layers' measured mean-cosine drops (``slimline sensitivity``) stays within the recipe's
 ``max_fidelity_drop``, less what the float graph already loses. Summing drops is an estimate (layer
 errors are not exactly additive), so the chosen point is then built and measured by a real run; if
@@ -34,6 +35,7 @@ from slimline.errors import OutputError, RecipeError
 
 Log = Callable[[str], None]
 STEP = 1e-6  # knapsack resolution of the cosine drops
+INT8_FORMATS = {"quantize.dynamic_int8": "int8", "quantize.static_int8": "int8-static"}  # quantizer -> its sensitivity format
 
 
 def knapsack(items: list[tuple[str, float, int]], budget: float) -> set[str]:
@@ -134,7 +136,7 @@ def mixed(
 ) -> dict[str, Any]:
     _, recipe = api.load_recipe(recipe_ref, (), model, task)
     raw = recipe.model_dump(mode="json")
-    index = next((i for i, s in enumerate(raw["stages"]) if "quantize.dynamic_int8" in s), None)
+    index = next((i for i, s in enumerate(raw["stages"]) if any(k in s for k in INT8_FORMATS)), None)
     weight_only = next((i for i, s in enumerate(raw["stages"]) if "quantize.weight_only" in s), None)
     if index is None and weight_only is not None:
         sens = read_sensitivity(sensitivity_dir, recipe.name)
@@ -143,8 +145,8 @@ def mixed(
         return mixed_weight_only(recipe, raw, weight_only, sens, sensitivity_dir, out, max_weight_mb, log)
     if index is None:
         raise RecipeError(
-            f"mixed: {recipe.name} has neither quantize.dynamic_int8 (each layer int8 or float) nor quantize.weight_only "
-            "(each layer's bits and block size); mixed precision chooses formats for those quantizers."
+            f"mixed: {recipe.name} has no quantize.dynamic_int8 or quantize.static_int8 (each layer int8 or float) and no "
+            "quantize.weight_only (each layer's bits and block size); mixed precision chooses formats for those quantizers."
         )
     budget = recipe.evaluate.budgets.max_fidelity_drop
     if budget is None:
@@ -152,9 +154,13 @@ def mixed(
     sens = read_sensitivity(sensitivity_dir, recipe.name)
     if out.exists():
         raise OutputError(f"--out {out}: exists; choose a new folder.")
-    rows = [r for r in sens["rows"] if r["format"] == "int8"]
+    kind = next(k for k in raw["stages"][index] if k in INT8_FORMATS)
+    fmt = INT8_FORMATS[kind]
+    rows = [r for r in sens["rows"] if r["format"] == fmt]
     if not rows:
-        raise RecipeError(f"--sensitivity {sensitivity_dir}: has no int8 measurements; run it with int8 among --formats.")
+        raise RecipeError(
+            f"--sensitivity {sensitivity_dir}: has no {fmt} measurements ({kind}); run it with {fmt} among --formats."
+        )
     base_loss = 1.0 - float(sens["float_mean_cosine"])
     items = [(r["node"], float(r["cosine_drop"]), int(r.get("weight_bytes", 1))) for r in rows]
     label = {
@@ -169,11 +175,11 @@ def mixed(
         chosen = knapsack(items, allowed)
         kept = sorted(set(drop) - chosen, key=lambda n: -drop[n])
         estimate = base_loss + sum(drop[n] for n in chosen)
-        stage = dict(raw["stages"][index]["quantize.dynamic_int8"])
+        stage = dict(raw["stages"][index][kind])
         stage["exclude"] = sorted({*stage.get("exclude", []), *(label[n] for n in kept)})
         stage["fallback"] = "none"  # the choice is this one, measured; no second selection behind it
         trial = json.loads(json.dumps(raw))
-        trial["stages"][index] = {"quantize.dynamic_int8": stage}
+        trial["stages"][index] = {kind: stage}
         trial["name"] = f"{recipe.name}-mixed"
         log(f"mixed: round {attempt}: {len(chosen)} of {len(drop)} layers int8, {len(kept)} float; estimated drop {estimate:.5f}")
         result = api.run(trial, out=out / f"round-{attempt}", reporter=None)

@@ -7,6 +7,8 @@ that layer changes is built and run on the evaluation texts:
 
 - ``int8``: ONNX Runtime's ``quantize_dynamic`` on that node alone (per-channel weights, int8
   activations: MatMulInteger, or QAttention for a fused Attention);
+- ``int8-static``: ``quantize.static_int8`` (ONNX Runtime's ``quantize_static``, QDQ, per-channel
+  weights, MinMax activation ranges calibrated on the recipe's calibration texts) on that node alone;
 - ``int4-32`` / ``int4-64`` / ``int4-128``: RTN weights in MatMulNBits with blocks of that size
   (``accuracy_level`` 4, as ``quantize.weight_only`` builds them);
 - ``fp16``: the weight rounded to fp16 and back (what fp16 storage does to it; the compute stays fp32).
@@ -41,14 +43,16 @@ import numpy as np
 from slimline.api import load_recipe
 from slimline.errors import OutputError, RecipeError
 
-FORMATS = ("int8", "int4-32", "int4-64", "int4-128", "fp16")
+FORMATS = ("int8", "int8-static", "int4-32", "int4-64", "int4-128", "fp16")
 DECODER_FORMATS = ("int4-32", "int4-64", "int4-128", "int8-64")
 DECODER_WINDOW = 128  # tokens per calibration window a decoder is scored on
 Log = Callable[[str], None]
 
 
-def _variant(model: Any, node: Any, fmt: str, src: Path, dst: Path) -> bool:
-    """Write ``model`` with only ``node`` in ``fmt`` to ``dst``; False when the format doesn't apply."""
+def _variant(model: Any, node: Any, fmt: str, src: Path, dst: Path, static: tuple[Any, list[dict]] | None = None) -> bool:
+    """Write ``model`` with only ``node`` in ``fmt`` to ``dst``; False when the format doesn't apply.
+    ``static``: the ``quantize.static_int8`` stage for ``int8-static`` (the recipe's, or the defaults)
+    and the feeds that set its activation ranges."""
     import copy
 
     import onnx
@@ -57,6 +61,15 @@ def _variant(model: Any, node: Any, fmt: str, src: Path, dst: Path) -> bool:
     from slimline.quantize import nbits
     from slimline.quantize.common import weight_of
     from slimline.quantize.weight_only import replace_matmuls
+
+    if fmt == "int8-static":
+        if node.op_type != "MatMul" or weight_of(model, node) is None or static is None:
+            return False  # QDQ has no form for a fused Attention
+        stage, feeds = static
+        others = {n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.name != node.name}
+        stage.quantize_file(src, dst, feeds, others)
+        changed = onnx.load(str(dst), load_external_data=False)
+        return any(n.op_type == "DequantizeLinear" for n in changed.graph.node)
 
     if fmt == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -302,6 +315,12 @@ def sensitivity(
             f"sensitivity: {len(layers)} layers x {len(formats)} formats on {len(sample)} texts; float graph mean cosine {base:.5f}"
         )
         sizes = {t.name: int(np.prod(t.dims)) * 4 for t in graph.graph.initializer}  # fp32 bytes of each weight
+        static = None
+        if "int8-static" in formats:
+            from slimline.quantize.static import StaticInt8
+
+            stage = quantizer if quantizer is not None and quantizer.kind == "quantize.static_int8" else StaticInt8()
+            static = (stage, stage.prepare(graph, artifact, ctx))
         rows = []
         t0 = time.perf_counter()
         attention = 0
@@ -312,7 +331,7 @@ def sensitivity(
                 role, attention = f"attention.fused@{attention}", attention + 1
             for fmt in formats:
                 dst = work / f"v{i}-{fmt}.onnx"
-                if not _variant(graph, node, fmt, src, dst):
+                if not _variant(graph, node, fmt, src, dst, static):
                     continue
                 vecs = fid.encode(ort_runner(dst, fmt, threads), ref.tokenizer, sample, family, pooling, length)
                 cos = metrics.fidelity(truth, vecs, kind)["mean_cosine"]
