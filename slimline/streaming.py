@@ -501,8 +501,13 @@ class _Hessians:
             # later input of this layer, which would otherwise pass for the same one
             self.seen[id(x)] = (name, x)
             flat = x.reshape(-1, x.shape[-1]).float()
-            contribution = (flat.T @ flat).double()
-            self.sums[name] = self.sums[name] + contribution if name in self.sums else contribution
+            contribution = flat.T @ flat
+            if flat.shape[1] <= nbits.F64_MAX_K:  # summed in float64 where GPTQ factorizes in float64
+                contribution = contribution.double()
+            if name in self.sums:
+                self.sums[name] += contribution
+            else:
+                self.sums[name] = contribution
 
         return accumulate
 
@@ -511,6 +516,10 @@ class _Hessians:
 
     def of(self, name: str) -> np.ndarray:
         return self.sums[self.key(name)].numpy()
+
+    def drop(self, name: str) -> None:
+        """Free one input's Hessian once its group is quantized (a 3B model's down_proj: 256 MB)."""
+        self.sums.pop(self.key(name), None)
 
 
 class Calibrated:
@@ -525,15 +534,25 @@ class Calibrated:
         self.fallbacks = 0
 
 
-def error_terms(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray) -> tuple[float, float]:
+def error_terms(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray, rows: int = 256) -> tuple[float, float]:
     """``tr(dW H dW^T)`` and ``tr(W H W^T)`` of a ``[out, in]`` weight's rounding, ``H = X^T X``: the
-    squared output error over the calibration inputs and the squared output, with no forward pass."""
+    squared output error over the calibration inputs and the squared output, with no forward pass.
+    Summed over ``rows`` output rows at a time, in float64: the temporaries stay a few MB where whole
+    matrices would be four copies of the weight in float64 (800 MB for a 3B model's down_proj)."""
     import torch
 
-    w = torch.from_numpy(weight).double()
-    d = w - torch.from_numpy(b.dequantize().T.copy()).double()
     h = torch.from_numpy(hessian)
-    return max(float(((d @ h) * d).sum()), 0.0), float(((w @ h) * w).sum())
+    num = den = 0.0
+    for start in range(0, weight.shape[0], rows):
+        stop = min(start + rows, weight.shape[0])
+        w = torch.from_numpy(weight[start:stop]).to(h.dtype)
+        q = (b.q[start:stop].astype(np.float32) - np.repeat(b.zero[start:stop], b.block_size, axis=1)) * np.repeat(
+            b.scale[start:stop], b.block_size, axis=1
+        )
+        d = w - torch.from_numpy(q[:, : b.k]).to(h.dtype)
+        num += float(((d @ h).double() * d.double()).sum())
+        den += float(((w @ h).double() * w.double()).sum())
+    return max(num, 0.0), den
 
 
 def output_error(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray) -> float:
@@ -641,7 +660,7 @@ def calibrate_gptq(
                 layer(hidden[b], **kwargs[b])
         for h in handles:
             h.remove()
-        rounded: dict[str, np.ndarray] = {}
+        rounded: dict[str, nbits.Blocked] = {}  # codes, not float copies: dequantized as the layer reads them
         groups: dict[str, list[str]] = {}  # Linears reading one input: merged into one MatMulNBits later
         for name in linears:
             groups.setdefault(hessians.key(name), []).append(name)
@@ -667,9 +686,13 @@ def calibrate_gptq(
                 np.savez(path, **nbits.pack(results[n]))
                 store.paths[stored], store.bits[stored] = path, (nb, nblock)
                 store.errors[stored] = errors[n]
-                rounded[f"{prefix}.{n}.weight"] = np.ascontiguousarray(results[n].dequantize().T)
+                rounded[f"{prefix}.{n}.weight"] = results[n]
+            del weights, results, hessian
+            hessians.drop(key)
         del hessians
-        sequential.transform = lambda name, value, rounded=rounded: rounded.get(name, value)
+        sequential.transform = lambda name, value, rounded=rounded: (
+            np.ascontiguousarray(rounded[name].dequantize().T) if name in rounded else value
+        )
         with torch.no_grad():
             for b in range(len(hidden)):
                 out = layer(hidden[b], **kwargs[b])

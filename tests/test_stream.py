@@ -18,6 +18,7 @@ from slimline.errors import ModelError, ResourceError, StageError
 from slimline.family import expected_fusions, family_of
 from slimline.models.lazy import Checkpoint, to_bf16, write_safetensors
 from slimline.models.sequential import SequentialModel
+from slimline.quantize import nbits
 from tests.models import tiny_decoder, tiny_llama
 
 IDS = np.array([[5, 9, 33, 100, 7, 2, 41, 17, 60, 3, 12]])
@@ -207,3 +208,16 @@ def test_hessians_shared_only_by_the_same_input():
     for name in ("o", "down"):
         h.hook(name)(None, (torch.randn(4, 3),))  # each a fresh tensor, possibly at the address just freed
     assert (h.key("k"), h.key("o"), h.key("down")) == ("q", "o", "down")
+
+
+def test_error_terms_by_row_chunks_equal_the_whole_matrix_formula():
+    """The chunked tr(dW H dW^T) / tr(W H W^T) (few MB of temporaries) equals the whole-matrix one."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((70, 96)).astype(np.float32)  # [out, in]; 70 rows: chunks of 32 leave a remainder
+    x = rng.standard_normal((200, 96))
+    h = x.T @ x
+    b = nbits.rtn(w.T, 4, 64)  # K=96: the last block padded
+    d = w.astype(np.float64) - b.dequantize().T
+    want = ((d @ h) * d).sum(), ((w.astype(np.float64) @ h) * w).sum()
+    got = stream.error_terms(w, b, h, rows=32)
+    np.testing.assert_allclose(got, want, rtol=1e-9)

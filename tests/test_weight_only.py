@@ -80,6 +80,21 @@ def test_gptq_beats_rtn_on_correlated_inputs(act_order):
     assert err(g) < 0.7 * err(r)  # measured ~0.3x
 
 
+def test_gptq_past_the_float64_width_runs_in_float32_and_still_beats_rtn():
+    """Past nbits.F64_MAX_K input features GPTQ factorizes in float32 (half the memory of a big down_proj's
+    Hessians); it must still be GPTQ: well under RTN's error on correlated inputs."""
+    k, n = nbits.F64_MAX_K + 64, 8
+    w = np.random.default_rng(4).standard_normal((k, n)).astype(np.float32)
+    x = correlated_inputs(k, rows=512)
+    held_out = correlated_inputs(k, rows=256, seed=9)
+    g = nbits.gptq(w, (x.T @ x).astype(np.float32), 4, 64)
+
+    def err(b):
+        return np.linalg.norm(held_out @ w - held_out @ b.dequantize()) / np.linalg.norm(held_out @ w)
+
+    assert err(g) < 0.7 * err(nbits.rtn(w, 4, 64))
+
+
 def test_hqq_lowers_mean_abs_error_on_heavy_tailed_weights():
     w = np.random.default_rng(2).standard_t(3, size=(256, 32)).astype(np.float32)
     assert np.abs(w - nbits.hqq(w, 4, 64).dequantize()).mean() < np.abs(w - nbits.rtn(w, 4, 64).dequantize()).mean()

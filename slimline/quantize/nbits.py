@@ -148,6 +148,12 @@ def hqq(
     return Blocked(q.astype(np.uint8), scale, best_z[..., 0], bits, block_size, k, symmetric=False)
 
 
+# GPTQ's Hessian, its factorizations and the weight being updated are float64 up to this many input
+# features (SmolLM2's 1536: 18 MB a matrix), float32 beyond (a 3B model's down_proj, 8192: 0.5 GB a
+# matrix in float64, two at once), where the memory matters more than the last bits of rounding.
+F64_MAX_K = 4096
+
+
 def gptq(
     weight: np.ndarray,
     hessian: np.ndarray,
@@ -169,10 +175,11 @@ def gptq(
     import torch
 
     k, n = weight.shape
-    w = torch.from_numpy(_pad(weight.T.astype(np.float32), block_size)).double()  # [N, Kp]
-    kp = w.shape[1]
-    h = torch.zeros(kp, kp, dtype=torch.float64)
-    h[:k, :k] = torch.from_numpy(hessian).double()
+    kp = k + (-k) % block_size
+    dtype = torch.float64 if kp <= F64_MAX_K else torch.float32
+    w = torch.from_numpy(_pad(weight.T.astype(np.float32), block_size)).to(dtype)  # [N, Kp]
+    h = torch.zeros(kp, kp, dtype=dtype)
+    h[:k, :k] = torch.from_numpy(hessian)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -184,8 +191,9 @@ def gptq(
         scale[:], zero[:] = block_params(w.numpy().reshape(n, n_blocks, block_size), bits, symmetric, clip)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(kp)
     w = w[:, perm]
-    # At most two K x K float64 matrices live at once (an 8B model's down_proj: K = 14336, 1.6 GB each):
-    # the permutation, the damping and the factorizations each replace the one before.
+    # At most two K x K matrices live at once: the permutation, the damping and the factorizations each
+    # replace the one before. Past F64_MAX_K they are float32, as in the reference GPTQ (an 8B model's
+    # down_proj, K = 14336: 0.8 GB each instead of 1.6).
     h = h.index_select(0, perm)
     h = h.index_select(1, perm)
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
@@ -209,8 +217,8 @@ def gptq(
             g = col // block_size
             if not static and col % block_size == 0:  # first column of its block: fit the block now
                 scale[:, g], zero[:, g] = block_params(w1[:, i : i + block_size].numpy(), bits, symmetric, clip)
-            s = torch.from_numpy(scale[:, g]).double()
-            z = torch.from_numpy(zero[:, g]).double()
+            s = torch.from_numpy(scale[:, g]).to(dtype)
+            z = torch.from_numpy(zero[:, g]).to(dtype)
             codes = torch.clamp(torch.round(w1[:, i] / s + z), 0, qmax)
             q[:, i1 + i] = codes.to(torch.uint8)
             e = (w1[:, i] - (codes - z) * s) / hinv1[i, i]
