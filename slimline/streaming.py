@@ -638,12 +638,14 @@ def calibrate_gptq(
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     batch = 4
+    embeds = embed_rows(sequential, ckpt, ids)  # the table read once in row chunks, never whole in float32
     for start in range(0, len(ids), batch):
         try:
             with torch.no_grad():
-                sequential.model(torch.from_numpy(ids[start : start + batch]), use_cache=False)
+                sequential.model(inputs_embeds=torch.from_numpy(embeds[start : start + batch]), use_cache=False)
         except _Stop:
             pass
+    del embeds
     handle.remove()
     hidden = [h for h, _ in captured]
     kwargs = [k for _, k in captured]
@@ -704,6 +706,27 @@ def calibrate_gptq(
         )
     _gptq_head(sequential, ckpt, hidden, store, head_bits or bits, block, damp, act_order, clip, log)
     return store
+
+
+def embed_rows(sequential: Any, ckpt: Checkpoint, ids: np.ndarray) -> np.ndarray:
+    """The input embeddings of ``ids`` (``[..., hidden]``, float32), what the model's embedding module would
+    return, read from the checkpoint one chunk of rows at a time: onloading the module would hold the
+    whole table in float32 (a 3B Llama's: 1.6 GB, twice while it is converted) for every batch. A scaled
+    embedding (Gemma's ``embed_scale``) is scaled the same way."""
+    module = sequential.model.get_input_embeddings()
+    name = sequential.names_of(module)["weight"]
+    rows, hidden = ckpt.entries[name].shape
+    out = np.zeros((*ids.shape, hidden), np.float32)
+    step = max(1, CHUNK_BYTES // (4 * hidden))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        hit = (ids >= start) & (ids < stop)
+        if hit.any():
+            out[hit] = ckpt.read(name, rows=(start, stop))[ids[hit] - start]
+    scale = getattr(module, "embed_scale", None)
+    if scale is not None:
+        out *= float(scale)
+    return out
 
 
 def _gptq_head(

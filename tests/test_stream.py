@@ -221,3 +221,20 @@ def test_error_terms_by_row_chunks_equal_the_whole_matrix_formula():
     want = ((d @ h) * d).sum(), ((w.astype(np.float64) @ h) * w).sum()
     got = stream.error_terms(w, b, h, rows=32)
     np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3_text", "gpt2"])
+def test_embed_rows_equal_the_models_own_embedding_module(kind, tmp_path):
+    """GPTQ's calibration reads the embedding table in row chunks instead of onloading it whole; the rows it
+    gathers (Gemma's scaled) are exactly what the module returns."""
+    import torch
+
+    from slimline.models.sequential import SequentialModel
+
+    folder = tiny_llama(tmp_path / kind) if kind == "llama" else tiny_decoder(kind, tmp_path / kind)
+    sequential = SequentialModel(folder)
+    ids = np.random.default_rng(0).integers(0, sequential.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        want = sequential.model.get_input_embeddings()(torch.from_numpy(ids)).numpy()
+    got = stream.embed_rows(sequential, sequential.ckpt, ids)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
