@@ -796,9 +796,9 @@ def estimate(
     """Before compute: the output size and this process's peak memory, from the checkpoint's shapes.
 
     Peak: the libraries and the graph (~1.2 GB) + one weight's packed parts (twice, while written) +
-    one chunk of rows and the quantizer's temporaries. GPTQ adds one decoder layer's float weights, its
-    Hessians (float64, one per distinct input), the float64 copies GPTQ works on for its largest weight,
-    and the calibration hidden states (twice, while a layer runs)."""
+    one chunk of rows and the quantizer's temporaries. GPTQ adds the larger of a layer's Hessians (one
+    per distinct input) and down_proj's GPTQ working set, and the calibration hidden states (twice,
+    while a layer runs)."""
     largest = max(e.numel for e in ckpt.entries.values())
     out = 0.0
     for name, e in ckpt.entries.items():
@@ -822,8 +822,16 @@ def estimate(
         widest = max((max(v) for v in per_layer.values()), default=0)
         hidden = getattr(config, "hidden_size", 0)
         inner = getattr(config, "intermediate_size", 0) or 4 * hidden
-        hessians = 8 * (3 * hidden * hidden + inner * inner)  # attention in, o_proj in, mlp in; down_proj's is the largest
-        peak += layer * 4 + hessians + widest * 8 * 4 + windows * length * hidden * 4 * 2
+
+        def square(k: int) -> int:  # one K x K matrix: float64 up to nbits.F64_MAX_K, float32 beyond
+            return k * k * (8 if k <= nbits.F64_MAX_K else 4)
+
+        # after a layer's capture pass: its four Hessians (attention in, o_proj in, mlp in, down_proj in) and
+        # one Linear's float weights (the modules onload one at a time); while down_proj is quantized: its
+        # Hessian, GPTQ's two K x K and the weight it updates, and the layer's codes so far
+        capture = 3 * square(hidden) + square(inner) + widest * 4
+        down = 3 * square(inner) + widest * (8 if inner <= nbits.F64_MAX_K else 4) + widest * 4 + layer
+        peak += max(capture, down) + windows * length * hidden * 4 * 2
     return {"output_mb": out / 1e6, "peak_mb": peak / 1e6, "largest_tensor_mb": largest * 4 / 1e6}
 
 

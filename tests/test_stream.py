@@ -238,3 +238,26 @@ def test_embed_rows_equal_the_models_own_embedding_module(kind, tmp_path):
         want = sequential.model.get_input_embeddings()(torch.from_numpy(ids)).numpy()
     got = stream.embed_rows(sequential, sequential.ckpt, ids)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_estimate_grows_with_the_largest_layer_not_the_layer_count():
+    """The peak-memory estimate before compute: the same for 16 and 28 layers of one shape, larger for GPTQ
+    than RTN, and its GPTQ share follows the widest layer."""
+    from types import SimpleNamespace
+
+    def ckpt(layers: int, hidden: int, inner: int):
+        shapes = {"model.embed_tokens.weight": (32000, hidden)}
+        for n in range(layers):
+            p = f"model.layers.{n}."
+            shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "mlp.up_proj.weight": (inner, hidden)}
+            shapes |= {p + "mlp.down_proj.weight": (hidden, inner), p + "input_layernorm.weight": (hidden,)}
+        entries = {k: SimpleNamespace(shape=s, numel=int(np.prod(s))) for k, s in shapes.items()}
+        return SimpleNamespace(entries=entries), SimpleNamespace(hidden_size=hidden, intermediate_size=inner)
+
+    def peak(layers, hidden=2048, inner=8192, algorithm="gptq"):
+        c, cfg = ckpt(layers, hidden, inner)
+        return stream.estimate(c, cfg, 4, 32, 8, algorithm, 128, 128)["peak_mb"]
+
+    assert peak(16) == peak(28)
+    assert peak(16, algorithm="rtn") < peak(16)
+    assert peak(16, inner=14336) - peak(16, algorithm="rtn") > peak(16) - peak(16, algorithm="rtn")
