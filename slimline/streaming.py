@@ -64,6 +64,21 @@ def release_memory() -> None:
         pass
 
 
+def pin_mmap_threshold(size: int = 4 << 20) -> bool:
+    """Serve every allocation of ``size`` bytes or more from its own mapping, returned to the system when
+    freed. glibc's default threshold rises after each large free (up to 32 MB), after which GPTQ's
+    per-batch activations and weight copies come from the heap and fragment it: the 3B build's peak
+    grew by ~100 MB a layer (2.37, 2.47, 2.56 GB after layers 1-3) although each layer's working set is
+    the same. Setting the threshold fixes it (glibc's ``mallopt(M_MMAP_THRESHOLD)``); False where the
+    C library has no ``mallopt``."""
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, size))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 # -- 1. trace ------------------------------------------------------------------------------------
 
 
@@ -621,6 +636,7 @@ def calibrate_gptq(
 
     from slimline.models.sequential import SequentialModel
 
+    pin_mmap_threshold()
     sequential = SequentialModel(folder, ckpt)
     config = sequential.config
     count = getattr(config, "num_hidden_layers", None) or config.n_layer

@@ -261,3 +261,12 @@ def test_estimate_grows_with_the_largest_layer_not_the_layer_count():
     assert peak(16) == peak(28)
     assert peak(16, algorithm="rtn") < peak(16)
     assert peak(16, inner=14336) - peak(16, algorithm="rtn") > peak(16) - peak(16, algorithm="rtn")
+
+
+def test_mmap_threshold_is_pinned_on_glibc():
+    """GPTQ's calibration pins glibc's mmap threshold (its peak otherwise creeps up a layer at a time)."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: no mallopt")
+    assert stream.pin_mmap_threshold(8 << 20) and stream.pin_mmap_threshold()
