@@ -23,13 +23,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def main() -> None:
     from slimline.api import load_recipe
+    from slimline.evaluate.llm import log_softmax
     from slimline.measure.data import load_data
     from slimline.measure.inputs import calibration_feeds
     from slimline.models import load_model
@@ -62,8 +58,8 @@ def main() -> None:
                 inputs = [i.name for i in session.get_inputs()]
                 feeds = calibration_feeds(ref.tokenizer, texts, inputs, batch=4, max_length=128, config=ref.config)
                 logp[name] = [
-                    log_softmax(
-                        session.run(["logits"], {k: v for k, v in f.items() if k in inputs})[0][:, :-1].astype(np.float32)
+                    log_softmax(session.run(["logits"], {k: v for k, v in f.items() if k in inputs})[0][:, :-1]).astype(
+                        np.float32
                     )
                     for f in feeds
                 ]

@@ -561,10 +561,7 @@ def error_terms(weight: np.ndarray, b: nbits.Blocked, hessian: np.ndarray, rows:
     for start in range(0, weight.shape[0], rows):
         stop = min(start + rows, weight.shape[0])
         w = torch.from_numpy(weight[start:stop]).to(h.dtype)
-        q = (b.q[start:stop].astype(np.float32) - np.repeat(b.zero[start:stop], b.block_size, axis=1)) * np.repeat(
-            b.scale[start:stop], b.block_size, axis=1
-        )
-        d = w - torch.from_numpy(q[:, : b.k]).to(h.dtype)
+        d = w - torch.from_numpy(b.rows(start, stop)).to(h.dtype)
         num += float(((d @ h).double() * d.double()).sum())
         den += float(((w @ h).double() * w.double()).sum())
     return max(num, 0.0), den

@@ -45,11 +45,14 @@ class Blocked:
 
     def dequantize(self) -> np.ndarray:
         """Back to a float ``[K, N]`` MatMul weight."""
-        n, kp = self.q.shape
-        scale = np.repeat(self.scale, self.block_size, axis=1)
-        zero = np.repeat(self.zero, self.block_size, axis=1)
-        w = (self.q.astype(np.float32) - zero) * scale
-        return np.ascontiguousarray(w[:, : self.k].T.astype(np.float32))
+        return np.ascontiguousarray(self.rows(0, self.q.shape[0]).T)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Output rows ``start:stop`` dequantized: float32 ``[stop - start, K]`` (a ``[out, in]`` slice)."""
+        scale = np.repeat(self.scale[start:stop], self.block_size, axis=1)
+        zero = np.repeat(self.zero[start:stop], self.block_size, axis=1)
+        w = (self.q[start:stop].astype(np.float32) - zero) * scale
+        return w[:, : self.k].astype(np.float32)
 
 
 def _pad(wt: np.ndarray, block_size: int) -> np.ndarray:

@@ -303,11 +303,10 @@ class WeightOnly(OnnxQuantizer):
             raise ValueError("quantize.weight_only: HQQ fits asymmetric zero points; set symmetric: false or algorithm: rtn.")
         return self
 
-    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
-        import onnx
-
-        model = onnx.load(str(artifact.path))
-        refuse_quantized(model, self.kind)
+    def candidates(self, model: Any, ctx: Context) -> tuple[dict[str, tuple[str, np.ndarray]], list[str], set[str]]:
+        """The layers this stage quantizes: node name -> (activation input, ``[K, N]`` weight), for every
+        MatMul / FusedMatMul with a constant float weight not in ``exclude``; the names of those too small
+        to count; and the excluded names."""
         excluded = matching_nodes(model, self.exclude, ctx, self.kind)
         layers, small = {}, []
         for node in model.graph.node:
@@ -319,6 +318,14 @@ class WeightOnly(OnnxQuantizer):
                     small.append(node.name)
                     continue
                 layers[node.name] = (node.input[0], w)
+        return layers, small, excluded
+
+    def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
+        import onnx
+
+        model = onnx.load(str(artifact.path))
+        refuse_quantized(model, self.kind)
+        layers, small, excluded = self.candidates(model, ctx)
         if not layers:
             raise StageError(
                 f"{self.kind}: no MatMul with a constant 2-D float weight to quantize (after `exclude`). "

@@ -130,24 +130,17 @@ def decoder_points(
     import onnx
     from onnx import helper
 
+    from slimline.evaluate.llm import log_softmax
     from slimline.family import role_of
     from slimline.measure.inputs import calibration_feeds
     from slimline.measure.metrics import relative_error
     from slimline.quantize import nbits
-    from slimline.quantize.common import matching_nodes, module_path, weight_of
+    from slimline.quantize.common import module_path
     from slimline.runtime import ort_session
 
     model = onnx.load(str(src))
-    excluded = matching_nodes(model, stage.exclude, ctx, stage.kind)
-    nodes = {
-        n.name: n
-        for n in model.graph.node
-        if n.op_type in ("MatMul", "FusedMatMul")
-        and n.name not in excluded
-        and (w := weight_of(model, n)) is not None
-        and min(w.shape) >= 16
-    }
-    layers = {name: (n.input[0], weight_of(model, n)) for name, n in nodes.items()}
+    layers = stage.candidates(model, ctx)[0]  # what the stage itself would quantize
+    nodes = {n.name: n for n in model.graph.node if n.name in layers}
     captured = stage._capture(model, artifact, layers, ctx)  # the stage's own calibration: samples, and Hessians for GPTQ
     log(f"sensitivity: calibration captured for {len(layers)} layers ({stage.algorithm})")
     # each layer's weight becomes an overridable initializer (a graph input with a default); a tied LM head
@@ -176,9 +169,7 @@ def decoder_points(
     def log_probs(extra: dict) -> list[np.ndarray]:
         out = []
         for f in feeds:
-            logits = session.run(["logits"], {**f, **extra})[0][:, :-1].astype(np.float32)
-            logits -= logits.max(-1, keepdims=True)
-            out.append(logits - np.log(np.exp(logits).sum(-1, keepdims=True)))
+            out.append(log_softmax(session.run(["logits"], {**f, **extra})[0][:, :-1]).astype(np.float32))
         return out
 
     targets = [f["input_ids"][:, 1:] for f in feeds]
