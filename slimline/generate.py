@@ -16,6 +16,15 @@ Two things keep a decode step cheap:
 On the CUDA EP (``providers=["CUDAExecutionProvider", ...]``) those buffers live on the GPU: each step
 sends the new token ids and positions up and brings the last position's logits back, and the cache
 never crosses the bus. The cache's dtype follows the graph (fp16 for a ``quantize.fp16`` decoder).
+
+``cuda_graph=True`` (CUDA EP, GroupQueryAttention graphs) replays each decode step as one CUDA graph
+(ONNX Runtime's ``enable_cuda_graph``) instead of launching every kernel from the host, which is what
+bounds a small model's decode on a large GPU. A graph replays fixed shapes at fixed addresses, so a
+step's every input lives in a GPU buffer bound once: the token ids, the positions, and an attention
+mask as wide as the whole cache (ones up to each row's length, zeros after; GroupQueryAttention reads
+the lengths off it, and the total length it sees is the buffer's). The prompt runs outside the graph.
+The same fixed-shape step runs on the CPU (``static_step``), which is how the tests check that it gives
+the same tokens as the growing-mask step.
 """
 
 from __future__ import annotations
@@ -49,9 +58,18 @@ class Sampling:
 class OnnxDecoder:
     """A decoder ONNX graph (``input_ids, attention_mask, position_ids, past_key_values.*``) with its cache."""
 
-    def __init__(self, path: Path, threads: int = 0, providers: list[str] | None = None, max_context: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        threads: int = 0,
+        providers: list[str] | None = None,
+        max_context: int | None = None,
+        cuda_graph: bool = False,
+    ):
         from slimline.runtime import float_dtype, ort_session
 
+        if cuda_graph:
+            providers = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"]  # type: ignore[list-item]
         self.session = ort_session(Path(path), threads, providers)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -86,6 +104,22 @@ class OnnxDecoder:
         # an empty past tensor ("total sequence length must be positive"), and the prompt's keys and
         # values land in the buffers directly.
         self.prefill_in_place = self.in_place and self.device == "cuda"
+        self.cuda_graph = cuda_graph
+        if cuda_graph and not (self.in_place and self.device == "cuda" and "attention_mask" in self.inputs):
+            raise GenerationError(
+                f"{path}: cuda_graph needs the CUDA EP and a fused graph (GroupQueryAttention with attention_mask), "
+                f"got providers {self.session.get_providers()} and {'a' if self.in_place else 'no'} GroupQueryAttention cache."
+            )
+        # decode steps of fixed shapes (mask as wide as the cache): what a CUDA graph replays; tests set it on the CPU
+        self.static_step = cuda_graph
+        self._graph_runs = (None, None)  # RunOptions: prompts outside the graph, steps in graph 1
+        if cuda_graph:
+            import onnxruntime as ort
+
+            outside = ort.RunOptions()
+            outside.add_run_config_entry("gpu_graph_id", "-1")
+            self._graph_runs = (outside, None)
+        self._graph_id = 0
 
     def _check_context(self, total: int) -> None:
         if self.max_context and total > self.max_context:
@@ -152,9 +186,53 @@ class OnnxDecoder:
         import onnxruntime as ort
 
         self._ids, self._positions = np.zeros((batch, 1), np.int64), np.zeros((batch, 1), np.int64)
-        self._binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
-        self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
+        if self.static_step:  # fixed addresses for every input and the logits, in the cache's memory
+            where = self.buffer_device or ("cpu", 0)
+            self._step_values = {
+                "input_ids": ort.OrtValue.ortvalue_from_numpy(self._ids, *where),
+                "position_ids": ort.OrtValue.ortvalue_from_numpy(self._positions, *where),
+                "attention_mask": ort.OrtValue.ortvalue_from_numpy(self._mask, *where),
+            }
+            for name, value in self._step_values.items():
+                if name in self.inputs:
+                    self._binding.bind_ortvalue_input(name, value)
+            logits = self.session.get_outputs()[0]
+            vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else self._vocab()
+            dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
+            self._step_values["logits"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1, vocab), dtype), *where)
+            self._binding.bind_ortvalue_output("logits", self._step_values["logits"])
+            if self.cuda_graph:  # new addresses: a new graph (one captured for old buffers must never replay)
+                self._graph_id += 1
+                inside = ort.RunOptions()
+                inside.add_run_config_entry("gpu_graph_id", str(self._graph_id))
+                self._graph_runs = (self._graph_runs[0], inside)
+        else:
+            self._binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
+            self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
         self._step_bound = True
+
+    def _vocab(self) -> int:
+        """The logits' width when the graph leaves it symbolic: the head's weight says it."""
+        raise GenerationError("a fixed-shape decode step needs the logits' vocabulary size in the graph's output shape.")
+
+    def _static_step(self, ids: np.ndarray, positions: np.ndarray, total: int) -> np.ndarray:
+        """A decode step whose inputs and output keep their shapes and addresses (a CUDA graph replay)."""
+        self._ids[:] = ids
+        self._positions[:] = positions
+        if self.rows is not None:  # each row's own length
+            self._mask[:] = _mask(self.rows + 1, self._capacity)
+        else:
+            self._mask[:, :total] = 1
+            self._mask[:, total:] = 0
+        values = self._step_values
+        for name, host in (("input_ids", self._ids), ("position_ids", self._positions), ("attention_mask", self._mask)):
+            if self.buffer_device:
+                values[name].update_inplace(host)
+        try:
+            self.session.run_with_iobinding(self._binding, self._graph_runs[1])
+        except Exception as e:  # noqa: BLE001 - ORT's own exception types
+            raise GenerationError(f"the decoder rejected a fixed-shape decode step ({str(e).splitlines()[0][:200]}).") from None
+        return values["logits"].numpy()
 
     def _run_bound(self, ids: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """Run ``ids [batch, new]`` against the bound buffers (a decode step, or a whole prompt when
@@ -179,6 +257,14 @@ class OnnxDecoder:
         else:
             positions = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (batch, new))
             mask = _mask(lengths, total) if lengths is not None else self._mask[:, :total]
+        if new == 1 and self.static_step:
+            if not self._step_bound:
+                self._bind_step_inputs(batch)
+            logits = self._static_step(ids, positions, total)
+            self.length = total
+            if ragged:
+                self.rows = self.rows + 1
+            return logits
         if new == 1:
             if not self._step_bound:  # after a prompt: the step's own arrays, bound once more
                 self._bind_step_inputs(batch)
@@ -191,8 +277,10 @@ class OnnxDecoder:
         if "attention_mask" in self.inputs:
             b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
         b.bind_output("logits", "cpu")  # unallocated: its shape is the run's; on the GPU, copied back
+        if self.static_step:  # the next step binds its fixed buffers again
+            self._step_bound = False
         try:
-            self.session.run_with_iobinding(b)
+            self.session.run_with_iobinding(b, self._graph_runs[0])
         except Exception as e:  # noqa: BLE001 - ORT's own exception types
             raise GenerationError(f"the decoder rejected a decode step ({str(e).splitlines()[0][:200]}).") from None
         self.length = total

@@ -22,6 +22,8 @@ from slimline.env import host_info, package_versions
 from slimline.errors import ModelError, RecipeError
 from slimline.family import family_of
 from slimline.models.loader import sha256_file as sha256
+from slimline.ops import DOMAIN as OPS_DOMAIN
+from slimline.ops import OPS, uses_ops
 from slimline.preflight import preflight
 from slimline.recipe import Recipe
 from slimline.runfolder import check_output, make_hidden_dir, make_scratch, make_staging, publish, read_manifest, sweep_stale
@@ -142,6 +144,8 @@ def run_recipe(
             "stages": stages_log,
             "warnings": list(reporter.warnings),
         }
+        if uses_ops(staging / "model.onnx"):  # what a machine needs to load the artifact
+            manifest["requires"] = {"custom_ops": f"{OPS_DOMAIN} ({', '.join(OPS)})", "build": "slimline ops build"}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         _, notes = publish(staging, out, seen, force)
         for note in notes:

@@ -31,7 +31,19 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    providers = providers or ["CPUExecutionProvider"]
+    register_ops(options, path, providers)
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def register_ops(options: Any, path: Path, providers: list) -> None:
+    """Register slimline's custom-op library with ``options`` when the model at ``path`` uses it (the
+    CUDA build when a CUDA provider is asked for and one exists); OpsUnavailable when it isn't built."""
+    from slimline.ops import require, uses_ops
+
+    if uses_ops(Path(path)):
+        cuda = any((p[0] if isinstance(p, tuple) else p) == "CUDAExecutionProvider" for p in providers)
+        options.register_custom_ops_library(str(require(cuda)))
 
 
 def float_dtype(arg: Any) -> type:

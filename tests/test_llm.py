@@ -898,3 +898,32 @@ def test_a_model_over_the_inline_limit_goes_through_export_fuse_and_int4_in_exte
     assert (quantized.artifact.path.parent / "model.onnx.data").is_file()
     out = OnnxDecoder(quantized.artifact.path, 1).generate(np.array([[5, 17, 42]]), Sampling(max_new_tokens=3))
     assert out.shape == (1, 3)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_fixed_shape_decode_step_matches_the_growing_mask(fused, ragged):
+    """The CUDA-graph decode step (every input at a fixed shape and address, a mask as wide as the cache
+    with zeros past each row's length) gives the same logits and tokens as the growing-mask step; run on
+    the CPU EP with the step's buffers on the CPU, as the GPU can't be here."""
+    prompts = [[5, 17, 42, 8, 9, 11, 3], [9, 3, 77]] if ragged else [[5, 17, 42, 8], [9, 3, 77, 31]]
+    width = max(map(len, prompts))
+    ids = np.array([p + [0] * (width - len(p)) for p in prompts])
+    lengths = [len(p) for p in prompts] if ragged else None
+    a, b = OnnxDecoder(fused.artifact.path, 1), OnnxDecoder(fused.artifact.path, 1)
+    a.static_step, a.buffer_device = True, ("cpu", 0)
+    ta = a.generate(ids, Sampling(max_new_tokens=24), lengths=lengths)  # past 16 positions: the buffers regrow
+    tb = b.generate(ids, Sampling(max_new_tokens=24), lengths=lengths)
+    assert ta.tolist() == tb.tolist()
+    assert a._mask.shape[1] == a._capacity > 16 and a._step_values["logits"].shape()[1] == 1
+    la, lb = a.prefill(ids[:1, :4])[:, -1], b.prefill(ids[:1, :4])[:, -1]
+    for _ in range(6):
+        np.testing.assert_allclose(la, lb, atol=1e-5)
+        token = lb.argmax(-1)
+        la, lb = a.step(token), b.step(token)
+
+
+def test_cuda_graph_needs_the_cuda_ep(fused):
+    if "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers():
+        pytest.skip("this machine's onnxruntime has the CUDA EP: benchmarks/gpu_decode.py checks the real thing")
+    with pytest.raises(GenerationError, match="cuda_graph needs the CUDA EP"):
+        OnnxDecoder(fused.artifact.path, 1, cuda_graph=True)

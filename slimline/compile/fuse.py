@@ -62,6 +62,11 @@ class Fuse(Stage):
         default_factory=list,
         description="fusions to leave out, e.g. [Attention] so that static int8 can quantize the QKV MatMuls",
     )
+    custom_ops: bool = Field(
+        False,
+        description="use slimline's own kernels where ONNX Runtime's fall short (SkipRMSNorm: fp32 accumulation in fp16 "
+        "graphs); needs `slimline ops build`",
+    )
 
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
@@ -195,6 +200,9 @@ class Fuse(Stage):
                 after, result, rejected = fuse_to_proto(model, family_of(artifact.info.task).is_decoder, tuple(self.skip))
         except UnsupportedGraph as err:
             raise StageError(f"compile.fuse: {err}") from None
+        custom: dict[str, int] = {}
+        if self.custom_ops:
+            custom, not_custom = self._to_custom_ops(after, ctx)
         out = ctx.stage_dir("fuse") / "model.onnx"
         after = onnxfile.save_stage(after, out)
         try:
@@ -215,6 +223,10 @@ class Fuse(Stage):
         counts = Counter(n.op_type for n in after.graph.node)
         report: dict = {"engine": "slimline"}
         report.update({f"fused.{op}": n for op, n in result.counts.items()})
+        if self.custom_ops:
+            report.update({f"custom_ops.{op}": n for op, n in custom.items()} or {"custom_ops": "none matched"})
+            for node, why in list(not_custom.items())[:5]:
+                report[f"custom_ops.left.{node}"] = why
         report.update({f"rules.{name}": n for name, n in result.steps.items() if n})
         report["nodes_before"] = result.nodes_before
         report["nodes_after"] = len(after.graph.node)
@@ -225,6 +237,21 @@ class Fuse(Stage):
             report[f"unfused_at.{u['op']}.{u['where']}"] = u["reason"]
         self._contract(result.counts, report, ctx, result.unfused, self.expected(artifact, report, ctx))
         return out, report
+
+    def _to_custom_ops(self, model, ctx: Context) -> tuple[dict[str, int], dict[str, str]]:
+        """Hand fused nodes to slimline's kernels (compile.fusions.custom_ops); the library must be built, since
+        the stage's own checks run the result."""
+        from slimline.compile.fusions.custom_ops import to_custom_ops
+        from slimline.ops import OpsUnavailable, require
+
+        try:
+            require()
+        except OpsUnavailable as err:
+            raise StageError(f"compile.fuse: custom_ops: {err}") from None
+        counts, skipped = to_custom_ops(model)
+        if skipped:
+            ctx.warn(f"compile.fuse: custom_ops left {len(skipped)} nodes to ONNX Runtime's kernels (the report says why).")
+        return counts, skipped
 
     def _run_slimline(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         out, report = self._fuse_with_rules(artifact, ctx)

@@ -110,6 +110,14 @@ def check_budgets(
     for target, figures in summary.items():
         rows += check_limits(budgets.for_target(target), target, figures if isinstance(figures, dict) else {})
     reasons = {s.get("target"): s.get("reason", "") for s in skipped}
+    for target, figures in summary.items():  # a GPU target's nodes that ONNX Runtime ran on the CPU instead
+        nodes = figures.get("cpu_fallback_nodes") if isinstance(figures, dict) else None
+        if nodes is not None and target in required:
+            note = "placed on the CPU EP: " + ", ".join(nodes[:10]) + (f" and {len(nodes) - 10} more" if len(nodes) > 10 else "")
+            rows.append(
+                {"name": "cpu_fallback_nodes", "target": target, "limit": 0, "value": len(nodes), "passed": not nodes}
+                | ({"note": note} if nodes else {})
+            )
     for target in sorted(set(required)):
         if target not in summary:
             why = reasons.get(target) or "this run did not evaluate it (not in evaluate.targets)"

@@ -184,6 +184,9 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
             "peak_rss_mb": probes.get("compressed", {}).get("peak_rss_mb"),
             "peak_gpu_mb": probes.get("compressed", {}).get("gpu_device_mb"),
         }
+        extra = probes.get("extra", {})
+        if "placement" in extra:
+            summary[target]["cpu_fallback_nodes"] = extra["placement"]["cpu_fallback_nodes"]
         cuda = target == "ort-cuda"
         details[f"baseline@{'torch-cuda' if cuda else 'torch-cpu'}"] = {
             "library": "torch fp32 (HF generate, KV cache)",
@@ -193,6 +196,12 @@ def evaluate_llm(recipe: Any, ctx: Any, artifact: Any, folder: Any, reporter: An
             "library": "onnxruntime + slimline generate loop",
             "provider": PROVIDERS[target][0],
             **({"device": gpu_name(), "cache": "KV cache in GPU memory (IO binding)"} if cuda else {}),
+            **{k: v for k, v in extra.items() if k != "placement"},
+            **(
+                {"placement": {k: v for k, v in extra["placement"].items() if k != "cpu_fallback_nodes"}}
+                if "placement" in extra
+                else {}
+            ),
         }
     if not rows:
         rows = [_row(v, "-", "accuracy", None, None, None, None, {}) for v in ("baseline", "compressed")]
@@ -244,6 +253,22 @@ def _evaluate_target(
     )
     if cuda and decoder.device != "cuda":
         raise RuntimeError(f"ONNX Runtime fell back to {decoder.session.get_providers()} instead of the CUDA EP")
+    extra: dict[str, Any] = {}
+    if cuda:
+        extra["placement"] = _placement(folder / "model.onnx", decoder, threads)
+        if extra["placement"]["cpu_fallback_nodes"]:
+            reporter.warn(
+                f"evaluate: ONNX Runtime placed {len(extra['placement']['cpu_fallback_nodes'])} compute nodes on the CPU EP "
+                f"instead of CUDA: {', '.join(extra['placement']['cpu_fallback_nodes'][:8])}"
+            )
+    stepper = decoder
+    if cuda and g.cuda_graph:
+        try:
+            stepper = OnnxDecoder(folder / "model.onnx", threads, PROVIDERS[target], decoder.max_context, cuda_graph=True)
+            extra["cuda_graph"] = "decode steps replayed as one CUDA graph each"
+        except Exception as e:  # noqa: BLE001 - ORT refuses graph capture for some graphs (nodes off the GPU)
+            extra["cuda_graph"] = f"not used: {str(e).splitlines()[0][:200]}"
+            reporter.warn(f"evaluate: cuda_graph: {extra['cuda_graph']}")
     with reporter.task(f"perplexity ({target})"):
         ppl, pred = score(onnx_logits(decoder), ids, g.context, g.stride)
     acc = {"perplexity": round(ppl, 4), "next_token_agreement": round(float((pred == base_pred).mean()), 5)}
@@ -261,7 +286,7 @@ def _evaluate_target(
         try:
             torch_gen, onnx_gen = (
                 torch_generate(model, next(iter(eos_ids(tokenizer, model.config)), None)),
-                onnx_generate(decoder),
+                onnx_generate(stepper),
             )
             repeats = max(1, min(spec.speed.repeats, 5))
             first = torch_logits(model, last_only=True)  # time to first token: the last position's logits only
@@ -312,7 +337,26 @@ def _evaluate_target(
         for k, v in probes.items():
             if "error" in v:
                 reporter.warn(f"evaluate: {target} {k}: {v['error']}")
+    probes["extra"] = extra
     return rows, acc, probes
+
+
+def _placement(path: Any, decoder: Any, threads: int) -> dict[str, Any]:
+    """Each node's provider for one decode step (a past of 8 positions: CUDA's GroupQueryAttention refuses
+    an empty one), from ONNX Runtime's profile (slimline.evaluate.placement)."""
+    from slimline.evaluate.placement import placement
+
+    past = 8
+    feeds = {
+        "input_ids": np.array([[1]], np.int64),
+        "attention_mask": np.ones((1, past + 1), np.int64),
+        "position_ids": np.array([[past]], np.int64),
+        **{n: np.zeros((1, decoder.kv_heads, past, decoder.head_dim), decoder.cache_dtype) for n in decoder.past_names},
+    }
+    try:
+        return placement(path, list(PROVIDERS["ort-cuda"]), feeds, threads).summary()
+    except Exception as e:  # noqa: BLE001 - a profile ORT didn't write: say so rather than guess
+        return {"error": str(e).splitlines()[0][:200], "cpu_fallback_nodes": []}
 
 
 def _row(

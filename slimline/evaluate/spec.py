@@ -71,6 +71,11 @@ class GenerationSpec(Strict):
     )
     new_tokens: int = Field(128, ge=1, le=MAX_TOKENS, description="decode timing: tokens generated per run")
     decode_prompt: int = Field(32, ge=1, le=MAX_TOKENS, description="decode timing: prompt tokens before generation")
+    cuda_graph: bool = Field(
+        False,
+        description="ort-cuda decode timing: replay each step as one CUDA graph (ONNX Runtime's enable_cuda_graph; "
+        "GroupQueryAttention graphs); falls back to plain launches, with the reason in the report, where ORT refuses",
+    )
 
     @model_validator(mode="after")
     def _stride_fits(self) -> GenerationSpec:

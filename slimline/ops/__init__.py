@@ -1,0 +1,89 @@
+"""slimline's own ONNX Runtime custom ops (domain ``ai.slimline``): C++/CUDA kernels built from source.
+
+ONNX Runtime's contrib kernels cover most of what slimline fuses into; this library holds the ops
+where they fall short. Today one op:
+
+- ``SkipRMSNorm(input, skip, gamma) -> (output, input_skip_sum?)``: com.microsoft's
+  SkipSimplifiedLayerNormalization without bias, with the mean square accumulated in fp32. ONNX
+  Runtime's CUDA kernel sums it in the input type, so in an fp16 graph a row whose mean square passes
+  65504 (the "massive activation" decoder LLMs put on the first position) turns into inf and the row
+  normalises to zeros. ``quantize.fp16`` used to keep such norms in fp32 behind a Cast on each side;
+  with this op they stay fp16 and correct.
+
+Every op has a CPU kernel (float, float16), a CUDA kernel where nvcc was found at build time, and a
+numpy reference (``reference``) that the tests hold both to. ``slimline ops build`` compiles the
+library (``slimline.ops.build``); ``library()`` finds it, and ``slimline.runtime.ort_session``
+registers it with any session whose model uses the domain.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from slimline.errors import SlimlineError
+
+DOMAIN = "ai.slimline"
+OPS = ("SkipRMSNorm",)
+LIBRARY_ENV = "SLIMLINE_OPS_LIB"  # an explicit library path (a build carried to another machine)
+
+
+class OpsUnavailable(SlimlineError):
+    """The custom-op library is needed but was not built here (user-fixable: no traceback)."""
+
+
+def cache_dir() -> Path:
+    """Where builds live: $SLIMLINE_CACHE, else ~/.cache/slimline."""
+    root = os.environ.get("SLIMLINE_CACHE") or Path.home() / ".cache" / "slimline"
+    return Path(root) / "ops"
+
+
+def library(cuda: bool = False) -> Path | None:
+    """The built library: with ``cuda``, the CUDA build where there is one (it holds the CPU kernels
+    too), else the CPU build; None when nothing is built for the current sources."""
+    explicit = os.environ.get(LIBRARY_ENV)
+    if explicit:
+        return Path(explicit) if Path(explicit).is_file() else None
+    from slimline.ops.build import build_dir
+
+    folder = build_dir()
+    for name in (["libslimline_ops_cuda.so"] if cuda else []) + ["libslimline_ops.so"]:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def why_unavailable() -> str:
+    """The reason the last build left no library (its log's last line), or how to build one."""
+    from slimline.ops.build import build_dir
+
+    log = build_dir() / "build.log"
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return "not built yet: run `slimline ops build`"
+
+
+def require(cuda: bool = False) -> Path:
+    """The library's path, or OpsUnavailable naming the reason and the fix."""
+    path = library(cuda)
+    if path is None:
+        raise OpsUnavailable(
+            f"the model uses slimline's custom ops ({DOMAIN}), whose library is not built here ({why_unavailable()}). "
+            "Run `slimline ops build` (it needs a C++ compiler; the ops' CUDA kernels need nvcc), or rebuild the "
+            "model without `custom_ops`."
+        )
+    return path
+
+
+def uses_ops(path: Path) -> bool:
+    """Whether the ONNX file at ``path`` mentions the ai.slimline domain (its opset imports and nodes do).
+    A byte search: a false positive only registers the library with a session that doesn't need it."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return m.find(DOMAIN.encode()) >= 0
+    except (OSError, ValueError):  # unreadable or empty: ORT will say what is wrong with it
+        return False
