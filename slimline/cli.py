@@ -737,5 +737,37 @@ def generate(
     )
 
 
+@main.group(name="ops")
+def ops_group() -> None:
+    """slimline's own ONNX Runtime custom ops (ai.slimline): build and show them."""
+
+
+@ops_group.command(name="build")
+@click.option("--no-cuda", is_flag=True, help="CPU kernels only, even where nvcc is found")
+@click.option("--force", is_flag=True, help="compile again even if this source tree's build exists")
+def ops_build(no_cuda: bool, force: bool) -> None:
+    """Compile the custom-op library (C++; CUDA kernels where nvcc is found). Exit 2 if nothing could be built."""
+    from slimline.ops.build import build
+
+    built = build(cuda=not no_cuda, force=force, say=lambda m: err_console.print(f"[dim]{m}[/dim]"))
+    for note in built.notes:
+        err_console.print(f"[yellow]{note}[/yellow]")
+    if built.cpu is None:
+        _say_error("no custom-op library was built (the reason is above); models that use ai.slimline ops won't load.")
+    console.print(f"CPU kernels: {built.cpu}")
+    console.print(f"CUDA kernels: {built.cuda or 'not built'}")
+
+
+@ops_group.command(name="info")
+def ops_info() -> None:
+    """Where the library is, what it holds, and why not if it isn't built."""
+    from slimline import ops
+
+    console.print(f"domain {ops.DOMAIN}: {', '.join(ops.OPS)}")
+    console.print(f"CPU kernels: {ops.library() or 'not built: ' + ops.why_unavailable()}")
+    cuda = ops.library(cuda=True)
+    console.print(f"CUDA kernels: {cuda if cuda and cuda.name.endswith('_cuda.so') else 'not built'}")
+
+
 if __name__ == "__main__":
     main()

@@ -927,3 +927,22 @@ def test_cuda_graph_needs_the_cuda_ep(fused):
         pytest.skip("this machine's onnxruntime has the CUDA EP: benchmarks/gpu_decode.py checks the real thing")
     with pytest.raises(GenerationError, match="cuda_graph needs the CUDA EP"):
         OnnxDecoder(fused.artifact.path, 1, cuda_graph=True)
+
+
+def test_rotary_tables_as_constants_give_the_same_logits_and_leave_no_table_chain(exported, fused, tmp_path):
+    """compile.fuse rotary_tables: GroupQueryAttention's cos/sin caches become constant tables for the
+    whole context; the per-run chain (Range over the mask's length, Cos, Sin) is gone, and decoding
+    is unchanged."""
+    import onnx
+
+    r = Fuse(expect={"GroupQueryAttention": 2}, rotary_tables=True).run(exported.artifact, context(tmp_path / "f"))
+    assert "as initializers" in r.report["rotary_tables"]
+    graph = onnx.load(str(r.artifact.path), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    assert not ops & {"Cos", "Sin", "Range"}
+    tables = {t.name: t for t in graph.initializer if t.name.startswith("slimline_rotary_")}
+    assert tables["slimline_rotary_cos"].dims[0] == exported.artifact.config.max_position_embeddings
+    a, b = OnnxDecoder(r.artifact.path, 1), OnnxDecoder(fused.artifact.path, 1)
+    ids = np.array([[5, 17, 42, 8], [9, 3, 77, 31]])
+    np.testing.assert_allclose(a.prefill(ids), b.prefill(ids), atol=1e-5)
+    assert a.generate(ids, Sampling(max_new_tokens=12)).tolist() == b.generate(ids, Sampling(max_new_tokens=12)).tolist()

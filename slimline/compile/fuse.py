@@ -62,6 +62,11 @@ class Fuse(Stage):
         default_factory=list,
         description="fusions to leave out, e.g. [Attention] so that static int8 can quantize the QKV MatMuls",
     )
+    rotary_tables: bool = Field(
+        False,
+        description="decoders: store the rotary cos/sin caches as constant tables for the model's whole context instead "
+        "of computing them every run (fewer kernels per step; lets ONNX Runtime capture a decode step as a CUDA graph)",
+    )
     custom_ops: bool = Field(
         False,
         description="use slimline's own kernels where ONNX Runtime's fall short (SkipRMSNorm: fp32 accumulation in fp16 "
@@ -200,6 +205,16 @@ class Fuse(Stage):
                 after, result, rejected = fuse_to_proto(model, family_of(artifact.info.task).is_decoder, tuple(self.skip))
         except UnsupportedGraph as err:
             raise StageError(f"compile.fuse: {err}") from None
+        rotary = ""
+        if self.rotary_tables:
+            from slimline.compile.fusions.rotary_tables import fold_rotary_tables
+
+            context = getattr(artifact.config, "max_position_embeddings", None)
+            if not context:
+                raise StageError(
+                    "compile.fuse: rotary_tables needs the model config's max_position_embeddings (the tables' length)."
+                )
+            _, rotary = fold_rotary_tables(after, int(context))
         custom: dict[str, int] = {}
         if self.custom_ops:
             custom, not_custom = self._to_custom_ops(after, ctx)
@@ -223,6 +238,8 @@ class Fuse(Stage):
         counts = Counter(n.op_type for n in after.graph.node)
         report: dict = {"engine": "slimline"}
         report.update({f"fused.{op}": n for op, n in result.counts.items()})
+        if rotary:
+            report["rotary_tables"] = rotary
         if self.custom_ops:
             report.update({f"custom_ops.{op}": n for op, n in custom.items()} or {"custom_ops": "none matched"})
             for node, why in list(not_custom.items())[:5]:
