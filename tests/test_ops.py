@@ -33,7 +33,9 @@ def single_op(dtype, width, sum_out=True, epsilon=1e-5):
         "SkipRMSNorm", ["x", "skip", "gamma"], ["y", "sum" if sum_out else ""], domain=ops.DOMAIN, epsilon=epsilon
     )
     graph = helper.make_graph([node], "g", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ops.DOMAIN, 1)], ir_version=10)
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ops.DOMAIN, 1)], ir_version=10
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -52,7 +54,9 @@ def test_cpu_kernel_matches_the_reference_and_survives_a_massive_activation(libr
     out = session.run(None, {"x": x, "skip": skip, "gamma": gamma})
     y, s = skip_rms_norm(x, skip, gamma, 1e-5)
     assert np.isfinite(out[0]).all() and out[0].dtype == dtype
-    np.testing.assert_allclose(out[0].astype(np.float32), y.astype(np.float32), atol=4e-3 if dtype == np.float16 else 1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        out[0].astype(np.float32), y.astype(np.float32), atol=4e-3 if dtype == np.float16 else 1e-5, rtol=1e-5
+    )
     if sum_out:
         assert (out[1] == s).all()
 

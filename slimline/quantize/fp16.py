@@ -26,7 +26,11 @@ graph on calibration text and measures, for what fp16 would hold:
   LLMs put a "massive activation" on the first position: SmolLM2's residual reaches 24,926 in one
   channel there (mean square ~1.1e6), and with its norms in fp16 the CUDA EP zeroed that position's
   normalised hidden state in most layers. Such nodes are kept fp32 (``fp16_overflow_guard`` in the
-  report) whenever the measured mean square passes half of 65504.
+  report) whenever the measured mean square passes half of 65504. (Caveat, measured 2026-12-04 on an
+  H200: onnxruntime-gpu 1.31.1's kernel kept a single-op row with that activation finite, at
+  SmolLM2's width of 576; the guard stays, as the conservative choice, until the whole graph is
+  re-checked without it. ``compile.fuse: {custom_ops: true}`` avoids the question: its
+  ``ai.slimline.SkipRMSNorm`` accumulates in fp32, and the guard leaves it in fp16.)
 
 bf16 is not offered: ONNX Runtime's CPU and CUDA EPs lack bf16 kernels for most contrib ops.
 On the CPU EP most fp16 ops run through casts and are slower than fp32; the error is still measured
