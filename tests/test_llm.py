@@ -946,3 +946,42 @@ def test_rotary_tables_as_constants_give_the_same_logits_and_leave_no_table_chai
     ids = np.array([[5, 17, 42, 8], [9, 3, 77, 31]])
     np.testing.assert_allclose(a.prefill(ids), b.prefill(ids), atol=1e-5)
     assert a.generate(ids, Sampling(max_new_tokens=12)).tolist() == b.generate(ids, Sampling(max_new_tokens=12)).tolist()
+
+
+@pytest.mark.parametrize("graph", ["fused", "exported"])
+def test_prompt_lookup_speculative_decoding_gives_the_greedy_tokens(fused, exported, graph):
+    """Exact greedy speculative decoding: drafts copied from earlier text, verified in one run, the KV
+    cache cut back after the last kept draft; on the in-place (fused) and the copying (unfused) cache."""
+    from slimline.generate import lookup_draft
+
+    assert lookup_draft([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2] and lookup_draft([5, 6], 4) == []
+    assert lookup_draft([7, 1, 2, 8, 3, 2], 2) == [8, 3]  # falls back to the 1-gram [2]
+    path = (fused if graph == "fused" else exported).artifact.path
+    prompts = [[5, 17, 42, 8, 5, 17, 42, 8, 5, 17], [9, 3, 77, 31, 2]]
+    accepted = 0
+    for p in prompts:
+        plain = OnnxDecoder(path, 1).generate(np.array([p]), Sampling(max_new_tokens=30))
+        d = OnnxDecoder(path, 1)
+        streamed = []
+        fast = d.generate(
+            np.array([p]), Sampling(max_new_tokens=30, prompt_lookup=4), on_token=lambda t, s=streamed: s.append(int(t[0]))
+        )
+        assert fast.tolist() == plain.tolist() and streamed == plain[0].tolist()
+        assert len(p) + 29 <= d.length <= len(p) + 30  # the cache holds every emitted token but maybe the last
+        accepted += d.lookup_stats["accepted"]
+        assert d.lookup_stats["runs"] < 29 or d.lookup_stats["accepted"] == 0
+    assert accepted > 0  # the tiny model repeats itself: some drafts are kept
+    with pytest.raises(GenerationError, match="needs greedy decoding"):
+        OnnxDecoder(path, 1).generate(np.array([[1, 2]]), Sampling(max_new_tokens=3, prompt_lookup=2, do_sample=True))
+
+
+def test_prompt_lookup_stops_at_eos_and_at_the_token_budget(fused):
+    d = OnnxDecoder(fused.artifact.path, 1)
+    plain = d.generate(np.array([[5, 17, 42, 8, 5, 17, 42]]), Sampling(max_new_tokens=12))
+    eos = int(plain[0, 5])
+    first = plain[0].tolist().index(eos)
+    out = d.generate(np.array([[5, 17, 42, 8, 5, 17, 42]]), Sampling(max_new_tokens=12, prompt_lookup=3, eos_ids={eos}))
+    assert out[0].tolist() == plain[0, : first + 1].tolist()
+    for n in (1, 2, 7):
+        got = d.generate(np.array([[5, 17, 42, 8, 5, 17, 42]]), Sampling(max_new_tokens=n, prompt_lookup=5))
+        assert got[0].tolist() == plain[0, :n].tolist()

@@ -232,6 +232,8 @@ def evaluate_run(
             "peak_rss_mb": probes.get(runner.name, {}).get("peak_rss_mb"),
             "peak_gpu_mb": probes.get(runner.name, {}).get("gpu_device_mb"),
         }
+        if "cpu_fallback_nodes" in runner.details:  # a GPU target: the nodes ONNX Runtime ran on the CPU
+            summary[runner.target]["cpu_fallback_nodes"] = runner.details["cpu_fallback_nodes"]
     report = {
         **report_header(recipe, name, folder, reference.info.source, info.task, data, threads),
         "targets": {r.name: r.details for r in [*baselines.values(), *runners]},

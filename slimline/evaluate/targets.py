@@ -152,11 +152,19 @@ def ort_runner(path: Path, name: str, threads: int, target: str = "ort-cpu") -> 
     inputs = [i.name for i in session.get_inputs()]
     output = session.get_outputs()[0].name
 
+    details: dict[str, Any] = {"library": f"onnxruntime {ort.__version__}", "provider": session.get_providers()[0]}
+
     def run(feeds: Feeds) -> np.ndarray:
-        return session.run([output], {k: feeds[k] for k in inputs})[0]
+        given = {k: feeds[k] for k in inputs}
+        if cuda and "cpu_fallback_nodes" not in details:  # each node's provider, from ORT's profile of one run
+            from slimline.evaluate.placement import placement
+
+            placed = placement(path, providers, given, n).summary()
+            details["cpu_fallback_nodes"] = placed.pop("cpu_fallback_nodes")
+            details["placement"] = placed
+        return session.run([output], given)[0]
 
     make_timer = _wall_timer(run)
-    details: dict[str, Any] = {"library": f"onnxruntime {ort.__version__}", "provider": session.get_providers()[0]}
     if cuda:
         details.update(device=gpu_name(), timing="IO binding (inputs and outputs stay on the GPU), synchronous run")
 
