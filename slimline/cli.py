@@ -736,10 +736,22 @@ def generate(
         click.echo(text[len(shown) :], nl=False)
         shown = text
 
+    if prompt_lookup and not decoder.exact_multi_token:
+        err_console.print(
+            "[yellow]--prompt-lookup: this model's int4 kernels (accuracy_level 4) quantize activations only in multi-token "
+            "runs, so the text can differ from plain greedy decoding's.[/yellow]"
+        )
     t0 = time.perf_counter()
-    out = decoder.generate(ids, sampling, stream)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said above, in the CLI's words
+        out = decoder.generate(ids, sampling, stream)
     wall = time.perf_counter() - t0
     click.echo("")
+    if prompt_lookup:
+        s = decoder.lookup_stats
+        console.print(f"[dim]prompt lookup: {s['accepted']} of {s['drafted']} drafted tokens kept, {s['runs']} runs[/dim]")
     console.print(
         f"[dim]{out.shape[1]} tokens in {wall:.2f}s ({out.shape[1] / wall:.1f} tokens/s, prompt {ids.shape[1]} tokens)[/dim]"
     )

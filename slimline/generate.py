@@ -97,6 +97,9 @@ class OnnxDecoder:
         # the cache can live in fixed buffers that the kernel appends to in place (bound as both the
         # past input and the present output); other attention ops concatenate and need exact shapes.
         self.in_place = in_place_cache(Path(path), self.past_names)
+        # ONNX Runtime's int4 CPU kernel with accuracy_level 4 quantizes activations in a run of several
+        # tokens but not of one: such a graph's logits depend on how many tokens run together
+        self.exact_multi_token = not _int8_activation_matmuls(Path(path))
         self._binding: Any = None
         self._buffers: dict[str, Any] = {}  # numpy arrays on the CPU, OrtValues on the GPU
         self._capacity = 0
@@ -386,12 +389,27 @@ class OnnxDecoder:
         current trailing n-gram (3, then 2, then 1 token) in the prompt and output so far. One run
         scores the pending token and the drafts together; the drafts the model would have picked
         itself are kept, the KV cache is cut back after the last kept one, and the model's own pick
-        at the first miss becomes the next pending token. Greedy, so the tokens are the plain loop's
-        (up to ties that the two runs' different summation orders could break differently)."""
+        at the first miss becomes the next pending token.
+
+        Greedy, so the tokens are the plain loop's wherever a position's logits don't depend on how many
+        tokens run together: fp32 and fp16 graphs, int4 with ``accuracy_level`` 0 (measured identical on
+        SmolLM2). With ``accuracy_level: 4`` (``exact_multi_token`` False) ONNX Runtime's int4 kernel
+        quantizes the activations of a multi-token run to int8 and a one-token run's not, so the
+        continuation is the model's but can part from the one-token loop's (on smollm2-int4, after 11 to
+        30 tokens on four prompts); a warning says so."""
         if sampling.do_sample or ids.shape[0] != 1 or lengths is not None:
             raise GenerationError(
                 "prompt_lookup is exact greedy speculative decoding: it needs greedy decoding (no sampling) of one "
                 "prompt at a time."
+            )
+        if not self.exact_multi_token:
+            import warnings
+
+            warnings.warn(
+                "prompt_lookup on a graph whose int4 MatMulNBits use accuracy_level 4: ONNX Runtime quantizes the "
+                "activations of multi-token runs only, so the tokens can differ from plain greedy decoding's (build with "
+                "accuracy_level: 0 for identical tokens, at a slower kernel).",
+                stacklevel=3,
             )
         self.reserve = sampling.max_new_tokens + sampling.prompt_lookup
         logits = self.prefill(ids, last_only=True)[:, -1]
@@ -470,6 +488,19 @@ def _mask(lengths: np.ndarray, total: int) -> np.ndarray:
 def keeps_last_logits(session: Any) -> bool:
     """Whether the graph has compile.export's ``logits_to_keep`` input (an overridable initializer)."""
     return any(i.name == LOGITS_TO_KEEP for i in session.get_overridable_initializers())
+
+
+def _int8_activation_matmuls(path: Path) -> bool:
+    """Whether the graph has MatMulNBits nodes with accuracy_level 4 (int8 activations on the CPU)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - ORT loaded it; unreadable here means unknown: assume not exact
+        return True
+    return any(
+        n.op_type == "MatMulNBits" and any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute) for n in graph.node
+    )
 
 
 def in_place_cache(path: Path, past_names: list[str]) -> bool:

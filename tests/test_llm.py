@@ -985,3 +985,14 @@ def test_prompt_lookup_stops_at_eos_and_at_the_token_budget(fused):
     for n in (1, 2, 7):
         got = d.generate(np.array([[5, 17, 42, 8, 5, 17, 42]]), Sampling(max_new_tokens=n, prompt_lookup=5))
         assert got[0].tolist() == plain[0, :n].tolist()
+
+
+def test_prompt_lookup_warns_where_int4_kernels_quantize_multi_token_runs(fused, tmp_path):
+    """accuracy_level 4: ONNX Runtime's int4 kernel quantizes a multi-token run's activations and not a
+    one-token run's, so speculative decoding can't promise the plain loop's tokens; it says so."""
+    r = WeightOnly(bits=4, block_size=16, accuracy_level=4, min_cosine=0.5).run(fused.artifact, context(tmp_path / "w"))
+    d = OnnxDecoder(r.artifact.path, 1)
+    assert not d.exact_multi_token and OnnxDecoder(fused.artifact.path, 1).exact_multi_token
+    with pytest.warns(UserWarning, match="accuracy_level 4"):
+        out = d.generate(np.array([[5, 17, 42, 8]]), Sampling(max_new_tokens=6, prompt_lookup=3))
+    assert out.shape == (1, 6)
