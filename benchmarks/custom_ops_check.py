@@ -51,7 +51,7 @@ def session(model, provider: str, tmp: Path):
 
     path = tmp / f"{model.graph.name}-{model.graph.input[0].type.tensor_type.elem_type}.onnx"
     path.write_bytes(model.SerializeToString())
-    return ort_session(path, 0, [provider, "CPUExecutionProvider"])
+    return ort_session(path, 0, list(dict.fromkeys([provider, "CPUExecutionProvider"])))
 
 
 def time_calls(sess, feeds: dict, provider: str, calls: int = 200) -> float:

@@ -30,5 +30,5 @@ ensure_venv() {  # $@: lock files to install
 }
 
 ensure_ops() {  # slimline's custom-op library (slimline/ops), built once per source change; never fatal
-  "$VENV/bin/python" -m slimline.ops.build || true
+  "$VENV/bin/python" -m slimline.ops.build --auto || true
 }

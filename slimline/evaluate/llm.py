@@ -263,8 +263,15 @@ def _evaluate_target(
             )
     stepper = decoder
     if cuda and g.cuda_graph:
+        from slimline.generate import Sampling
+
         try:
-            stepper = OnnxDecoder(folder / "model.onnx", threads, PROVIDERS[target], decoder.max_context, cuda_graph=True)
+            graphed = OnnxDecoder(folder / "model.onnx", threads, PROVIDERS[target], decoder.max_context, cuda_graph=True)
+            trial = ids[:16][None]  # capture, replay, and the same greedy tokens as the plain loop, or no graph
+            want = decoder.generate(trial, Sampling(max_new_tokens=8))
+            if graphed.generate(trial, Sampling(max_new_tokens=8)).tolist() != want.tolist():
+                raise RuntimeError("its greedy tokens differed from the plain loop's on a trial prompt")
+            stepper = graphed
             extra["cuda_graph"] = "decode steps replayed as one CUDA graph each"
         except Exception as e:  # noqa: BLE001 - ORT refuses graph capture for some graphs (nodes off the GPU)
             extra["cuda_graph"] = f"not used: {str(e).splitlines()[0][:200]}"

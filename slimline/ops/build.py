@@ -73,7 +73,7 @@ def headers(say: Callable[[str], None]) -> Path:
         return folder
     say(f"downloading ONNX Runtime {HEADERS_VERSION}'s headers (Debian libonnxruntime-dev, 85 kB)")
     try:
-        with urllib.request.urlopen(HEADERS_URL, timeout=60) as r:
+        with urllib.request.urlopen(HEADERS_URL, timeout=20) as r:
             deb = r.read()
     except OSError as e:
         raise RuntimeError(
@@ -193,9 +193,13 @@ def build(cuda: bool = True, force: bool = False, say: Callable[[str], None] = p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m slimline.ops.build [--no-cuda] [--force]``: what bin/_bootstrap.sh runs (always exit 0:
-    a machine without compilers still gets a working slimline, without the ops)."""
+    """``python -m slimline.ops.build [--auto] [--no-cuda] [--force]``: what bin/_bootstrap.sh runs (always
+    exit 0: a machine without compilers still gets a working slimline, without the ops). With ``--auto``
+    (bin/ scripts) a source tree whose build was already tried is left alone: an offline machine does
+    not wait for the header download on every command; ``slimline ops build`` tries again."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--auto" in argv and (build_dir() / "build.log").is_file():
+        return 0
     built = build(cuda="--no-cuda" not in argv, force="--force" in argv, say=lambda m: print(f"slimline: {m}", file=sys.stderr))
     for note in built.notes:
         print(f"slimline: {note}", file=sys.stderr)
