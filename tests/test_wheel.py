@@ -26,6 +26,10 @@ def test_the_wheel_runs_a_shipped_recipe_by_name(tmp_path):
     )
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = wheels.glob("slimline-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())  # `slimline ops build` compiles these where slimline is installed
+    assert {f"slimline/ops/csrc/{f}" for f in ("slimline_ops.cc", "slimline_ops.h", "skip_rms_norm.cu")} <= names
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"

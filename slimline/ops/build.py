@@ -55,7 +55,7 @@ def _archs() -> list[str]:
 def build_dir() -> Path:
     """This source tree's build folder (a hash of sources, header version, flags and CUDA archs)."""
     h = hashlib.sha256()
-    for f in sorted(SOURCES.iterdir()):
+    for f in sorted(SOURCES.iterdir()) if SOURCES.is_dir() else []:
         h.update(f.name.encode() + f.read_bytes())
     h.update(" ".join([HEADERS_VERSION, *CXX_FLAGS, *_archs(), os.environ.get("SLIMLINE_ORT_HEADERS", "")]).encode())
     return cache_dir() / h.hexdigest()[:16]
@@ -151,6 +151,8 @@ def build(cuda: bool = True, force: bool = False, say: Callable[[str], None] = p
     folder.mkdir(parents=True, exist_ok=True)
     cpu_lib, cuda_lib = folder / "libslimline_ops.so", folder / "libslimline_ops_cuda.so"
     notes: list[str] = []
+    if not (SOURCES / "slimline_ops.cc").is_file():
+        return Built(None, None, [f"no custom ops: their sources are not installed ({SOURCES} is missing)"])
     with open(folder / "build.log", "a") as log:
         try:
             include = headers(say)
