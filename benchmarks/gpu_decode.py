@@ -158,10 +158,10 @@ def main() -> int:
         if plain in tokens and graphed in tokens:
             result.setdefault("graph_tokens_identical", {})[art.name] = bool((tokens[plain] == tokens[graphed]).all())
         try:
-            from slimline.evaluate.llm import _placement
+            from slimline.evaluate.llm import decode_step_placement
 
             _, d = ort_variant(art, False)
-            result.setdefault("placement", {})[art.name] = _placement(art / "model.onnx", d, 0)
+            result.setdefault("placement", {})[art.name] = decode_step_placement(art / "model.onnx", d, 0)
         except Exception as e:  # noqa: BLE001
             result["errors"][f"placement {art.name}"] = str(e).splitlines()[0][:400]
     if a.hf:

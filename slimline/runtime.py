@@ -14,14 +14,17 @@ import numpy as np
 Feeds = dict[str, np.ndarray]
 
 
-def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None, spinning: bool = True):
+def ort_session(
+    path: Path, threads: int = 0, providers: list[str] | None = None, spinning: bool = True, profile: Path | None = None
+):
     """An ORT session. ``spinning=False`` for timing several sessions side by side in one process.
 
     ORT's worker threads spin for a while after each run. With several sessions alive, the idle
     ones' spinning threads take the cores the timed one needs: on this 2-core machine a SmolLM2
     decode step took ~30 ms with three spinning sessions alive, 13 ms with spinning off, and 9-10
     ms in a lone spinning session. Serving keeps one session, so spinning stays on by default;
-    side-by-side comparisons turn it off for every variant alike.
+    side-by-side comparisons turn it off for every variant alike. ``profile``: ORT's profiler on, its
+    JSON written under that file prefix (``session.end_profiling()`` returns the path).
     """
     import onnxruntime as ort
 
@@ -31,6 +34,9 @@ def ort_session(path: Path, threads: int = 0, providers: list[str] | None = None
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     providers = providers or ["CPUExecutionProvider"]
     register_ops(options, path, providers)
     return ort.InferenceSession(str(path), options, providers=providers)

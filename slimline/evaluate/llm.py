@@ -255,7 +255,7 @@ def _evaluate_target(
         raise RuntimeError(f"ONNX Runtime fell back to {decoder.session.get_providers()} instead of the CUDA EP")
     extra: dict[str, Any] = {}
     if cuda:
-        extra["placement"] = _placement(folder / "model.onnx", decoder, threads)
+        extra["placement"] = decode_step_placement(folder / "model.onnx", decoder, threads)
         if extra["placement"]["cpu_fallback_nodes"]:
             reporter.warn(
                 f"evaluate: ONNX Runtime placed {len(extra['placement']['cpu_fallback_nodes'])} compute nodes on the CPU EP "
@@ -348,7 +348,7 @@ def _evaluate_target(
     return rows, acc, probes
 
 
-def _placement(path: Any, decoder: Any, threads: int) -> dict[str, Any]:
+def decode_step_placement(path: Any, decoder: Any, threads: int) -> dict[str, Any]:
     """Each node's provider for one decode step (a past of 8 positions: CUDA's GroupQueryAttention refuses
     an empty one), from ONNX Runtime's profile (slimline.evaluate.placement)."""
     from slimline.evaluate.placement import placement

@@ -48,18 +48,11 @@ class Placement:
 def placement(path: Path, providers: list, feeds: dict[str, np.ndarray], threads: int = 0) -> Placement:
     """Run the model once with ORT's profiler on and read each node's provider off the profile."""
     import onnx
-    import onnxruntime as ort
 
-    from slimline.runtime import register_ops
+    from slimline.runtime import ort_session
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
     with tempfile.TemporaryDirectory(prefix="slimline-placement-") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        register_ops(options, path, providers)
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort_session(path, threads, providers, profile=Path(tmp) / "profile")
         names = {i.name for i in session.get_inputs()}
         session.run(None, {k: v for k, v in feeds.items() if k in names})
         events = json.loads(Path(session.end_profiling()).read_text())

@@ -83,13 +83,14 @@ def lengths_from_mask(model: Any) -> int:
     nodes = new + list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    _remove_dead(model)
+    remove_dead_nodes(model)
     return len(gqa)
 
 
-def _remove_dead(model: Any) -> None:
-    """Drop nodes (and initializers) whose outputs nothing reads any more."""
+def remove_dead_nodes(model: Any) -> int:
+    """Drop nodes (and initializers) whose outputs nothing reads any more; returns the nodes dropped."""
     outputs = {o.name for o in model.graph.output}
+    before = len(model.graph.node)
     while True:
         read = {i for n in model.graph.node for i in n.input} | outputs
         keep = [n for n in model.graph.node if any(o in read for o in n.output if o)]
@@ -98,3 +99,4 @@ def _remove_dead(model: Any) -> None:
         del model.graph.node[:]
         model.graph.node.extend(keep)
     drop_unread_initializers(model)
+    return before - len(model.graph.node)

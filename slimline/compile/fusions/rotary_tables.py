@@ -15,9 +15,13 @@ whose tables depend on anything but the mask's length (position_ids, say) are le
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from slimline.compile.fusions.gqa_lengths import remove_dead_nodes
 
 
 def fold_rotary_tables(model: Any, context: int) -> tuple[int, str]:
@@ -66,9 +70,6 @@ def fold_rotary_tables(model: Any, context: int) -> tuple[int, str]:
         [inits[i] for i in used if i in inits],
     )
     sub_model = onnx.helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    import tempfile
-    from pathlib import Path
-
     with tempfile.TemporaryDirectory(prefix="slimline-rotary-") as tmp:
         path = Path(tmp) / "rotary.onnx"
         path.write_bytes(sub_model.SerializeToString())
@@ -80,23 +81,5 @@ def fold_rotary_tables(model: Any, context: int) -> tuple[int, str]:
     )
     for n in gqa:
         n.input[7], n.input[8] = "slimline_rotary_cos", "slimline_rotary_sin"
-    removed = remove_dead_nodes(graph)
+    removed = remove_dead_nodes(model)
     return removed, f"cos/sin tables of {c.shape[0]} x {c.shape[1]} ({c.dtype}) as initializers; {removed} nodes removed"
-
-
-def remove_dead_nodes(graph: Any) -> int:
-    """Drop nodes none of whose outputs is read (repeatedly) and the initializers nothing reads."""
-    outputs = {o.name for o in graph.output}
-    removed = 0
-    while True:
-        read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if not any(o in read for o in n.output if o)]
-        if not dead:
-            break
-        for n in dead:
-            graph.node.remove(n)
-        removed += len(dead)
-    read = {i for n in graph.node for i in n.input} | outputs
-    for t in [t for t in graph.initializer if t.name not in read]:
-        graph.initializer.remove(t)
-    return removed
