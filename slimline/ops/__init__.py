@@ -4,11 +4,12 @@ ONNX Runtime's contrib kernels cover most of what slimline fuses into; this libr
 where they fall short. Today one op:
 
 - ``SkipRMSNorm(input, skip, gamma) -> (output, input_skip_sum?)``: com.microsoft's
-  SkipSimplifiedLayerNormalization without bias, with the mean square accumulated in fp32. ONNX
-  Runtime's CUDA kernel sums it in the input type, so in an fp16 graph a row whose mean square passes
-  65504 (the "massive activation" decoder LLMs put on the first position) turns into inf and the row
-  normalises to zeros. ``quantize.fp16`` used to keep such norms in fp32 behind a Cast on each side;
-  with this op they stay fp16 and correct.
+  SkipSimplifiedLayerNormalization without bias, with the mean square accumulated in fp32 whatever
+  the dtype, so that an fp16 row whose mean square passes 65504 (the "massive activation" decoder LLMs
+  put on the first position) can't turn into inf. ``quantize.fp16`` keeps ONNX Runtime's Skip norms
+  with such rows in fp32 behind a Cast on each side, on the reading that its CUDA kernel sums in the
+  input type (a single-op test on onnxruntime-gpu 1.31.1 did not reproduce that at SmolLM2's width:
+  docs/ops.md); with this op they stay fp16 either way.
 
 Every op has a CPU kernel (float, float16), a CUDA kernel where nvcc was found at build time, and a
 numpy reference (``reference``) that the tests hold both to. ``slimline ops build`` compiles the

@@ -3,9 +3,9 @@
 // SkipRMSNorm(input, skip, gamma) -> (output, input_skip_sum?)
 //   s = input + skip (rounded to the input type, as an unfused Add would), then
 //   output = s / sqrt(mean(s^2 over the last axis) + epsilon) * gamma.
-// It is com.microsoft.SkipSimplifiedLayerNormalization without bias, with one difference that matters
-// in fp16: the mean square is accumulated in fp32. ONNX Runtime's CUDA kernel sums it in the input
-// type, so a row whose mean square passes 65504 (a decoder's "massive activation") becomes inf there.
+// It is com.microsoft.SkipSimplifiedLayerNormalization without bias, with the mean square always
+// accumulated in fp32, so an fp16 row whose mean square passes 65504 (a decoder's "massive
+// activation") can't become inf, whatever kernel variant ONNX Runtime would pick.
 //
 // Kernels: CPU for float and float16 (always built), CUDA for float and float16 (skip_rms_norm.cu,
 // built where nvcc is found; SLIMLINE_OPS_CUDA is then defined). The C API is versioned: these are
