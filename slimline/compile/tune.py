@@ -201,11 +201,14 @@ class Tune(Stage):
         import onnx
         import onnxruntime as ort
 
+        from slimline.runtime import register_ops
+
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             options = ort.SessionOptions()
             options.intra_op_num_threads = ctx.threads
             options.log_severity_level = 3
             options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+            register_ops(options, path, ["CPUExecutionProvider"])  # a graph with slimline's own ops loads too
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             counts = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
         return counts.get(unfused_op, 0) > 0 and not counts.get(fused_op, 0)
