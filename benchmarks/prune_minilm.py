@@ -102,12 +102,12 @@ def main() -> None:
     variants = {
         "fp32 (unpruned, fused)": onnx(ref, "fp32"),
         "int8 only (minilm-int8)": onnx(ref, "int8", "minilm-int8"),
-        "SmoothQuant + int8 only (minilm-best)": onnx(ref, "best", "minilm-best"),
+        "SmoothQuant + int8 only (minilm-int8)": onnx(ref, "best", "minilm-int8"),
         f"{tag}, no recovery": onnx(main_s, "s0"),
         f"{tag} + recover (minilm-structured)": onnx(main_r, "s1"),
-        f"{tag} + recover + SmoothQuant int8": onnx(main_r, "s2", "minilm-best"),
-        "unpruned + int8-aware recover + SmoothQuant int8": onnx(qat_r, "q2", "minilm-best"),
-        f"{light} + int8-aware recover + SmoothQuant int8 (minilm-structured-int8)": onnx(light_r, "l2", "minilm-best"),
+        f"{tag} + recover + SmoothQuant int8": onnx(main_r, "s2", "minilm-int8"),
+        "unpruned + int8-aware recover + SmoothQuant int8": onnx(qat_r, "q2", "minilm-int8"),
+        f"{light} + int8-aware recover + SmoothQuant int8 (minilm-structured-int8)": onnx(light_r, "l2", "minilm-int8"),
     }
     sparse = {
         "magnitude 50% (unstructured)": Magnitude(sparsity=0.5).run(ref, ctx),

@@ -34,7 +34,7 @@ from slimline.registry import STAGES
 from slimline.runtime import quiet
 from slimline.stage import Context
 
-RECIPES = ["minilm-int8", "minilm-best", "minilm-static-int8", "minilm-int4"]
+RECIPES = ["minilm-int8", "minilm-static-int8", "minilm-int4"]  # minilm-int8 is what minilm-best was until 2026-12-04
 
 
 ENCODER = family_of("feature-extraction")

@@ -1,6 +1,6 @@
 """A recipe found by `slimline search` against a hand-tuned recipe, timed side by side.
 
-    .venv/bin/python benchmarks/search_vs_recipe.py runs/search-encoder [--recipe minilm-best] [--also 31] [--repeats 10]
+    .venv/bin/python benchmarks/search_vs_recipe.py runs/search-encoder [--recipe minilm-int8] [--also 31] [--repeats 10]
 
 Takes the best trial's artifact from a finished study (``best.yaml`` names its run folder), builds the
 hand-tuned recipe's stages in this process, and times both with torch fp32, interleaved (ABBA), batch
@@ -40,7 +40,7 @@ def best_trial(study: Path) -> tuple[Path, str]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("study", type=Path)
-    p.add_argument("--recipe", default="minilm-best")
+    p.add_argument("--recipe", default="minilm-int8")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--also", type=int, action="append", default=[], help="another trial of the study to time beside them")
     a = p.parse_args()
