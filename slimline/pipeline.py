@@ -27,6 +27,7 @@ from slimline.ops import OPS, uses_ops
 from slimline.preflight import preflight
 from slimline.recipe import Recipe
 from slimline.runfolder import check_output, make_hidden_dir, make_scratch, make_staging, publish, read_manifest, sweep_stale
+from slimline.runtime import SERVING_CONFIG
 from slimline.stage import Context, Reporter
 from slimline.yamlconf import apply_override
 
@@ -148,6 +149,8 @@ def run_recipe(
             "stages": stages_log,
             "warnings": list(reporter.warnings),
         }
+        # the ONNX Runtime settings the figures were measured with: set them where the model is served
+        manifest["ort_session_config"] = dict(SERVING_CONFIG)
         if uses_ops(staging / "model.onnx"):  # what a machine needs to load the artifact
             manifest["requires"] = {"custom_ops": f"{OPS_DOMAIN} ({', '.join(OPS)})", "build": "slimline ops build"}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

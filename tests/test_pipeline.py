@@ -48,6 +48,12 @@ def test_manifest_records_recipe_versions_hashes_and_stages(tiny_run, tiny_bert_
     assert kinds == ["model.load", "compile.export", "compile.fuse", "quantize.dynamic_int8", "evaluate"]
     assert m["stages"][2]["report"]["fused.Attention"] == 2
     assert all(s["wall_s"] >= 0 for s in m["stages"])
+    # the session settings the figures were measured with, for whoever serves the model elsewhere
+    assert m["ort_session_config"] == {"session.set_denormal_as_zero": "1"}
+    from slimline.runtime import ort_session
+
+    options = ort_session(out / "model.onnx", 1).get_session_options()
+    assert options.get_session_config_entry("session.set_denormal_as_zero") == "1"
 
 
 def test_report_schema_and_figures(tiny_run):

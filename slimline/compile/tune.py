@@ -94,6 +94,7 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
         feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np_type) for x in node.input[:2]}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")  # as runtime.ort_session
         a, b = (
             ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
             for m in (fused, plain)
@@ -207,6 +208,7 @@ class Tune(Stage):
             options = ort.SessionOptions()
             options.intra_op_num_threads = ctx.threads
             options.log_severity_level = 3
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")  # as runtime.ort_session
             options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             register_ops(options, path, ["CPUExecutionProvider"])  # a graph with slimline's own ops loads too
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
