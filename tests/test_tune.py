@@ -37,6 +37,57 @@ def test_unfused_skip_layer_norm_computes_what_the_fused_node_does(fused, tmp_pa
         np.testing.assert_allclose(a[case], b[case], atol=1e-4, err_msg=case)
 
 
+def _with_gelu_bias(path):
+    """The tiny model's FFN bias is zero: give BiasGelu a real one, so that dropping it would show."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    names = {n.input[1] for n in model.graph.node if n.op_type == "BiasGelu"}
+    for t in model.graph.initializer:
+        if t.name in names:
+            shape = numpy_helper.to_array(t).shape
+            t.CopyFrom(numpy_helper.from_array(np.random.default_rng(1).standard_normal(shape).astype(np.float32), t.name))
+    return model
+
+
+def test_unfused_bias_gelu_computes_what_the_fused_node_does(fused, tmp_path):  # noqa: F811
+    from slimline.compile.fusions.unfuse import bias_gelu
+
+    model = _with_gelu_bias(fused.path)
+    biased = tmp_path / "biased.onnx"
+    onnx.save(model, str(biased))
+    gelus = sum(n.op_type == "BiasGelu" for n in model.graph.node)
+    assert gelus == 2 and node_error(model, "BiasGelu") < 1e-5
+    assert bias_gelu(model) == gelus
+    ops = [n.op_type for n in model.graph.node]
+    assert "BiasGelu" not in ops and ops.count("Gelu") == gelus
+    path = tmp_path / "unfused.onnx"
+    onnx.save(model, str(path))
+    a, b = _outputs(biased, fused), _outputs(path, fused)
+    for case in a:
+        np.testing.assert_allclose(a[case], b[case], atol=1e-4, err_msg=case)
+
+
+def test_node_error_sees_a_wrong_unfused_form(fused, monkeypatch):  # noqa: F811
+    """The per-node check can fail: an unfused form that drops the bias is caught."""
+    import dataclasses
+
+    from slimline.compile import tune
+    from slimline.compile.fusions import unfuse as unfuse_module
+
+    def no_bias(model):
+        n = unfuse_module.bias_gelu(model)
+        for node in model.graph.node:
+            if node.name.endswith("/add_bias"):
+                node.op_type = "Identity"
+                del node.input[1:]
+        return n
+
+    model = _with_gelu_bias(fused.path)
+    monkeypatch.setitem(tune.UNFUSABLE, "BiasGelu", dataclasses.replace(tune.UNFUSABLE["BiasGelu"], unfuse=no_bias))
+    assert node_error(model, "BiasGelu") > 1e-3
+
+
 def test_unfuse_leaves_a_node_whose_statistics_are_read(fused):  # noqa: F811
     model = onnx.load(str(fused.path))
     node = next(n for n in model.graph.node if n.op_type == "SkipLayerNormalization")

@@ -61,6 +61,9 @@ def mark(model: Any, op_type: str, count: int, ratios: dict[int, float]) -> None
     helper.set_model_props(model, {**entries, TUNE_KEY: "; ".join(notes)})
 
 
+ACTIVATIONS = {"BiasGelu": 1}  # inputs that are activations, per fused op (2 for the Skip norms)
+
+
 def node_error(model: Any, op_type: str, rows: int = 16) -> float:
     """Largest error, relative to the output's scale, of each ``op_type`` node against its unfused form,
     run alone on random rows with the node's own weights (a check that holds whatever surrounds the node,
@@ -77,21 +80,23 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
     rng = np.random.default_rng(0)
     worst = 0.0
     for node in (n for n in model.graph.node if n.op_type == op_type and n.domain == "com.microsoft"):
-        weights = [inits.get(i) for i in node.input[2:] if i]
-        if not weights or any(w is None for w in weights):
+        # the node's activations (x and skip for a norm, x for BiasGelu) come first, its weights after
+        acts = list(node.input[: ACTIVATIONS.get(op_type, 2)])
+        weights = [inits.get(i) for i in node.input[len(acts) :] if i]
+        if not weights or any(w is None for w in weights) or any(a in inits for a in acts):
             continue  # a weight computed in the graph (a Constant node): covered by the whole-graph check only
         width = int(numpy_helper.to_array(weights[0]).shape[-1])
         dtype = weights[0].data_type  # fp32, or fp16 after quantize.fp16
         single = helper.make_node(op_type, list(node.input), ["y"], domain="com.microsoft", name="n")
         single.attribute.extend(node.attribute)
-        io = [helper.make_tensor_value_info(x, dtype, [2, rows, width]) for x in node.input[:2]]
+        io = [helper.make_tensor_value_info(x, dtype, [2, rows, width]) for x in acts]
         out = [helper.make_tensor_value_info("y", dtype, None)]
         graph = helper.make_graph([single], "fused", io, out, weights)
         fused = helper.make_model(graph, opset_imports=opset, ir_version=model.ir_version)  # what this ORT loads
         plain = onnx.ModelProto.FromString(fused.SerializeToString())
         UNFUSABLE[op_type].unfuse(plain)
         np_type = helper.tensor_dtype_to_np_dtype(dtype)
-        feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np_type) for x in node.input[:2]}
+        feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np_type) for x in acts}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.add_session_config_entry("session.set_denormal_as_zero", "1")  # as runtime.ort_session
@@ -152,7 +157,7 @@ class Tune(Stage):
                 continue
             trial_path = work / f"unfused_{op}.onnx"
             self._save(trial, trial_path)
-            kept = self._ort_keeps(trial_path, UNFUSABLE[op].unfused_norm, op, ctx)
+            kept = self._ort_keeps(trial_path, UNFUSABLE[op].unfused_op, op, ctx)
             if not kept:
                 report[op] = f"kept fused: ONNX Runtime fuses the {n} rewritten nodes back at load time"
                 continue

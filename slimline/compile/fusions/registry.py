@@ -53,7 +53,7 @@ class FusedOp:
     diagnose: bool = True
     skip_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
     unfuse: Callable[[Any], int] | None = None
-    unfused_norm: str | None = None  # the norm op its unfused form ends in (compile.tune's check)
+    unfused_op: str | None = None  # the op its unfused form ends in (compile.tune checks ORT keeps it)
     diagnose_with: Callable[..., int] | None = None  # the rules to trace for reasons, when not ``apply``'s
 
 
@@ -75,7 +75,7 @@ FUSED_OPS_TABLE: tuple[FusedOp, ...] = (
         skip_layer_norm,
         skip_names={"SkipLayerNormalization": ("enable_skip_layer_norm", "enable_bias_skip_layer_norm")},
         unfuse=unfuse.skip_layer_norm,
-        unfused_norm="LayerNormalization",
+        unfused_op="LayerNormalization",
     ),
     FusedOp(
         "SkipSimplifiedLayerNormalization",
@@ -83,7 +83,7 @@ FUSED_OPS_TABLE: tuple[FusedOp, ...] = (
         skip_rms_norm,
         skip_names={"SkipSimplifiedLayerNormalization": ()},
         unfuse=unfuse.skip_simplified_layer_norm,
-        unfused_norm="SimplifiedLayerNormalization",
+        unfused_op="SimplifiedLayerNormalization",
     ),
     FusedOp("RotaryEmbedding", "rotary_embedding", rotary_embedding, rotary_embedding.apply, skip_names={"RotaryEmbedding": ()}),
     FusedOp(
@@ -108,6 +108,8 @@ FUSED_OPS_TABLE: tuple[FusedOp, ...] = (
         gelu,
         gelu.apply,
         skip_names={"BiasGelu": ("enable_bias_gelu",), "Gelu": ("enable_gelu", "enable_bias_gelu")},
+        unfuse=unfuse.bias_gelu,
+        unfused_op="Gelu",
     ),
     FusedOp("QuickGelu", "quick_gelu", quick_gelu, skip_names={"QuickGelu": ()}),
 )

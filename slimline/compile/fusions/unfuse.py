@@ -1,7 +1,8 @@
-"""The unfused forms ``compile.tune`` times a fused norm against, on a ModelProto in place.
+"""The unfused forms ``compile.tune`` times a fused op against, on a ModelProto in place.
 
     SkipLayerNormalization(x, skip, gamma, beta, bias)      ==>  Add(x, skip) ── Add(bias) ── LayerNormalization(gamma, beta)
     SkipSimplifiedLayerNormalization(x, skip, gamma, bias)  ==>  Add(x, skip) ── Add(bias) ── SimplifiedLayerNormalization(gamma)
+    BiasGelu(x, bias)                                       ==>  Add(x, bias) ── Gelu (com.microsoft, the same erf form)
 
 Nodes whose mean / inverse-std outputs are read are left alone (the plain norm ops don't give them
 in the same form). The skip sum, when a later node reads it (output 3), keeps its name.
@@ -52,3 +53,22 @@ def skip_layer_norm(model: Any) -> int:
 
 def skip_simplified_layer_norm(model: Any) -> int:
     return unfuse(model, "SkipSimplifiedLayerNormalization")
+
+
+def bias_gelu(model: Any) -> int:
+    """Rewrite every com.microsoft BiasGelu of ``model`` (in place) into Add + com.microsoft Gelu; the count.
+    ONNX Runtime 1.32's CPU Gelu runs faster than its BiasGelu on MiniLM's FFN (compile.tune measures it)."""
+    from onnx import helper
+
+    nodes, count = [], 0
+    for n in model.graph.node:
+        if n.op_type != "BiasGelu" or n.domain != "com.microsoft" or len(n.input) < 2 or not n.input[1]:
+            nodes.append(n)
+            continue
+        pre = f"{n.name or n.output[0]}/biased"
+        nodes.append(helper.make_node("Add", [n.input[0], n.input[1]], [pre], name=f"{n.name}/add_bias"))
+        nodes.append(helper.make_node("Gelu", [pre], list(n.output), name=f"{n.name}/gelu", domain="com.microsoft"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return count
