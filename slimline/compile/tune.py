@@ -40,6 +40,7 @@ from slimline.errors import StageError
 from slimline.family import family_of
 from slimline.measure.inputs import calibration_feeds
 from slimline.measure.timer import cpu_busy, interleave, median
+from slimline.runtime import SERVING_CONFIG, ort_session, register_ops
 from slimline.stage import Context, Stage, StageResult
 
 UNFUSABLE = unfusable()  # fused op -> its registry record (compile/fusions/registry.py)
@@ -99,7 +100,8 @@ def node_error(model: Any, op_type: str, rows: int = 16) -> float:
         feeds = {x: (rng.standard_normal((2, rows, width)) * 4).astype(np_type) for x in acts}
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.add_session_config_entry("session.set_denormal_as_zero", "1")  # as runtime.ort_session
+        for key, value in SERVING_CONFIG.items():  # as runtime.ort_session
+            options.add_session_config_entry(key, value)
         a, b = (
             ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
             for m in (fused, plain)
@@ -207,13 +209,12 @@ class Tune(Stage):
         import onnx
         import onnxruntime as ort
 
-        from slimline.runtime import register_ops
-
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             options = ort.SessionOptions()
             options.intra_op_num_threads = ctx.threads
             options.log_severity_level = 3
-            options.add_session_config_entry("session.set_denormal_as_zero", "1")  # as runtime.ort_session
+            for key, value in SERVING_CONFIG.items():  # as runtime.ort_session
+                options.add_session_config_entry(key, value)
             options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             register_ops(options, path, ["CPUExecutionProvider"])  # a graph with slimline's own ops loads too
             ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -230,8 +231,6 @@ class Tune(Stage):
         )[0]
 
     def _time(self, a: Path, b: Path, feeds: dict, ctx: Context) -> tuple[float, float]:
-        from slimline.runtime import ort_session
-
         sessions = {"fused": ort_session(a, ctx.threads, spinning=False), "unfused": ort_session(b, ctx.threads, spinning=False)}
         times = interleave({name: lambda s=s: s.run(None, feeds) for name, s in sessions.items()}, self.repeats, warmup=1)
         return median(times["fused"]), median(times["unfused"])
