@@ -14,7 +14,7 @@ import numpy as np
 Feeds = dict[str, np.ndarray]
 
 # Session settings slimline measures with and recommends for serving (the run folder's manifest lists
-# them as `ort_session_config`): see ort_session's `denormals_as_zero`.
+# them as `ort_session_config`): see ort_session.
 SERVING_CONFIG = {"session.set_denormal_as_zero": "1"}
 
 
@@ -24,11 +24,11 @@ def ort_session(
     providers: list[str] | None = None,
     spinning: bool = True,
     profile: Path | None = None,
-    denormals_as_zero: bool = True,
+    optimized_to: Path | None = None,
 ):
     """An ORT session. ``spinning=False`` for timing several sessions side by side in one process.
 
-    ``denormals_as_zero``: the CPU flushes denormal floats to zero in ORT's threads, as GPU and
+    Every session flushes denormal floats to zero in ORT's threads (``SERVING_CONFIG``), as GPU and
     oneDNN inference do by default. ONNX Runtime leaves them on, and its CPU attention meets them on
     padded batches: MiniLM int8 on Shakespeare lines padded to 128 tokens ran 1.49x (b32) and 1.64x
     (b1) faster with them flushed, with bit-identical outputs; unpadded batches ran at the same speed
@@ -42,6 +42,7 @@ def ort_session(
     ms in a lone spinning session. Serving keeps one session, so spinning stays on by default;
     side-by-side comparisons turn it off for every variant alike. ``profile``: ORT's profiler on, its
     JSON written under that file prefix (``session.end_profiling()`` returns the path).
+    ``optimized_to``: the graph ORT runs after its own load-time rewrites, saved to that file.
     """
     import onnxruntime as ort
 
@@ -51,12 +52,13 @@ def ort_session(
     options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if denormals_as_zero:
-        for key, value in SERVING_CONFIG.items():
-            options.add_session_config_entry(key, value)
+    for key, value in SERVING_CONFIG.items():
+        options.add_session_config_entry(key, value)
     if profile is not None:
         options.enable_profiling = True
         options.profile_file_prefix = str(profile)
+    if optimized_to is not None:
+        options.optimized_model_filepath = str(optimized_to)
     providers = providers or ["CPUExecutionProvider"]
     register_ops(options, path, providers)
     return ort.InferenceSession(str(path), options, providers=providers)

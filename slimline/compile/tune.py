@@ -40,7 +40,7 @@ from slimline.errors import StageError
 from slimline.family import family_of
 from slimline.measure.inputs import calibration_feeds
 from slimline.measure.timer import cpu_busy, interleave, median
-from slimline.runtime import SERVING_CONFIG, ort_session, register_ops
+from slimline.runtime import SERVING_CONFIG, ort_session
 from slimline.stage import Context, Stage, StageResult
 
 UNFUSABLE = unfusable()  # fused op -> its registry record (compile/fusions/registry.py)
@@ -207,18 +207,11 @@ class Tune(Stage):
     def _ort_keeps(path: Path, unfused_op: str, fused_op: str, ctx: Context) -> bool:
         """Whether the graph ONNX Runtime runs (after its own session-time fusions) still has the rewrite."""
         import onnx
-        import onnxruntime as ort
 
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = ctx.threads
-            options.log_severity_level = 3
-            for key, value in SERVING_CONFIG.items():  # as runtime.ort_session
-                options.add_session_config_entry(key, value)
-            options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-            register_ops(options, path, ["CPUExecutionProvider"])  # a graph with slimline's own ops loads too
-            ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            counts = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node)
+            optimized = Path(tmp) / "optimized.onnx"
+            ort_session(path, ctx.threads, optimized_to=optimized)
+            counts = Counter(n.op_type for n in onnx.load(str(optimized), load_external_data=False).graph.node)
         return counts.get(unfused_op, 0) > 0 and not counts.get(fused_op, 0)
 
     def _feeds(self, artifact: OnnxModel, texts: list[str], batch: int) -> dict[str, np.ndarray]:
