@@ -216,7 +216,8 @@ class OnnxDecoder:
                 self._graph_runs = (self._graph_runs[0], inside)
         else:
             self._binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(self._ids))
-            self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
+            if "position_ids" in self.inputs:  # graphs that derive positions from the mask have none
+                self._binding.bind_ortvalue_input("position_ids", ort.OrtValue.ortvalue_from_numpy(self._positions))
         self._step_bound = True
 
     def _static_step(self, ids: np.ndarray, positions: np.ndarray, total: int) -> np.ndarray:
@@ -276,7 +277,8 @@ class OnnxDecoder:
             self._positions[:] = positions
         else:  # a prompt: its ids and positions copied in for this run only
             b.bind_cpu_input("input_ids", np.ascontiguousarray(ids))
-            b.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
+            if "position_ids" in self.inputs:
+                b.bind_cpu_input("position_ids", np.ascontiguousarray(positions))
             self._step_bound = False
         if "attention_mask" in self.inputs:
             b.bind_cpu_input("attention_mask", np.ascontiguousarray(mask))
