@@ -75,6 +75,7 @@ def test_the_reference_is_what_an_fp16_accumulator_gets_wrong():
 
 def test_build_is_cached_by_source_hash_and_holds_the_cuda_kernels_where_nvcc_is(library):
     assert library.cpu == build_dir() / "libslimline_ops.so" and ops.library() == library.cpu
+    assert ops.matmul_q4_kernel() in ("avx512vnni", "avx2", "portable")
     again = build(say=lambda m: pytest.fail(f"rebuilt: {m}"))  # nothing changed: nothing compiled
     assert again.cpu == library.cpu
     if find_nvcc():
@@ -164,3 +165,138 @@ def test_a_required_gpu_target_fails_on_nodes_placed_on_the_cpu():
     ok = check_budgets(Budgets(), {"ort-cuda": {"cpu_fallback_nodes": []}}, [], ["ort-cuda"])
     assert next(r for r in ok if r["name"] == "cpu_fallback_nodes")["passed"]
     assert not [r for r in check_budgets(Budgets(), summary, [], []) if r["name"] == "cpu_fallback_nodes"]  # not required
+
+
+# -- MatMulQ4: 4-bit weights with a float16 minimum per block (GGUF's Q4_1), slimline's CPU kernel ------
+
+
+def q4_model(k: int, n: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimline.ops.reference import pack_q4
+
+    packed = pack_q4(q, scales, mins)
+    node = helper.make_node("MatMulQ4", ["x", "b", "s", "m"], ["y"], domain=ops.DOMAIN, K=k, N=n, block_size=32)
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
+        [numpy_helper.from_array(v, name) for v, name in zip(packed, "bsm", strict=True)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ops.DOMAIN, 1)], ir_version=10
+    )
+    return model, packed
+
+
+def q4_weights(k: int, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    scales = (rng.random((n, k // 32)) * 0.02 + 1e-3).astype(np.float16)
+    mins = (-rng.random((n, k // 32)) * 0.15).astype(np.float16)
+    return q, scales, mins
+
+
+def test_q4_packing_round_trips_and_places_each_code_where_the_kernel_reads_it():
+    from slimline.ops.reference import LANES, pack_q4, unpack_q4
+
+    q, s, m = q4_weights(96, 37)  # N not a multiple of 16: the last group is padded
+    b, ps, pm = pack_q4(q, s, m)
+    assert b.shape == (3, 3, 256) and ps.shape == pm.shape == (3, 3, LANES)
+    back = unpack_q4(b, ps, pm, 37)
+    assert all((x == y).all() for x, y in zip(back, (q, s, m), strict=True))
+    g, blk, c, lane, t = 1, 2, 3, 5, 2  # byte c*64 + lane*4 + t: k = 32*blk + 8c + t (low), + 4 (high)
+    byte = b[g, blk, c * 64 + lane * 4 + t]
+    assert byte & 15 == q[16 * g + lane, 32 * blk + 8 * c + t] and byte >> 4 == q[16 * g + lane, 32 * blk + 8 * c + 4 + t]
+    assert (b[2, :, :].reshape(3, 4, LANES, 4)[:, :, 5:] == 0).all()  # columns 37..47 are zero padding
+
+
+@pytest.mark.parametrize("kernel", ["", "avx2", "portable"])
+@pytest.mark.parametrize(("k", "n", "rows"), [(64, 16, 1), (608, 203, 6), (1536, 40, 4)])
+def test_q4_kernels_match_the_reference(library, tmp_path, monkeypatch, kernel, k, n, rows):
+    """Every kernel (the best the CPU has, AVX2, portable C++) gives the reference's numbers, for one row
+    and for rows taken four at a time, N not a multiple of 16, an odd block count, an all-zero block."""
+    from slimline.ops.reference import dequantize_q4, matmul_q4
+    from slimline.runtime import ort_session
+
+    monkeypatch.setenv("SLIMLINE_Q4_KERNEL", kernel)  # read when ORT creates the kernel
+    q, s, m = q4_weights(k, n)
+    model, packed = q4_model(k, n, q, s, m)
+    path = tmp_path / "q4.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
+    x[0, :32] = 0  # a block of zeros: no activation scale
+    y = ort_session(path, 2).run(None, {"x": x})[0]
+    ref = matmul_q4(x, *packed, n)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    exact = x @ dequantize_q4(*packed, n).T  # int8 activations cost well under 1% here
+    assert np.abs(y - exact).max() < 0.01 * np.abs(exact).max()
+
+
+def test_q4_rows_give_the_same_bits_alone_or_together(library, tmp_path):
+    """Each row's activations are quantized on their own and summed in one order, so a row's output does
+    not depend on how many rows run with it: a verify run of draft tokens gives the bits of single steps."""
+    from slimline.runtime import ort_session
+
+    q, s, m = q4_weights(576, 100)
+    path = tmp_path / "q4.onnx"
+    path.write_bytes(q4_model(576, 100, q, s, m)[0].SerializeToString())
+    session = ort_session(path, 2)
+    x = np.random.default_rng(2).standard_normal((7, 576)).astype(np.float32)
+    together = session.run(None, {"x": x})[0]
+    alone = np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(7)])
+    assert (together == alone).all()
+
+
+def test_float_minimums_give_q4_1_weights_back_exactly():
+    """Weights that were Q4_1 blocks (float16 scale and minimum per 32) come back bit for bit from RTN and
+    GPTQ with float minimums; an integer zero point can't hold them."""
+    from slimline.quantize import nbits
+
+    q, s, m = q4_weights(128, 48, seed=3)
+    blocks = q.reshape(48, 4, 32)
+    blocks[..., 3], blocks[..., 17] = 0, 15  # a Q4_1 block spans its range: its minimum is code 0, its maximum 15
+    w = (q.reshape(48, 4, 32) * s[..., None].astype(np.float32) + m[..., None].astype(np.float32)).reshape(48, 128).T
+    w = np.ascontiguousarray(w, dtype=np.float32)  # [K, N], as a MatMul holds it
+    x = np.random.default_rng(4).standard_normal((256, 128)).astype(np.float32)
+    for b in (nbits.rtn(w, 4, 32, float_min=True), nbits.gptq(w, x.T @ x, 4, 32, float_min=True)):
+        assert (b.q == q).all() and np.abs(b.dequantize() - w).max() < 1e-6
+        assert (nbits.pack_q4(b)["scales"].reshape(-1) != 0).any()
+    integer = nbits.rtn(w, 4, 32)
+    assert np.abs(integer.dequantize() - w).max() > 1e-3
+
+
+def test_weight_only_with_the_slimline_kernel_builds_matmulq4_that_decodes_like_matmulnbits(library, fused, tmp_path):  # noqa: F811
+    import onnx
+
+    from slimline.generate import OnnxDecoder
+    from slimline.measure.metrics import cosine
+    from slimline.quantize.weight_only import WeightOnly
+
+    base = dict(bits=4, block_size=32, algorithm="gptq", head_bits=4, max_weight_mb=None)
+    ours = WeightOnly(**base, kernel="slimline").run(fused.artifact, context(tmp_path / "q4"))
+    theirs = WeightOnly(**base).run(fused.artifact, context(tmp_path / "nbits"))
+    graph = onnx.load(str(ours.artifact.path), load_external_data=False)
+    counts = {op: sum(n.op_type == op for n in graph.graph.node) for op in ("MatMulQ4", "MatMulNBits", "MatMul")}
+    assert ours.report["quantized.MatMulQ4"] == counts["MatMulQ4"] == theirs.report["quantized.MatMulNBits"] > 0
+    assert counts["MatMulNBits"] == 0
+    assert ours.report["calibration.mean_cosine"] > 0.99
+    ids = np.array([[5, 17, 42, 8, 99, 3]])
+    a, b, f = (OnnxDecoder(r.artifact.path, 1) for r in (ours, theirs, fused))
+    reference = f.prefill(ids)[:, -1]
+    ours_cos, theirs_cos = (cosine(d.prefill(ids)[:, -1], reference).min() for d in (a, b))
+    # float minimums fit each block at least as well as integer zero points (random weights, 4 bits)
+    assert ours_cos > 0.98 and ours_cos > theirs_cos - 0.005, (ours_cos, theirs_cos)
+    assert np.isfinite(a.step(reference.argmax(-1))).all()
+
+
+def test_the_slimline_kernel_refuses_symmetric_weights_and_needs_the_library(tmp_path, monkeypatch):
+    from slimline.quantize.weight_only import WeightOnly
+
+    with pytest.raises(ValueError, match="float minimum"):
+        WeightOnly(kernel="slimline", symmetric=True)
+    monkeypatch.setenv("SLIMLINE_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv(ops.LIBRARY_ENV, raising=False)
+    with pytest.raises(ops.OpsUnavailable, match="slimline ops build"):
+        WeightOnly(kernel="slimline").run(None, context(tmp_path / "x"))  # type: ignore[arg-type]

@@ -162,7 +162,11 @@ def add_logits_to_keep(model: Any) -> bool:
 
     graph = model.graph
     head = next((n for n in graph.node if "logits" in n.output), None)
-    if head is None or head.op_type not in ("MatMul", "MatMulNBits") or any(i.name == LOGITS_TO_KEEP for i in graph.input):
+    if (
+        head is None
+        or head.op_type not in ("MatMul", "MatMulNBits", "MatMulQ4")
+        or any(i.name == LOGITS_TO_KEEP for i in graph.input)
+    ):
         return False
     graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [1]))
     graph.initializer.extend(

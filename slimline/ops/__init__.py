@@ -1,7 +1,7 @@
 """slimline's own ONNX Runtime custom ops (domain ``ai.slimline``): C++/CUDA kernels built from source.
 
 ONNX Runtime's contrib kernels cover most of what slimline fuses into; this library holds the ops
-where they fall short. Today one op:
+where they fall short. Two ops:
 
 - ``SkipRMSNorm(input, skip, gamma) -> (output, input_skip_sum?)``: com.microsoft's
   SkipSimplifiedLayerNormalization without bias, with the mean square accumulated in fp32 whatever
@@ -11,8 +11,14 @@ where they fall short. Today one op:
   input type (a single-op test on onnxruntime-gpu 1.31.1 did not reproduce that at SmolLM2's width:
   docs/ops.md); with this op they stay fp16 either way.
 
-Every op has a CPU kernel (float, float16), a CUDA kernel where nvcc was found at build time, and a
-numpy reference (``reference``) that the tests hold both to. ``slimline ops build`` compiles the
+- ``MatMulQ4(A, B, scales, mins) -> Y``: float activations times 4-bit weights with a float16 scale
+  and a float16 minimum per block of 32 (GGUF's Q4_1), in a column-interleaved layout
+  (``reference.pack_q4``); a CPU kernel for decode and prompts (AVX-512 VNNI, AVX2, portable C++).
+  MatMulNBits can't hold a float minimum on its fast path, and once packed it reads 24 bytes per 32
+  weights to this op's 20. ``quantize.weight_only`` writes it with ``kernel: slimline``.
+
+Every op has a CPU kernel, a CUDA kernel where nvcc was found at build time (SkipRMSNorm), and a
+numpy reference (``reference``) that the tests hold them to. ``slimline ops build`` compiles the
 library (``slimline.ops.build``); ``library()`` finds it, and ``slimline.runtime.ort_session``
 registers it with any session whose model uses the domain.
 """
@@ -25,7 +31,7 @@ from pathlib import Path
 from slimline.errors import SlimlineError
 
 DOMAIN = "ai.slimline"
-OPS = ("SkipRMSNorm",)
+OPS = ("SkipRMSNorm", "MatMulQ4")
 LIBRARY_ENV = "SLIMLINE_OPS_LIB"  # an explicit library path (a build carried to another machine)
 
 
@@ -52,6 +58,20 @@ def library(cuda: bool = False) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def matmul_q4_kernel() -> str | None:
+    """The CPU kernel MatMulQ4 runs on this machine (avx512vnni, avx2 or portable), from the built library."""
+    import ctypes
+
+    path = library()
+    if path is None:
+        return None
+    fn = getattr(ctypes.CDLL(str(path)), "SlimlineOpsMatMulQ4Kernel", None)
+    if fn is None:
+        return None
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def why_unavailable() -> str:

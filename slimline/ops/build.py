@@ -37,8 +37,9 @@ SOURCES = Path(__file__).parent / "csrc"
 HEADERS_VERSION = "1.21.0"
 HEADERS_URL = "http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb"
 HEADERS_SHA256 = "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08"
+CPU_SOURCES = ("slimline_ops.cc", "matmul_q4.cc")
 CXX_FLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden"]
-EXPORTS = ["RegisterCustomOps", "SlimlineOpsProviders"]
+EXPORTS = ["RegisterCustomOps", "SlimlineOpsProviders", "SlimlineOpsMatMulQ4Kernel"]
 
 
 @dataclass
@@ -168,7 +169,8 @@ def build(cuda: bool = True, force: bool = False, say: Callable[[str], None] = p
                 return Built(None, None, notes)
             say("building slimline's custom ops (CPU kernels)")
             try:
-                _compile([cxx, *CXX_FLAGS, f"-I{include}", str(SOURCES / "slimline_ops.cc"), "-o", "@OUT"], cpu_lib, log)
+                cpu_sources = [str(SOURCES / name) for name in CPU_SOURCES]
+                _compile([cxx, *CXX_FLAGS, f"-I{include}", *cpu_sources, "-o", "@OUT"], cpu_lib, log)
             except RuntimeError as e:
                 notes.append(f"no custom ops: {e} (full output in {folder / 'build.log'})")
                 log.write(notes[-1] + "\n")
@@ -184,7 +186,7 @@ def build(cuda: bool = True, force: bool = False, say: Callable[[str], None] = p
             say(f"building slimline's custom ops (CUDA kernels, sm_{', sm_'.join(archs)}; a minute)")
             cmd = [nvcc, "-std=c++17", "-O2", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden", "-cudart", "static"]
             cmd += [*gencode, "-DSLIMLINE_OPS_CUDA", f"-I{include}", f"-I{SOURCES}"]
-            cmd += [str(SOURCES / "slimline_ops.cc"), str(SOURCES / "skip_rms_norm.cu"), "-o", "@OUT"]
+            cmd += [*(str(SOURCES / name) for name in CPU_SOURCES), str(SOURCES / "skip_rms_norm.cu"), "-o", "@OUT"]
             try:
                 _compile(cmd, cuda_lib, log)
             except RuntimeError as e:

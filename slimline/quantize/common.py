@@ -28,6 +28,7 @@ QUANTIZED_OPS = {
     "DynamicQuantizeLinear",
     "QLinearMatMul",
     "MatMulNBits",
+    "MatMulQ4",  # slimline's own (ai.slimline)
     "DequantizeLinear",
     "QuantizeLinear",
     "GatherBlockQuantized",

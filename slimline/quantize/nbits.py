@@ -63,8 +63,16 @@ def _pad(wt: np.ndarray, block_size: int) -> np.ndarray:
 CLIP_GRID = np.linspace(1.0, 0.75, 11)  # range shrink factors tried by clip search (1.0 = plain min/max)
 
 
-def block_params(groups: np.ndarray, bits: int, symmetric: bool, clip: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def block_params(
+    groups: np.ndarray, bits: int, symmetric: bool, clip: bool = False, float_min: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale and integer zero point per row of ``groups`` (``[..., block_size]``), RTN style.
+
+    ``float_min`` (asymmetric only): the block's minimum is kept as it is, a float (GGUF's Q4_1, and
+    slimline's MatMulQ4), instead of being rounded onto the code grid as an integer zero point; the
+    scale and the minimum are rounded to float16 first, as MatMulQ4 stores them, so the codes are
+    chosen against the values the kernel reads. The zero point returned is then -minimum / scale.
+    Weights that were Q4_1 blocks of this size come back exactly.
 
     Symmetric uses codes ``1 .. 2**bits - 1`` around ``2**(bits-1)`` so that no weight is clipped and
     every rounding error stays within half a scale. With ``clip``, each block's range is also shrunk by
@@ -75,7 +83,7 @@ def block_params(groups: np.ndarray, bits: int, symmetric: bool, clip: bool = Fa
     if clip:
         best_err = best = None
         for f in CLIP_GRID:
-            scale, zero = _range_params(groups, bits, symmetric, f)
+            scale, zero = _range_params(groups, bits, symmetric, f, float_min)
             deq = (_codes(groups, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
             err = np.square(groups - deq).sum(axis=-1)
             if best is None:
@@ -85,10 +93,12 @@ def block_params(groups: np.ndarray, bits: int, symmetric: bool, clip: bool = Fa
                 best_err = np.where(better, err, best_err)
                 best = (np.where(better, scale, best[0]), np.where(better, zero, best[1]))
         return best
-    return _range_params(groups, bits, symmetric, 1.0)
+    return _range_params(groups, bits, symmetric, 1.0, float_min)
 
 
-def _range_params(groups: np.ndarray, bits: int, symmetric: bool, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+def _range_params(
+    groups: np.ndarray, bits: int, symmetric: bool, shrink: float, float_min: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     qmax = 2**bits - 1
     if symmetric:
         half = 2 ** (bits - 1)
@@ -97,6 +107,11 @@ def _range_params(groups: np.ndarray, bits: int, symmetric: bool, shrink: float)
     else:
         lo, hi = shrink * groups.min(axis=-1), shrink * groups.max(axis=-1)
         scale = (hi - lo) / qmax
+        if float_min:
+            scale = np.asarray(scale, np.float16).astype(np.float32)
+            scale = np.where(scale > 0, scale, np.float32(1.0))
+            zero = -np.asarray(lo, np.float16).astype(np.float32) / scale
+            return scale.astype(np.float32), zero.astype(np.float32)
         zero = np.clip(np.round(-lo / np.where(scale > 0, scale, 1)), 0, qmax)
     scale = np.where(scale > 0, scale, 1.0)  # an all-zero block: any scale reproduces it
     return scale.astype(np.float32), zero.astype(np.float32)
@@ -106,12 +121,14 @@ def _codes(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) -> np.
     return np.clip(np.round(w / scale + zero), 0, 2**bits - 1)
 
 
-def rtn(weight: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False, clip: bool = False) -> Blocked:
-    """Round-to-nearest group-wise quantization of a ``[K, N]`` weight."""
+def rtn(
+    weight: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False, clip: bool = False, float_min: bool = False
+) -> Blocked:
+    """Round-to-nearest group-wise quantization of a ``[K, N]`` weight (``float_min``: see ``block_params``)."""
     k, n = weight.shape
     wt = _pad(weight.T.astype(np.float32), block_size)
     groups = wt.reshape(n, -1, block_size)
-    scale, zero = block_params(groups, bits, symmetric, clip)
+    scale, zero = block_params(groups, bits, symmetric, clip, float_min)
     q = _codes(groups, scale[..., None], zero[..., None], bits).reshape(n, -1)
     return Blocked(q.astype(np.uint8), scale, zero, bits, block_size, k, symmetric)
 
@@ -167,6 +184,7 @@ def gptq(
     act_order: bool = True,
     chunk: int = 128,
     clip: bool = False,
+    float_min: bool = False,
 ) -> Blocked:
     """GPTQ of a ``[K, N]`` weight given the ``[K, K]`` Hessian ``X^T X`` of its calibration inputs.
 
@@ -191,7 +209,7 @@ def gptq(
     zero = np.zeros((n, n_blocks), np.float32)
     static = act_order
     if static:
-        scale[:], zero[:] = block_params(w.numpy().reshape(n, n_blocks, block_size), bits, symmetric, clip)
+        scale[:], zero[:] = block_params(w.numpy().reshape(n, n_blocks, block_size), bits, symmetric, clip, float_min)
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(kp)
     w = w[:, perm]
     # At most two K x K matrices live at once: the permutation, the damping and the factorizations each
@@ -219,7 +237,7 @@ def gptq(
             col = int(perm[i1 + i])
             g = col // block_size
             if not static and col % block_size == 0:  # first column of its block: fit the block now
-                scale[:, g], zero[:, g] = block_params(w1[:, i : i + block_size].numpy(), bits, symmetric, clip)
+                scale[:, g], zero[:, g] = block_params(w1[:, i : i + block_size].numpy(), bits, symmetric, clip, float_min)
             s = torch.from_numpy(scale[:, g]).to(dtype)
             z = torch.from_numpy(zero[:, g]).to(dtype)
             codes = torch.clamp(torch.round(w1[:, i] / s + z), 0, qmax)
@@ -232,7 +250,21 @@ def gptq(
     return Blocked(q.numpy(), scale, zero, bits, block_size, k, symmetric)
 
 
-# -- packing into MatMulNBits ----------------------------------------------------------------------
+# -- packing into MatMulNBits and MatMulQ4 ---------------------------------------------------------
+
+
+def pack_q4(b: Blocked) -> dict[str, np.ndarray]:
+    """The ``B``, ``scales`` and ``mins`` initializers of slimline's MatMulQ4 (4 bits, blocks of 32, a K that
+    is a multiple of 32): the minimum of each block is -zero * scale, both in float16."""
+    from slimline.ops.reference import pack_q4 as packed
+
+    if b.bits != 4 or b.block_size != 32 or b.k % 32:
+        raise ValueError(
+            f"MatMulQ4 holds 4-bit weights in blocks of 32 along a K divisible by 32, not {b.bits}-bit/{b.block_size}/K={b.k}"
+        )
+    mins = (-b.zero * b.scale).astype(np.float16)
+    data, scales, low = packed(b.q, b.scale.astype(np.float16), mins)
+    return {"B": data, "scales": scales, "mins": low}
 
 
 def pack(b: Blocked) -> dict[str, np.ndarray]:

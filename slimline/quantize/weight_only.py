@@ -37,8 +37,11 @@ from slimline.stage import Context, StageResult
 
 
 def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level: int) -> Any:
-    """Swap each named MatMul for MatMulNBits with its packed weights; drop float weights no one reads."""
+    """Swap each named MatMul for MatMulNBits with its packed weights, or for slimline's MatMulQ4 where the
+    weights hold float minimums (``kernel: slimline``); drop float weights no one reads."""
     from onnx import helper, numpy_helper
+
+    from slimline.ops import DOMAIN
 
     graph = model.graph
     nodes = []
@@ -48,6 +51,18 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
             nodes.append(node)
             continue
         k, n = b.k, b.scale.shape[0]
+        if q4_kernel(b):
+            packed = nbits.pack_q4(b)
+            names = [f"{node.name or node.input[1]}_q4m_{key}" for key in packed]
+            graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
+            nodes.append(
+                helper.make_node(
+                    "MatMulQ4", [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN, K=k, N=n, block_size=32
+                )
+            )
+            if not any(o.domain == DOMAIN for o in model.opset_import):
+                model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+            continue
         packed = nbits.pack(b)
         names = [f"{node.name or node.input[1]}_q{b.bits}_{key}" for key in packed]
         graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
@@ -68,6 +83,11 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return model
+
+
+def q4_kernel(b: nbits.Blocked) -> bool:
+    """Whether these weights go to slimline's MatMulQ4: 4 bits in blocks of 32 with float minimums."""
+    return b.bits == 4 and b.block_size == 32 and b.k % 32 == 0 and not b.symmetric and b.float_zero
 
 
 def _int4(values: np.ndarray) -> bytes:
@@ -266,6 +286,13 @@ class WeightOnly(OnnxQuantizer):
     embedding_bits: Literal[4, 8] | None = Field(
         None, description="quantize the token-embedding Gather into GatherBlockQuantized (4 or 8 bits); default: float"
     )
+    kernel: Literal["ort", "slimline"] = Field(
+        "ort",
+        description="ort: ONNX Runtime's MatMulNBits; slimline: 4-bit layers in blocks of 32 go to slimline's own CPU "
+        "kernel MatMulQ4 (ai.slimline; `slimline ops build`), whose blocks keep a float16 minimum (GGUF's Q4_1) instead "
+        "of an integer zero point: 20 bytes per 32 weights against MatMulNBits' 24 once packed, and Q4_1 source "
+        "weights come back exactly. Other layers stay MatMulNBits",
+    )
     layers: dict[str, LayerFormat] = Field(
         default_factory=dict,
         description="per-layer formats, by role or node glob: {'role:ffn.out@0': {bits: 8, block_size: 64}}; those "
@@ -286,11 +313,15 @@ class WeightOnly(OnnxQuantizer):
     ) -> nbits.Blocked:
         bits = bits or self.bits
         block = block or self.block_for(bits)
+        # slimline's MatMulQ4 keeps each block's minimum as a float16: the codes are fitted to that grid
+        float_min = self.kernel == "slimline" and bits == 4 and block == 32 and w.shape[0] % 32 == 0
         if self.algorithm == "gptq":
-            return nbits.gptq(w, gram, bits, block, self.symmetric, self.damp, self.act_order, clip=self.clip_search)
+            return nbits.gptq(
+                w, gram, bits, block, self.symmetric, self.damp, self.act_order, clip=self.clip_search, float_min=float_min
+            )
         if self.algorithm == "hqq":
             return nbits.hqq(w, bits, block)
-        return nbits.rtn(w, bits, block, self.symmetric, clip=self.clip_search)
+        return nbits.rtn(w, bits, block, self.symmetric, clip=self.clip_search, float_min=float_min)
 
     @model_validator(mode="after")
     def _options(self) -> WeightOnly:
@@ -298,6 +329,11 @@ class WeightOnly(OnnxQuantizer):
             raise ValueError(
                 f"{self.kind}: fallback_block_size {self.fallback_block_size} needs fallback: auto and a block_size larger "
                 f"than it (block_size is {self.block_size}). Use a smaller fallback_block_size or remove it."
+            )
+        if self.kernel == "slimline" and (self.symmetric or self.algorithm == "hqq"):
+            raise ValueError(
+                f"{self.kind}: kernel slimline stores a float minimum per block (asymmetric): use algorithm rtn or gptq "
+                "with symmetric: false, or kernel: ort."
             )
         if self.algorithm == "hqq" and self.symmetric:
             raise ValueError("quantize.weight_only: HQQ fits asymmetric zero points; set symmetric: false or algorithm: rtn.")
@@ -323,6 +359,10 @@ class WeightOnly(OnnxQuantizer):
     def run(self, artifact: OnnxModel, ctx: Context) -> StageResult:
         import onnx
 
+        if self.kernel == "slimline":
+            from slimline import ops
+
+            ops.require()  # before any work: the library must be built here (OpsUnavailable names the fix)
         model = onnx.load(str(artifact.path))
         refuse_quantized(model, self.kind)
         layers, small, excluded = self.candidates(model, ctx)
@@ -428,6 +468,8 @@ class WeightOnly(OnnxQuantizer):
 
         counts = Counter(n.op_type for n in quantized.graph.node)
         report["quantized.MatMulNBits"] = counts["MatMulNBits"]
+        if counts.get("MatMulQ4"):
+            report["quantized.MatMulQ4"] = counts["MatMulQ4"]
         if counts.get("GatherBlockQuantized"):
             report["quantized.GatherBlockQuantized"] = counts["GatherBlockQuantized"]
         report.update({f"float.{op}": counts[op] for op in ("MatMul", "Attention", "EmbedLayerNormalization") if counts.get(op)})

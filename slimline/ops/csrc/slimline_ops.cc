@@ -174,6 +174,7 @@ SLIMLINE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   for (auto& op : Ops()) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
   }
+  if (OrtStatus* st = api->CustomOpDomain_Add(domain, slimline_matmul_q4_op())) return st;
   // the domain must outlive every session that uses it; one per registration, released at exit
   static std::mutex lock;
   static std::vector<Ort::CustomOpDomain> keep;
@@ -190,5 +191,8 @@ SLIMLINE_EXPORT const char* SlimlineOpsProviders() {
   return "cpu";
 #endif
 }
+
+// The CPU kernel MatMulQ4 runs on this machine, for slimline.ops.info().
+SLIMLINE_EXPORT const char* SlimlineOpsMatMulQ4Kernel() { return slimline_matmul_q4_kernel(); }
 
 }  // extern "C"

@@ -1,6 +1,11 @@
-// The CUDA half of slimline's custom ops (skip_rms_norm.cu), called from slimline_ops.cc.
+// What slimline_ops.cc registers from the other sources: the CUDA half of SkipRMSNorm (skip_rms_norm.cu)
+// and the CPU op MatMulQ4 (matmul_q4.cc).
 #pragma once
 #include <cstdint>
+
+struct OrtCustomOp;
+OrtCustomOp* slimline_matmul_q4_op();
+const char* slimline_matmul_q4_kernel();  // the CPU kernel this machine runs: avx512vnni, avx2 or portable
 
 extern "C" {
 // Returns 0, or a cudaError_t code. half: the tensors are fp16 (else fp32). sum may be null.

@@ -1,0 +1,362 @@
+// MatMulQ4(A, B, scales, mins) -> Y: a float matrix times 4-bit weights that carry a float16 scale AND
+// a float16 minimum per block of 32 along K (GGUF's Q4_1 format):
+//
+//   W[n, k] = scale[n, b] * q[n, k] + min[n, b],   b = k / 32,  q in 0..15
+//   Y[..., n] = sum_k A[..., k] * W[n, k]
+//
+// Why: com.microsoft.MatMulNBits stores an integer zero point per block, so it can't hold a Q4_1 block
+// (whose minimum is any float) exactly, and its float zero points have no fast CPU path. Here a block
+// costs 20 bytes per 32 weights, against MatMulNBits' 24 once ONNX Runtime has packed it (16 of codes,
+// a float scale, and a float block sum). Decode at batch 1 reads every weight once per token.
+//
+// Layout (slimline.ops.reference.pack_q4 writes it): columns in groups of 16 (N padded up with zero
+// columns), G = ceil(N / 16), nb = K / 32.
+//   B       uint8   [G, nb, 256]: for group g, block b, byte c * 64 + l * 4 + t (c = 0..3, lane l = 0..15,
+//                   t = 0..3) holds q[16 g + l, 32 b + 8 c + t] in its low nibble and
+//                   q[16 g + l, 32 b + 8 c + 4 + t] in its high nibble;
+//   scales  float16 [G, nb, 16], mins float16 [G, nb, 16]: lane l of group g is column 16 g + l.
+// So a 512-bit register holds four consecutive k of 16 columns, and one int8 dot-product instruction
+// (four activations broadcast) advances 16 columns by four k: no horizontal sums, and each thread reads
+// its columns' weights as one sequential stream. Attributes K, N, block_size (32 only).
+//
+// Numerics (what slimline.ops.reference.matmul_q4 computes): each row of A is quantized per block of
+// 32 to int8 (scale = max|x| / 127, codes = round-half-even(x * 127 / max|x|)), the activations ONNX
+// Runtime's MatMulNBits uses at accuracy_level 4; the block's float sum of x (not of its codes)
+// multiplies the minimum. A block adds scale * xscale * sum(q * xcode) + min * sum(x).
+//
+// Kernels: AVX-512 VNNI, AVX2, and portable C++, chosen once from what the CPU reports; rows of A four
+// at a time (a prompt) share each unpacked block. Column groups are split over ONNX Runtime's intra-op
+// threads.
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define SLIMLINE_X86 1
+#endif
+
+#include "slimline_ops.h"
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kLanes = 16;                       // columns per group
+constexpr int64_t kGroupBytes = kLanes * kBlock / 2;  // one block of one group: 256 bytes
+
+float HalfToFloat(uint16_t h) { return Ort::Float16_t::FromBits(h).ToFloat(); }
+
+// The rows of A, quantized per block of 32: int8 codes in k order, each block's scale and float sum.
+struct QuantRows {
+  int64_t m = 0, k = 0;
+  std::vector<int8_t> codes;  // [m, k]
+  std::vector<float> scale, sum;  // [m, k / 32]
+};
+
+void Quantize(const float* x, int64_t m, int64_t k, QuantRows& out) {
+  const int64_t nb = k / kBlock;
+  out.m = m;
+  out.k = k;
+  out.codes.assign(static_cast<size_t>(m * k), 0);
+  out.scale.assign(static_cast<size_t>(m * nb), 0.f);
+  out.sum.assign(static_cast<size_t>(m * nb), 0.f);
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* xb = x + r * k + b * kBlock;
+      float amax = 0.f, sum = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        amax = std::max(amax, std::fabs(xb[i]));
+        sum += xb[i];
+      }
+      out.sum[r * nb + b] = sum;
+      if (amax == 0.f) continue;
+      const float inv = 127.f / amax;
+      out.scale[r * nb + b] = amax / 127.f;
+      int8_t* c = out.codes.data() + r * k + b * kBlock;
+      for (int64_t i = 0; i < kBlock; ++i)
+        c[i] = static_cast<int8_t>(std::clamp(static_cast<int>(std::nearbyint(xb[i] * inv)), -127, 127));
+    }
+  }
+}
+
+// Groups [g0, g1) of the columns for rows [r0, r0 + rows): y[r, 16 g + l] for every lane l < n.
+using GroupsFn = void (*)(const uint8_t* w, const uint16_t* scales, const uint16_t* mins, const QuantRows& x,
+                          int64_t nb, int64_t n, int64_t g0, int64_t g1, float* y);
+
+void GroupsPortable(const uint8_t* w, const uint16_t* scales, const uint16_t* mins, const QuantRows& x, int64_t nb,
+                    int64_t n, int64_t g0, int64_t g1, float* y) {
+  for (int64_t r = 0; r < x.m; ++r) {
+    const int8_t* codes = x.codes.data() + r * x.k;
+    for (int64_t g = g0; g < g1; ++g) {
+      float acc[kLanes] = {};
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = w + (g * nb + b) * kGroupBytes;
+        const int64_t at = (g * nb + b) * kLanes;
+        for (int64_t l = 0; l < kLanes; ++l) {
+          int32_t dot = 0;
+          for (int c = 0; c < 4; ++c)
+            for (int t = 0; t < 4; ++t) {
+              const uint8_t byte = blk[c * 64 + l * 4 + t];
+              dot += (byte & 15) * codes[b * kBlock + 8 * c + t] + (byte >> 4) * codes[b * kBlock + 8 * c + 4 + t];
+            }
+          acc[l] += HalfToFloat(scales[at + l]) * x.scale[r * nb + b] * static_cast<float>(dot) +
+                    HalfToFloat(mins[at + l]) * x.sum[r * nb + b];
+        }
+      }
+      for (int64_t l = 0; l < kLanes && g * kLanes + l < n; ++l) y[r * n + g * kLanes + l] = acc[l];
+    }
+  }
+}
+
+#ifdef SLIMLINE_X86
+#define SLIMLINE_AVX512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+#define SLIMLINE_AVX2 "avx2,fma,f16c"
+
+// R rows at once over one column group: each block's codes are unpacked once for all R rows.
+template <int R>
+__attribute__((target(SLIMLINE_AVX512))) inline void Avx512Group(const uint8_t* w, const uint16_t* scales,
+                                                                 const uint16_t* mins, const QuantRows& x,
+                                                                 int64_t nb, int64_t n, int64_t g, int64_t r0,
+                                                                 float* y) {
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  const uint8_t* blk = w + g * nb * kGroupBytes;
+  const uint16_t* sg = scales + g * nb * kLanes;
+  const uint16_t* mg = mins + g * nb * kLanes;
+  for (int64_t b = 0; b < nb; ++b, blk += kGroupBytes) {
+    __m512i lo_acc[R], hi_acc[R];  // two chains a row: the int8 multiply-adds' latency overlaps
+    for (int i = 0; i < R; ++i) lo_acc[i] = hi_acc[i] = _mm512_setzero_si512();
+    _mm_prefetch(reinterpret_cast<const char*>(blk) + 4 * kGroupBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(blk) + 4 * kGroupBytes + 128, _MM_HINT_T0);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(blk + c * 64);
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int i = 0; i < R; ++i) {
+        const int32_t* codes = reinterpret_cast<const int32_t*>(x.codes.data() + (r0 + i) * x.k + b * kBlock + 8 * c);
+        lo_acc[i] = _mm512_dpbusd_epi32(lo_acc[i], lo, _mm512_set1_epi32(codes[0]));
+        hi_acc[i] = _mm512_dpbusd_epi32(hi_acc[i], hi, _mm512_set1_epi32(codes[1]));
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + b * kLanes)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + b * kLanes)));
+    for (int i = 0; i < R; ++i) {
+      const int64_t at = (r0 + i) * nb + b;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[i], hi_acc[i]));
+      acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x.scale[at])), dot, acc[i]);
+      acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.sum[at]), acc[i]);
+    }
+  }
+  const int64_t lanes = std::min<int64_t>(kLanes, n - g * kLanes);
+  const __mmask16 keep = static_cast<__mmask16>((1u << lanes) - 1);
+  for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * n + g * kLanes, keep, acc[i]);
+}
+
+__attribute__((target(SLIMLINE_AVX512))) void GroupsAvx512(const uint8_t* w, const uint16_t* scales,
+                                                           const uint16_t* mins, const QuantRows& x, int64_t nb,
+                                                           int64_t n, int64_t g0, int64_t g1, float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t r = 0;
+    for (; r + 4 <= x.m; r += 4) Avx512Group<4>(w, scales, mins, x, nb, n, g, r, y);
+    for (; r < x.m; ++r) Avx512Group<1>(w, scales, mins, x, nb, n, g, r, y);
+  }
+}
+
+// AVX2: the same layout as two halves of eight lanes (bytes 0-31 and 32-63 of each 64).
+__attribute__((target(SLIMLINE_AVX2))) inline __m256i Dot4(__m256i q, int32_t codes) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(codes)), _mm256_set1_epi16(1));
+}
+
+template <int R>
+__attribute__((target(SLIMLINE_AVX2))) inline void Avx2Group(const uint8_t* w, const uint16_t* scales,
+                                                             const uint16_t* mins, const QuantRows& x, int64_t nb,
+                                                             int64_t n, int64_t g, int64_t r0, float* y) {
+  const __m256i low = _mm256_set1_epi8(15);
+  __m256 acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+  const uint8_t* blk = w + g * nb * kGroupBytes;
+  const uint16_t* sg = scales + g * nb * kLanes;
+  const uint16_t* mg = mins + g * nb * kLanes;
+  for (int64_t b = 0; b < nb; ++b, blk += kGroupBytes) {
+    __m256i dots[R][2];
+    for (int i = 0; i < R; ++i) dots[i][0] = dots[i][1] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32));
+        const __m256i lo = _mm256_and_si256(v, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int i = 0; i < R; ++i) {
+          const int32_t* codes = reinterpret_cast<const int32_t*>(x.codes.data() + (r0 + i) * x.k + b * kBlock + 8 * c);
+          dots[i][h] = _mm256_add_epi32(dots[i][h], _mm256_add_epi32(Dot4(lo, codes[0]), Dot4(hi, codes[1])));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kLanes + h * 8)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + b * kLanes + h * 8)));
+      for (int i = 0; i < R; ++i) {
+        const int64_t at = (r0 + i) * nb + b;
+        acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(x.scale[at])), _mm256_cvtepi32_ps(dots[i][h]),
+                                    acc[i][h]);
+        acc[i][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.sum[at]), acc[i][h]);
+      }
+    }
+  }
+  const int64_t lanes = std::min<int64_t>(kLanes, n - g * kLanes);
+  for (int i = 0; i < R; ++i) {
+    alignas(32) float out[kLanes];
+    _mm256_store_ps(out, acc[i][0]);
+    _mm256_store_ps(out + 8, acc[i][1]);
+    std::memcpy(y + (r0 + i) * n + g * kLanes, out, static_cast<size_t>(lanes) * sizeof(float));
+  }
+}
+
+__attribute__((target(SLIMLINE_AVX2))) void GroupsAvx2(const uint8_t* w, const uint16_t* scales, const uint16_t* mins,
+                                                       const QuantRows& x, int64_t nb, int64_t n, int64_t g0,
+                                                       int64_t g1, float* y) {
+  for (int64_t g = g0; g < g1; ++g) {
+    int64_t r = 0;
+    for (; r + 4 <= x.m; r += 4) Avx2Group<4>(w, scales, mins, x, nb, n, g, r, y);
+    for (; r < x.m; ++r) Avx2Group<1>(w, scales, mins, x, nb, n, g, r, y);
+  }
+}
+#endif
+
+// The best kernel this CPU runs; SLIMLINE_Q4_KERNEL=avx2 or portable asks for a plainer one (tests
+// hold every kernel to the reference on one machine).
+GroupsFn PickKernel(const char** name) {
+  const char* asked = std::getenv("SLIMLINE_Q4_KERNEL");
+  const std::string want = asked ? asked : "";
+#ifdef SLIMLINE_X86
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+                    want != "portable";
+  if (avx2 && want != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")) {
+    *name = "avx512vnni";
+    return GroupsAvx512;
+  }
+  if (avx2) {
+    *name = "avx2";
+    return GroupsAvx2;
+  }
+#endif
+  *name = "portable";
+  return GroupsPortable;
+}
+
+struct Task {
+  GroupsFn groups;
+  const uint8_t* w;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  const QuantRows* x;
+  int64_t nb, n, groups_count, tile;
+  float* y;
+};
+
+void RunTile(void* data, size_t index) {
+  const Task& t = *static_cast<const Task*>(data);
+  const int64_t g0 = static_cast<int64_t>(index) * t.tile;
+  t.groups(t.w, t.scales, t.mins, *t.x, t.nb, t.n, g0, std::min(t.groups_count, g0 + t.tile), t.y);
+}
+
+OrtStatusPtr Fail(const OrtApi& api, const std::string& msg) {
+  return api.CreateStatus(ORT_INVALID_ARGUMENT, ("slimline MatMulQ4: " + msg).c_str());
+}
+
+struct MatMulQ4Kernel {
+  const OrtApi& api;
+  int64_t k, n;
+  GroupsFn groups;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
+    try {
+      Ort::KernelContext ctx(raw);
+      auto a = ctx.GetInput(0);
+      auto b = ctx.GetInput(1);
+      auto scales = ctx.GetInput(2);
+      auto mins = ctx.GetInput(3);
+      std::vector<int64_t> shape = a.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.empty() || shape.back() != k) return Fail(api, "A's last dimension must be K=" + std::to_string(k));
+      const int64_t nb = k / kBlock;
+      const int64_t count = (n + kLanes - 1) / kLanes;
+      if (b.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kGroupBytes))
+        return Fail(api, "B must hold ceil(N/16) * K/32 * 256 bytes (slimline's packed layout)");
+      if (scales.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes) ||
+          mins.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes))
+        return Fail(api, "scales and mins must hold ceil(N/16) * K/32 * 16 values each");
+      const int64_t m = static_cast<int64_t>(a.GetTensorTypeAndShapeInfo().GetElementCount()) / k;
+      std::vector<int64_t> out_shape = shape;
+      out_shape.back() = n;
+      auto y = ctx.GetOutput(0, out_shape);
+      if (m == 0) return nullptr;
+      thread_local QuantRows rows;  // reused: no allocation per run once warm
+      Quantize(a.GetTensorData<float>(), m, k, rows);
+      // enough tiles for the threads to balance; a tile of a few groups keeps each stream long
+      const int64_t tile = std::max<int64_t>(1, std::min<int64_t>(8, count / 16));
+      Task task{groups,
+                b.GetTensorData<uint8_t>(),
+                reinterpret_cast<const uint16_t*>(scales.GetTensorRawData()),
+                reinterpret_cast<const uint16_t*>(mins.GetTensorRawData()),
+                &rows,
+                nb,
+                n,
+                count,
+                tile,
+                y.GetTensorMutableData<float>()};
+      ctx.ParallelFor(RunTile, static_cast<size_t>((count + tile - 1) / tile), 0, &task);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Fail(api, e.what());
+    }
+  }
+};
+
+struct MatMulQ4Op : Ort::CustomOpBase<MatMulQ4Op, MatMulQ4Kernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    int64_t k = 0, n = 0, block = 0;
+    for (auto [name, value] : {std::pair{"K", &k}, std::pair{"N", &n}, std::pair{"block_size", &block}}) {
+      if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, value)) {
+        api.ReleaseStatus(st);
+        return Fail(api, std::string("missing attribute ") + name);
+      }
+    }
+    if (block != kBlock) return Fail(api, "block_size must be 32");
+    if (k <= 0 || k % kBlock || n <= 0) return Fail(api, "K must be a positive multiple of 32 and N positive");
+    const char* name = nullptr;
+    *kernel = new MatMulQ4Kernel{api, k, n, PickKernel(&name)};
+    return nullptr;
+  }
+  const char* GetName() const { return "MatMulQ4"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                  : (i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16);
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+OrtCustomOp* slimline_matmul_q4_op() {
+  static MatMulQ4Op op;
+  return &op;
+}
+
+const char* slimline_matmul_q4_kernel() {
+  const char* name = nullptr;
+  PickKernel(&name);
+  return name;
+}
