@@ -245,6 +245,16 @@ def main() -> None:
     for n, (kind, _) in variants.items():  # the same model decoded another way: same perplexity, size, memory
         if kind == "slimline-lookup":
             ppl[n], paths[n] = ppl[next(iter(ours))], paths[next(iter(ours))]
+    if a.prompt_lookup:  # speculative decoding counts only where its tokens are the plain loop's
+        decoder = OnnxDecoder(ours[next(iter(ours))] / "model.onnx", a.threads)
+        starts = range(1000, 1000 + 8 * 997, 997)  # eight held-out 32-token prompts
+        same = 0
+        for start in starts:
+            p_ids = ids[start : start + 32][None]
+            plain = decoder.generate(p_ids, Sampling(max_new_tokens=a.new_tokens))
+            drafted = decoder.generate(p_ids, Sampling(max_new_tokens=a.new_tokens, prompt_lookup=a.prompt_lookup))
+            same += int(np.array_equal(plain, drafted))
+        print(f"prompt lookup {a.prompt_lookup}: the plain loop's tokens on {same} of {len(starts)} held-out prompts", flush=True)
     if a.peer:
         ppl["onnxruntime-genai int4"] = perplexities(onnx_logits(OnnxDecoder(a.peer / "model.onnx", a.threads)))
         paths["onnxruntime-genai int4"] = (a.peer / "model.onnx", "onnx")

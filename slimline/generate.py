@@ -97,8 +97,8 @@ class OnnxDecoder:
         # the cache can live in fixed buffers that the kernel appends to in place (bound as both the
         # past input and the present output); other attention ops concatenate and need exact shapes.
         self.in_place = in_place_cache(Path(path), self.past_names)
-        # ONNX Runtime's int4 CPU kernel with accuracy_level 4 quantizes activations in a run of several
-        # tokens but not of one: such a graph's logits depend on how many tokens run together
+        # int4 CPU kernels that quantize activations to int8 (MatMulNBits at accuracy_level 4, MatMulQ4)
+        # make a graph's logits depend on how many tokens run together (_int8_activation_matmuls)
         self.exact_multi_token = not _int8_activation_matmuls(Path(path))
         self._binding: Any = None
         self._buffers: dict[str, Any] = {}  # numpy arrays on the CPU, OrtValues on the GPU
@@ -395,9 +395,10 @@ class OnnxDecoder:
 
         Greedy, so the tokens are the plain loop's wherever a position's logits don't depend on how many
         tokens run together: fp32 and fp16 graphs, int4 with ``accuracy_level`` 0 (measured identical on
-        SmolLM2). With ``accuracy_level: 4`` (``exact_multi_token`` False) ONNX Runtime's int4 kernel
-        quantizes the activations of a multi-token run to int8 and a one-token run's not, so the
-        continuation is the model's but can part from the one-token loop's (on smollm2-int4, after 11 to
+        SmolLM2). With ``accuracy_level: 4`` or slimline's MatMulQ4 (``exact_multi_token`` False) the
+        activations go to int8, and a rounding that the multi-token run's last-bit differences flip
+        changes the logits (by ~1 on SmolLM2), so the continuation is the model's but can part from the
+        one-token loop's (on smollm2-int4 in MatMulNBits, after 11 to
         30 tokens on four prompts); a warning says so."""
         if sampling.do_sample or ids.shape[0] != 1 or lengths is not None:
             raise GenerationError(
@@ -408,9 +409,10 @@ class OnnxDecoder:
             import warnings
 
             warnings.warn(
-                "prompt_lookup on a graph whose int4 MatMulNBits use accuracy_level 4: ONNX Runtime quantizes the "
-                "activations of multi-token runs only, so the tokens can differ from plain greedy decoding's (build with "
-                "accuracy_level: 0 for identical tokens, at a slower kernel).",
+                "prompt_lookup on a graph whose int4 matmuls quantize activations to int8 (MatMulNBits at accuracy_level "
+                "4, or slimline's MatMulQ4): a draft run's logits can differ from single steps', so the tokens can differ "
+                "from plain greedy decoding's (build with kernel: ort and accuracy_level: 0 for identical tokens, at a "
+                "slower kernel).",
                 stacklevel=3,
             )
         self.reserve = sampling.max_new_tokens + sampling.prompt_lookup
@@ -493,7 +495,11 @@ def keeps_last_logits(session: Any) -> bool:
 
 
 def _int8_activation_matmuls(path: Path) -> bool:
-    """Whether the graph has MatMulNBits nodes with accuracy_level 4 (int8 activations on the CPU)."""
+    """Whether the graph quantizes activations to int8 on the CPU: MatMulNBits at accuracy_level 4, or
+    slimline's MatMulQ4 (always). MatMulQ4 quantizes each row on its own, so its rows don't depend on
+    the run's length, but the float ops around it (attention over one query or several) differ in the
+    last bits, and an int8 rounding that flips amplifies that: on SmolLM2 a decode step's logits and
+    the same position's in a multi-token run differ by ~1 (of ~30)."""
     import onnx
 
     try:
@@ -501,7 +507,9 @@ def _int8_activation_matmuls(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - ORT loaded it; unreadable here means unknown: assume not exact
         return True
     return any(
-        n.op_type == "MatMulNBits" and any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute) for n in graph.node
+        n.op_type == "MatMulQ4"
+        or (n.op_type == "MatMulNBits" and any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute))
+        for n in graph.node
     )
 
 

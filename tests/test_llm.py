@@ -993,6 +993,6 @@ def test_prompt_lookup_warns_where_int4_kernels_quantize_multi_token_runs(fused,
     r = WeightOnly(bits=4, block_size=16, accuracy_level=4, min_cosine=0.5).run(fused.artifact, context(tmp_path / "w"))
     d = OnnxDecoder(r.artifact.path, 1)
     assert not d.exact_multi_token and OnnxDecoder(fused.artifact.path, 1).exact_multi_token
-    with pytest.warns(UserWarning, match="accuracy_level 4"):
+    with pytest.warns(UserWarning, match="accuracy_level"):
         out = d.generate(np.array([[5, 17, 42, 8]]), Sampling(max_new_tokens=6, prompt_lookup=3))
     assert out.shape == (1, 6)

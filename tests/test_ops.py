@@ -289,6 +289,7 @@ def test_weight_only_with_the_slimline_kernel_builds_matmulq4_that_decodes_like_
     # float minimums fit each block at least as well as integer zero points (random weights, 4 bits)
     assert ours_cos > 0.98 and ours_cos > theirs_cos - 0.005, (ours_cos, theirs_cos)
     assert np.isfinite(a.step(reference.argmax(-1))).all()
+    assert not a.exact_multi_token  # int8 activations: prompt lookup warns that its tokens may differ
 
 
 def test_the_slimline_kernel_refuses_symmetric_weights_and_needs_the_library(tmp_path, monkeypatch):
@@ -300,3 +301,64 @@ def test_the_slimline_kernel_refuses_symmetric_weights_and_needs_the_library(tmp
     monkeypatch.delenv(ops.LIBRARY_ENV, raising=False)
     with pytest.raises(ops.OpsUnavailable, match="slimline ops build"):
         WeightOnly(kernel="slimline").run(None, context(tmp_path / "x"))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("index_type", [np.int64, np.int32])
+def test_gather_q4_reads_rows_of_a_matmul_q4_table(library, tmp_path, index_type):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slimline.ops.reference import gather_q4, pack_q4
+    from slimline.runtime import ort_session
+
+    q, s, m = q4_weights(96, 37)
+    packed = pack_q4(q, s, m)
+    node = helper.make_node("GatherQ4", ["b", "s", "m", "ids"], ["y"], domain=ops.DOMAIN, K=96, N=37, block_size=32)
+    itype = TensorProto.INT64 if index_type == np.int64 else TensorProto.INT32
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("ids", itype, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, name) for v, name in zip(packed, "bsm", strict=True)],
+    )
+    path = tmp_path / "g.onnx"
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(ops.DOMAIN, 1)], ir_version=10
+    )
+    path.write_bytes(model.SerializeToString())
+    session = ort_session(path, 1)
+    ids = np.array([[0, 36, 17], [16, 5, -1]], index_type)
+    y = session.run(None, {"ids": ids})[0]
+    assert y.shape == (2, 3, 96)
+    np.testing.assert_array_equal(y, gather_q4(*packed, 37, ids % 37))
+    with pytest.raises(Exception, match="out of range"):
+        session.run(None, {"ids": np.array([[37]], index_type)})
+
+
+def test_a_tied_embedding_reads_the_matmul_q4_heads_table(library, fused, tmp_path):  # noqa: F811
+    """kernel: slimline with a 4-bit head and embedding: GatherQ4 reads the head's packed initializers
+    themselves (one table on disk and in memory), and the rows it returns are the head's weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    from slimline.compile.export_llm import onnx_stepper
+    from slimline.ops.reference import gather_q4
+    from slimline.quantize.weight_only import WeightOnly
+
+    base = dict(bits=4, block_size=32, head_bits=4, min_cosine=0.5, max_weight_mb=None, kernel="slimline")
+    r = WeightOnly(**base, embedding_bits=4).run(fused.artifact, context(tmp_path / "tied"))
+    assert r.report["embedding_error.node_embedding"] == "shared with the LM head"
+    assert r.report["quantized.GatherQ4"] == 1
+    m = onnx.load(str(r.artifact.path))
+    gather = next(n for n in m.graph.node if n.op_type == "GatherQ4")
+    head = next(n for n in m.graph.node if n.op_type == "MatMulQ4" and "logits" in n.output)
+    assert list(gather.input[:3]) == list(head.input[1:4])  # the very same initializers
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    vocab = next(a.i for a in head.attribute if a.name == "N")
+    rows = gather_q4(*(init[n] for n in head.input[1:4]), vocab, np.array([5, 17]))
+    assert rows.shape == (2, next(a.i for a in head.attribute if a.name == "K"))
+    float_embedding = WeightOnly(**base).run(fused.artifact, context(tmp_path / "f"))
+    ids = np.array([[5, 17, 42, 8]])
+    a = onnx_stepper(r.artifact.path)(ids, reset=True)
+    b = onnx_stepper(float_embedding.artifact.path)(ids, reset=True)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.3  # a misread table gives ~1

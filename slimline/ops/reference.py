@@ -82,3 +82,8 @@ def matmul_q4(a: np.ndarray, b: np.ndarray, scales: np.ndarray, mins: np.ndarray
     sums = x.reshape(-1, nb, 32).sum(-1, dtype=np.float32)
     y = (dots.astype(np.float32) * (s.astype(np.float32)[None] * xscale[:, None, :])).sum(-1) + sums @ m.astype(np.float32).T
     return y.reshape(*a.shape[:-1], n).astype(np.float32)
+
+
+def gather_q4(b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int, indices: np.ndarray) -> np.ndarray:
+    """``GatherQ4``: rows ``indices`` of the ``[N, K]`` table held in MatMulQ4's packed layout."""
+    return dequantize_q4(b, scales, mins, n)[np.asarray(indices)]

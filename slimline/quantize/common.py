@@ -29,6 +29,7 @@ QUANTIZED_OPS = {
     "QLinearMatMul",
     "MatMulNBits",
     "MatMulQ4",  # slimline's own (ai.slimline)
+    "GatherQ4",
     "DequantizeLinear",
     "QuantizeLinear",
     "GatherBlockQuantized",

@@ -36,9 +36,9 @@ from slimline.quantize.common import (
 from slimline.stage import Context, StageResult
 
 
-def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level: int) -> Any:
-    """Swap each named MatMul for MatMulNBits with its packed weights, or for slimline's MatMulQ4 where the
-    weights hold float minimums (``kernel: slimline``); drop float weights no one reads."""
+def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level: int, kernel: str = "ort") -> Any:
+    """Swap each named MatMul for MatMulNBits with its packed weights, or, with ``kernel`` "slimline",
+    for slimline's MatMulQ4 where the weights fit it (``q4_kernel``); drop float weights no one reads."""
     from onnx import helper, numpy_helper
 
     from slimline.ops import DOMAIN
@@ -51,7 +51,7 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
             nodes.append(node)
             continue
         k, n = b.k, b.scale.shape[0]
-        if q4_kernel(b):
+        if kernel == "slimline" and q4_kernel(b):
             packed = nbits.pack_q4(b)
             names = [f"{node.name or node.input[1]}_q4m_{key}" for key in packed]
             graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
@@ -177,8 +177,10 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
     """Token-embedding Gathers (a constant ``[vocab, hidden]`` table, axis 0) -> GatherBlockQuantized.
 
     Blocks run along the hidden dimension, asymmetric, with integer zero points. Returns each
-    table's relative reconstruction error. ``tied`` maps a table to the MatMulNBits node of an LM
-    head that reads the same table (tied embeddings) and was quantized with the same bits: the
+    table's relative reconstruction error. ``tied`` maps a table to the MatMulNBits or MatMulQ4 node of
+    an LM head that reads the same table (tied embeddings) and was quantized with the same bits. A
+    MatMulQ4 head's packed weights serve the Gather as they are (slimline's GatherQ4 reads that layout;
+    no prepacking, so one mapped copy serves both). A MatMulNBits head's: the
     Gather then gets the head's packed weights, scales and zero points as its own initializers,
     marked as views of the same bytes, so the saved artifact stores the table once
     (``slimline.onnxfile``). Separate initializers keep the Gather's table memory-mapped and mostly
@@ -198,6 +200,24 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             nodes.append(node)
             continue
         head = (tied or {}).get(node.input[0])
+        if head is not None and head.op_type == "MatMulQ4":  # rows of the head's own packed weights, no copy
+            from slimline.ops import DOMAIN
+
+            vocab, hidden = table.dims
+            nodes.append(
+                helper.make_node(
+                    "GatherQ4",
+                    [*head.input[1:4], node.input[1]],
+                    list(node.output),
+                    name=node.name,
+                    domain=DOMAIN,
+                    K=hidden,
+                    N=vocab,
+                    block_size=32,
+                )
+            )
+            errors[node.name] = "shared with the LM head"  # its error is the head's, among the layers
+            continue
         if head is not None:
             vocab = table.dims[0]
             own = []
@@ -448,13 +468,14 @@ class WeightOnly(OnnxQuantizer):
                 f"{self.kind}: fallback kept every layer in float ({len(kept)} layers); nothing was quantized. "
                 "Raise max_layer_error, or use more bits / a smaller block_size."
             )
-        quantized = replace_matmuls(model, blocks, self.accuracy_level)
+        quantized = replace_matmuls(model, blocks, self.accuracy_level, self.kernel)
         if self.embedding_bits:
             head_bits = self.head_bits or self.bits
             tied = {}
             if head_bits == self.embedding_bits:  # a tied LM head: the Gather reads the head's packed weights
                 sources = {n.name: n.input[1] for n in model_heads}
-                tied = {sources[n.name]: n for n in quantized.graph.node if n.op_type == "MatMulNBits" and n.name in sources}
+                heads_by_name = {n.name: n for n in quantized.graph.node if n.op_type in ("MatMulNBits", "MatMulQ4")}
+                tied = {sources[name]: heads_by_name[name] for name in sources if name in heads_by_name}
             embedding_block = self.block_for(self.embedding_bits)
             for name, err in quantize_embeddings(quantized, self.embedding_bits, embedding_block, tied).items():
                 report[f"embedding_error.{name}"] = err if isinstance(err, str) else round(err, 5)
@@ -470,8 +491,9 @@ class WeightOnly(OnnxQuantizer):
         report["quantized.MatMulNBits"] = counts["MatMulNBits"]
         if counts.get("MatMulQ4"):
             report["quantized.MatMulQ4"] = counts["MatMulQ4"]
-        if counts.get("GatherBlockQuantized"):
-            report["quantized.GatherBlockQuantized"] = counts["GatherBlockQuantized"]
+        for op in ("GatherBlockQuantized", "GatherQ4"):
+            if counts.get(op):
+                report[f"quantized.{op}"] = counts[op]
         report.update({f"float.{op}": counts[op] for op in ("MatMul", "Attention", "EmbedLayerNormalization") if counts.get(op)})
         report["quantized_params"] = int(sum(layers[n][1].size for n in blocks))
         report["excluded_nodes"] = len(excluded)
@@ -512,4 +534,4 @@ class WeightOnly(OnnxQuantizer):
         m = onnx.load(str(src))
         w = weight_of(m, m.graph.node[0])
         block = self.quantize_weight(w, np.eye(w.shape[0]))
-        onnx.save_model(replace_matmuls(m, {"mm": block}, self.accuracy_level), str(dst))
+        onnx.save_model(replace_matmuls(m, {"mm": block}, self.accuracy_level, self.kernel), str(dst))

@@ -128,19 +128,23 @@ __attribute__((target(SLIMLINE_AVX512))) inline void Avx512Group(const uint8_t* 
                                                                  float* y) {
   const __m512i low = _mm512_set1_epi8(15);
   __m512 acc[R];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
   const uint8_t* blk = w + g * nb * kGroupBytes;
   const uint16_t* sg = scales + g * nb * kLanes;
   const uint16_t* mg = mins + g * nb * kLanes;
   for (int64_t b = 0; b < nb; ++b, blk += kGroupBytes) {
     __m512i lo_acc[R], hi_acc[R];  // two chains a row: the int8 multiply-adds' latency overlaps
+    #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) lo_acc[i] = hi_acc[i] = _mm512_setzero_si512();
     _mm_prefetch(reinterpret_cast<const char*>(blk) + 4 * kGroupBytes, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(blk) + 4 * kGroupBytes + 128, _MM_HINT_T0);
+    #pragma GCC unroll 8
     for (int c = 0; c < 4; ++c) {
       const __m512i v = _mm512_loadu_si512(blk + c * 64);
       const __m512i lo = _mm512_and_si512(v, low);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
         const int32_t* codes = reinterpret_cast<const int32_t*>(x.codes.data() + (r0 + i) * x.k + b * kBlock + 8 * c);
         lo_acc[i] = _mm512_dpbusd_epi32(lo_acc[i], lo, _mm512_set1_epi32(codes[0]));
@@ -149,6 +153,7 @@ __attribute__((target(SLIMLINE_AVX512))) inline void Avx512Group(const uint8_t* 
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sg + b * kLanes)));
     const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mg + b * kLanes)));
+    #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       const int64_t at = (r0 + i) * nb + b;
       const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo_acc[i], hi_acc[i]));
@@ -158,6 +163,7 @@ __attribute__((target(SLIMLINE_AVX512))) inline void Avx512Group(const uint8_t* 
   }
   const int64_t lanes = std::min<int64_t>(kLanes, n - g * kLanes);
   const __mmask16 keep = static_cast<__mmask16>((1u << lanes) - 1);
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) _mm512_mask_storeu_ps(y + (r0 + i) * n + g * kLanes, keep, acc[i]);
 }
 
@@ -182,27 +188,34 @@ __attribute__((target(SLIMLINE_AVX2))) inline void Avx2Group(const uint8_t* w, c
                                                              int64_t n, int64_t g, int64_t r0, float* y) {
   const __m256i low = _mm256_set1_epi8(15);
   __m256 acc[R][2];
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
   const uint8_t* blk = w + g * nb * kGroupBytes;
   const uint16_t* sg = scales + g * nb * kLanes;
   const uint16_t* mg = mins + g * nb * kLanes;
   for (int64_t b = 0; b < nb; ++b, blk += kGroupBytes) {
     __m256i dots[R][2];
+    #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) dots[i][0] = dots[i][1] = _mm256_setzero_si256();
+    #pragma GCC unroll 8
     for (int c = 0; c < 4; ++c) {
+      #pragma GCC unroll 8
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + c * 64 + h * 32));
         const __m256i lo = _mm256_and_si256(v, low);
         const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        #pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
           const int32_t* codes = reinterpret_cast<const int32_t*>(x.codes.data() + (r0 + i) * x.k + b * kBlock + 8 * c);
           dots[i][h] = _mm256_add_epi32(dots[i][h], _mm256_add_epi32(Dot4(lo, codes[0]), Dot4(hi, codes[1])));
         }
       }
     }
+    #pragma GCC unroll 8
     for (int h = 0; h < 2; ++h) {
       const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kLanes + h * 8)));
       const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mg + b * kLanes + h * 8)));
+      #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
         const int64_t at = (r0 + i) * nb + b;
         acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(x.scale[at])), _mm256_cvtepi32_ps(dots[i][h]),
@@ -212,6 +225,7 @@ __attribute__((target(SLIMLINE_AVX2))) inline void Avx2Group(const uint8_t* w, c
     }
   }
   const int64_t lanes = std::min<int64_t>(kLanes, n - g * kLanes);
+  #pragma GCC unroll 8
   for (int i = 0; i < R; ++i) {
     alignas(32) float out[kLanes];
     _mm256_store_ps(out, acc[i][0]);
@@ -348,7 +362,96 @@ struct MatMulQ4Op : Ort::CustomOpBase<MatMulQ4Op, MatMulQ4Kernel, true> {
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
 };
 
+// GatherQ4(B, scales, mins, indices) -> Y [indices..., K]: rows of a table held in MatMulQ4's layout,
+// dequantized (row r is the weight's column r: scale * q + min). A tied LM head's weights serve as the
+// token-embedding table, so the model stores and maps one table. Attributes K, N (rows), block_size.
+struct GatherQ4Kernel {
+  const OrtApi& api;
+  int64_t k, n;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
+    try {
+      Ort::KernelContext ctx(raw);
+      auto b = ctx.GetInput(0);
+      auto scales = ctx.GetInput(1);
+      auto mins = ctx.GetInput(2);
+      auto indices = ctx.GetInput(3);
+      const int64_t nb = k / kBlock;
+      const int64_t count = (n + kLanes - 1) / kLanes;
+      if (b.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kGroupBytes) ||
+          scales.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes) ||
+          mins.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes))
+        return Fail(api, "GatherQ4's table must be MatMulQ4's packed B, scales and mins for K and N");
+      auto info = indices.GetTensorTypeAndShapeInfo();
+      std::vector<int64_t> shape = info.GetShape();
+      const size_t rows = info.GetElementCount();
+      shape.push_back(k);
+      auto y = ctx.GetOutput(0, shape);
+      float* out = y.GetTensorMutableData<float>();
+      const uint8_t* w = b.GetTensorData<uint8_t>();
+      const uint16_t* s = reinterpret_cast<const uint16_t*>(scales.GetTensorRawData());
+      const uint16_t* m = reinterpret_cast<const uint16_t*>(mins.GetTensorRawData());
+      const bool wide = info.GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+      for (size_t i = 0; i < rows; ++i) {
+        int64_t r = wide ? indices.GetTensorData<int64_t>()[i] : indices.GetTensorData<int32_t>()[i];
+        if (r < 0) r += n;  // Gather's negative indices count from the end
+        if (r < 0 || r >= n) return Fail(api, "GatherQ4: index " + std::to_string(r) + " out of range for " + std::to_string(n) + " rows");
+        const int64_t g = r / kLanes, l = r % kLanes;
+        float* row = out + i * k;
+        for (int64_t blk = 0; blk < nb; ++blk) {
+          const uint8_t* bytes = w + (g * nb + blk) * kGroupBytes;
+          const float scale = HalfToFloat(s[(g * nb + blk) * kLanes + l]);
+          const float low = HalfToFloat(m[(g * nb + blk) * kLanes + l]);
+          for (int c = 0; c < 4; ++c)
+            for (int t = 0; t < 4; ++t) {
+              const uint8_t byte = bytes[c * 64 + l * 4 + t];
+              row[blk * kBlock + 8 * c + t] = scale * static_cast<float>(byte & 15) + low;
+              row[blk * kBlock + 8 * c + 4 + t] = scale * static_cast<float>(byte >> 4) + low;
+            }
+        }
+      }
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return Fail(api, e.what());
+    }
+  }
+};
+
+struct GatherQ4Op : Ort::CustomOpBase<GatherQ4Op, GatherQ4Kernel, true> {
+  explicit GatherQ4Op(ONNXTensorElementDataType index) : index_(index) {}
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    int64_t k = 0, n = 0, block = 0;
+    for (auto [name, value] : {std::pair{"K", &k}, std::pair{"N", &n}, std::pair{"block_size", &block}}) {
+      if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, value)) {
+        api.ReleaseStatus(st);
+        return Fail(api, std::string("GatherQ4: missing attribute ") + name);
+      }
+    }
+    if (block != kBlock || k <= 0 || k % kBlock || n <= 0)
+      return Fail(api, "GatherQ4: block_size must be 32, K a positive multiple of 32 and N positive");
+    *kernel = new GatherQ4Kernel{api, k, n};
+    return nullptr;
+  }
+  const char* GetName() const { return "GatherQ4"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 0) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+    return i == 3 ? index_ : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+ private:
+  ONNXTensorElementDataType index_;
+};
+
 }  // namespace
+
+std::vector<OrtCustomOp*> slimline_gather_q4_ops() {
+  static GatherQ4Op wide(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64), narrow(ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32);
+  return {&wide, &narrow};
+}
 
 OrtCustomOp* slimline_matmul_q4_op() {
   static MatMulQ4Op op;
