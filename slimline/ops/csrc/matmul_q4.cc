@@ -284,8 +284,30 @@ void RunTile(void* data, size_t index) {
   t.groups(t.w, t.scales, t.mins, *t.x, t.nb, t.n, g0, std::min(t.groups_count, g0 + t.tile), t.y);
 }
 
-OrtStatusPtr Fail(const OrtApi& api, const std::string& msg) {
-  return api.CreateStatus(ORT_INVALID_ARGUMENT, ("slimline MatMulQ4: " + msg).c_str());
+OrtStatusPtr Fail(const OrtApi& api, const std::string& msg, const char* op = "MatMulQ4") {
+  return api.CreateStatus(ORT_INVALID_ARGUMENT, ("slimline " + std::string(op) + ": " + msg).c_str());
+}
+
+// The attributes both ops carry: K, N and block_size (32).
+OrtStatusPtr ReadShape(const OrtApi& api, const OrtKernelInfo* info, const char* op, int64_t* k, int64_t* n) {
+  int64_t block = 0;
+  for (auto [name, value] : {std::pair{"K", k}, std::pair{"N", n}, std::pair{"block_size", &block}}) {
+    if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, value)) {
+      api.ReleaseStatus(st);
+      return Fail(api, std::string("missing attribute ") + name, op);
+    }
+  }
+  if (block != kBlock || *k <= 0 || *k % kBlock || *n <= 0)
+    return Fail(api, "block_size must be 32, K a positive multiple of 32 and N positive", op);
+  return nullptr;
+}
+
+// Whether B, scales and mins hold MatMulQ4's packed layout for K x N.
+bool PackedFits(const Ort::ConstValue& b, const Ort::ConstValue& scales, const Ort::ConstValue& mins, int64_t k, int64_t n) {
+  const size_t blocks = static_cast<size_t>((n + kLanes - 1) / kLanes * (k / kBlock));
+  return b.GetTensorTypeAndShapeInfo().GetElementCount() == blocks * kGroupBytes &&
+         scales.GetTensorTypeAndShapeInfo().GetElementCount() == blocks * kLanes &&
+         mins.GetTensorTypeAndShapeInfo().GetElementCount() == blocks * kLanes;
 }
 
 struct MatMulQ4Kernel {
@@ -304,11 +326,8 @@ struct MatMulQ4Kernel {
       if (shape.empty() || shape.back() != k) return Fail(api, "A's last dimension must be K=" + std::to_string(k));
       const int64_t nb = k / kBlock;
       const int64_t count = (n + kLanes - 1) / kLanes;
-      if (b.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kGroupBytes))
-        return Fail(api, "B must hold ceil(N/16) * K/32 * 256 bytes (slimline's packed layout)");
-      if (scales.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes) ||
-          mins.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes))
-        return Fail(api, "scales and mins must hold ceil(N/16) * K/32 * 16 values each");
+      if (!PackedFits(b, scales, mins, k, n))
+        return Fail(api, "B, scales and mins must hold ceil(N/16) * K/32 * 256 bytes and * 16 values (pack_q4's layout)");
       const int64_t m = static_cast<int64_t>(a.GetTensorTypeAndShapeInfo().GetElementCount()) / k;
       std::vector<int64_t> out_shape = shape;
       out_shape.back() = n;
@@ -338,15 +357,8 @@ struct MatMulQ4Kernel {
 
 struct MatMulQ4Op : Ort::CustomOpBase<MatMulQ4Op, MatMulQ4Kernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    int64_t k = 0, n = 0, block = 0;
-    for (auto [name, value] : {std::pair{"K", &k}, std::pair{"N", &n}, std::pair{"block_size", &block}}) {
-      if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, value)) {
-        api.ReleaseStatus(st);
-        return Fail(api, std::string("missing attribute ") + name);
-      }
-    }
-    if (block != kBlock) return Fail(api, "block_size must be 32");
-    if (k <= 0 || k % kBlock || n <= 0) return Fail(api, "K must be a positive multiple of 32 and N positive");
+    int64_t k = 0, n = 0;
+    if (OrtStatusPtr st = ReadShape(api, info, "MatMulQ4", &k, &n)) return st;
     const char* name = nullptr;
     *kernel = new MatMulQ4Kernel{api, k, n, PickKernel(&name)};
     return nullptr;
@@ -377,11 +389,8 @@ struct GatherQ4Kernel {
       auto mins = ctx.GetInput(2);
       auto indices = ctx.GetInput(3);
       const int64_t nb = k / kBlock;
-      const int64_t count = (n + kLanes - 1) / kLanes;
-      if (b.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kGroupBytes) ||
-          scales.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes) ||
-          mins.GetTensorTypeAndShapeInfo().GetElementCount() != static_cast<size_t>(count * nb * kLanes))
-        return Fail(api, "GatherQ4's table must be MatMulQ4's packed B, scales and mins for K and N");
+      if (!PackedFits(b, scales, mins, k, n))
+        return Fail(api, "the table must be MatMulQ4's packed B, scales and mins for K and N", "GatherQ4");
       auto info = indices.GetTensorTypeAndShapeInfo();
       std::vector<int64_t> shape = info.GetShape();
       const size_t rows = info.GetElementCount();
@@ -395,7 +404,8 @@ struct GatherQ4Kernel {
       for (size_t i = 0; i < rows; ++i) {
         int64_t r = wide ? indices.GetTensorData<int64_t>()[i] : indices.GetTensorData<int32_t>()[i];
         if (r < 0) r += n;  // Gather's negative indices count from the end
-        if (r < 0 || r >= n) return Fail(api, "GatherQ4: index " + std::to_string(r) + " out of range for " + std::to_string(n) + " rows");
+        if (r < 0 || r >= n)
+          return Fail(api, "index " + std::to_string(r) + " out of range for " + std::to_string(n) + " rows", "GatherQ4");
         const int64_t g = r / kLanes, l = r % kLanes;
         float* row = out + i * k;
         for (int64_t blk = 0; blk < nb; ++blk) {
@@ -420,15 +430,8 @@ struct GatherQ4Kernel {
 struct GatherQ4Op : Ort::CustomOpBase<GatherQ4Op, GatherQ4Kernel, true> {
   explicit GatherQ4Op(ONNXTensorElementDataType index) : index_(index) {}
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    int64_t k = 0, n = 0, block = 0;
-    for (auto [name, value] : {std::pair{"K", &k}, std::pair{"N", &n}, std::pair{"block_size", &block}}) {
-      if (OrtStatus* st = api.KernelInfoGetAttribute_int64(info, name, value)) {
-        api.ReleaseStatus(st);
-        return Fail(api, std::string("GatherQ4: missing attribute ") + name);
-      }
-    }
-    if (block != kBlock || k <= 0 || k % kBlock || n <= 0)
-      return Fail(api, "GatherQ4: block_size must be 32, K a positive multiple of 32 and N positive");
+    int64_t k = 0, n = 0;
+    if (OrtStatusPtr st = ReadShape(api, info, "GatherQ4", &k, &n)) return st;
     *kernel = new GatherQ4Kernel{api, k, n};
     return nullptr;
   }
