@@ -362,3 +362,24 @@ def test_a_tied_embedding_reads_the_matmul_q4_heads_table(library, fused, tmp_pa
     a = onnx_stepper(r.artifact.path)(ids, reset=True)
     b = onnx_stepper(float_embedding.artifact.path)(ids, reset=True)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.3  # a misread table gives ~1
+
+
+@pytest.mark.parametrize("kernel", ["", "avx2", "portable"])
+def test_q4_kernels_hold_the_largest_sums_without_saturating(library, tmp_path, monkeypatch, kernel):
+    """Every code 15 against activations all at +-127: the AVX2 kernel's 16-bit partial sums reach
+    30480 per block and must not saturate."""
+    from slimline.ops.reference import matmul_q4
+    from slimline.runtime import ort_session
+
+    monkeypatch.setenv("SLIMLINE_Q4_KERNEL", kernel)
+    k, n = 128, 32
+    q = np.full((n, k), 15, np.uint8)
+    s = np.full((n, k // 32), 0.01, np.float16)
+    m = np.full((n, k // 32), -0.05, np.float16)
+    model, packed = q4_model(k, n, q, s, m)
+    path = tmp_path / "q4.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = np.stack([np.full(k, 3.0), np.full(k, -3.0), np.tile([3.0, -3.0], k // 2)]).astype(np.float32)
+    y = ort_session(path, 1).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, matmul_q4(x, *packed, n), rtol=1e-6)
+    np.testing.assert_allclose(y[0], 128 * 3.0 * (15 * 0.01 - 0.05), rtol=1e-3)

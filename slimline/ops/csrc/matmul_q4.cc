@@ -178,8 +178,11 @@ __attribute__((target(SLIMLINE_AVX512))) void GroupsAvx512(const uint8_t* w, con
 }
 
 // AVX2: the same layout as two halves of eight lanes (bytes 0-31 and 32-63 of each 64).
-__attribute__((target(SLIMLINE_AVX2))) inline __m256i Dot4(__m256i q, int32_t codes) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(codes)), _mm256_set1_epi16(1));
+// Pairs of products, 16-bit: |q * c + q * c| <= 2 * 15 * 127 = 3810, so a block's eight such sums
+// (four chunks, low and high nibbles) add up to at most 30480 and stay in int16 until one madd widens
+// them to int32 per lane.
+__attribute__((target(SLIMLINE_AVX2))) inline __m256i Pairs(__m256i q, int32_t codes) {
+  return _mm256_maddubs_epi16(q, _mm256_set1_epi32(codes));
 }
 
 template <int R>
@@ -207,7 +210,7 @@ __attribute__((target(SLIMLINE_AVX2))) inline void Avx2Group(const uint8_t* w, c
         #pragma GCC unroll 8
         for (int i = 0; i < R; ++i) {
           const int32_t* codes = reinterpret_cast<const int32_t*>(x.codes.data() + (r0 + i) * x.k + b * kBlock + 8 * c);
-          dots[i][h] = _mm256_add_epi32(dots[i][h], _mm256_add_epi32(Dot4(lo, codes[0]), Dot4(hi, codes[1])));
+          dots[i][h] = _mm256_add_epi16(dots[i][h], _mm256_add_epi16(Pairs(lo, codes[0]), Pairs(hi, codes[1])));
         }
       }
     }
@@ -218,7 +221,7 @@ __attribute__((target(SLIMLINE_AVX2))) inline void Avx2Group(const uint8_t* w, c
       #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
         const int64_t at = (r0 + i) * nb + b;
-        acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(x.scale[at])), _mm256_cvtepi32_ps(dots[i][h]),
+        acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(x.scale[at])), _mm256_cvtepi32_ps(_mm256_madd_epi16(dots[i][h], _mm256_set1_epi16(1))),
                                     acc[i][h]);
         acc[i][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(x.sum[at]), acc[i][h]);
       }
