@@ -383,3 +383,30 @@ def test_q4_kernels_hold_the_largest_sums_without_saturating(library, tmp_path, 
     y = ort_session(path, 1).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, matmul_q4(x, *packed, n), rtol=1e-6)
     np.testing.assert_allclose(y[0], 128 * 3.0 * (15 * 0.01 - 0.05), rtol=1e-3)
+
+
+def test_q4_0_weights_with_whole_number_zero_points_still_go_to_matmul_q4(library, tmp_path):
+    """GGUF's Q4_0 blocks (w = d * (q - 8)) fit with zero points of exactly 8: the format decides the
+    kernel, not whether the zero points happen to be whole numbers."""
+    import onnx
+
+    from slimline.quantize import nbits
+    from slimline.quantize.common import single_matmul
+    from slimline.quantize.weight_only import replace_matmuls
+    from slimline.runtime import ort_session
+
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 16, (40, 96)).astype(np.float32)
+    q[:, ::32], q[:, 1::32] = 0, 15  # each block spans its range
+    d = np.repeat((rng.random((40, 3)) * 0.02 + 0.001).astype(np.float16).astype(np.float32), 32, axis=1)  # GGUF's fp16 d
+    w = np.ascontiguousarray(((q - 8) * d).T, dtype=np.float32)  # [K, N]
+    b = nbits.rtn(w, 4, 32, float_min=True)
+    assert (b.zero == 8).all() and np.abs(b.dequantize() - w).max() < 1e-6
+    m = single_matmul(96, 40)
+    m.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, m.graph.initializer[0].name))
+    out = replace_matmuls(m, {"mm": b}, accuracy_level=4, kernel="slimline")
+    assert [n.op_type for n in out.graph.node] == ["MatMulQ4"]
+    onnx.save_model(out, str(tmp_path / "q.onnx"))
+    x = np.random.default_rng(6).standard_normal((3, 96)).astype(np.float32)
+    y = ort_session(tmp_path / "q.onnx", 1).run(None, {"X": x})[0]
+    assert np.abs(y - x @ w).max() < 0.03 * np.abs(x @ w).max()  # int8 activations

@@ -86,8 +86,10 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
 
 
 def q4_kernel(b: nbits.Blocked) -> bool:
-    """Whether these weights go to slimline's MatMulQ4: 4 bits in blocks of 32 with float minimums."""
-    return b.bits == 4 and b.block_size == 32 and b.k % 32 == 0 and not b.symmetric and b.float_zero
+    """Whether ``kernel: slimline`` puts these weights in MatMulQ4: 4 bits, asymmetric, blocks of 32 along
+    a K divisible by 32 (``quantize_weight`` fits those with float minimums). Decided by the format, not
+    by the values: a Q4_0 source gives whole-number zero points, and still goes to MatMulQ4."""
+    return b.bits == 4 and b.block_size == 32 and b.k % 32 == 0 and not b.symmetric
 
 
 def _int4(values: np.ndarray) -> bytes:
