@@ -72,14 +72,15 @@ def dequantize_q4(b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int) -
 def matmul_q4(a: np.ndarray, b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int) -> np.ndarray:
     """``MatMulQ4``: ``a [..., K]`` times the packed 4-bit weights (``pack_q4``) of N columns. The rows of
     ``a`` go to int8 per block of 32 first (``quantize_rows_int8``); a block contributes
-    scale * xscale * sum(q * xcode) + min * sum(x)."""
+    scale * xscale * sum(q * xcode) + min * xscale * sum(xcode): the dequantized weights times the
+    rounded activations."""
     q, s, m = unpack_q4(b, scales, mins, n)
     nb = s.shape[1]
     k = nb * 32
     x = a.reshape(-1, k).astype(np.float32)
     codes, xscale = quantize_rows_int8(x)
     dots = np.einsum("rbi,nbi->rnb", codes.reshape(-1, nb, 32).astype(np.int32), q.reshape(n, nb, 32).astype(np.int32))
-    sums = x.reshape(-1, nb, 32).sum(-1, dtype=np.float32)
+    sums = xscale * codes.reshape(-1, nb, 32).sum(-1, dtype=np.int32).astype(np.float32)  # the rounded activations
     y = (dots.astype(np.float32) * (s.astype(np.float32)[None] * xscale[:, None, :])).sum(-1) + sums @ m.astype(np.float32).T
     return y.reshape(*a.shape[:-1], n).astype(np.float32)
 

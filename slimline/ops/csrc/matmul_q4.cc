@@ -21,8 +21,9 @@
 //
 // Numerics (what slimline.ops.reference.matmul_q4 computes): each row of A is quantized per block of
 // 32 to int8 (scale = max|x| / 127, codes = round-half-even(x * 127 / max|x|)), the activations ONNX
-// Runtime's MatMulNBits uses at accuracy_level 4; the block's float sum of x (not of its codes)
-// multiplies the minimum. A block adds scale * xscale * sum(q * xcode) + min * sum(x).
+// Runtime's MatMulNBits uses at accuracy_level 4. A block adds
+// scale * xscale * sum(q * xcode) + min * xscale * sum(xcode): the dequantized weights times the
+// rounded activations, exactly.
 //
 // Kernels: AVX-512 VNNI, AVX2, and portable C++, chosen once from what the CPU reports; rows of A four
 // at a time (a prompt) share each unpacked block. Column groups are split over ONNX Runtime's intra-op
@@ -54,7 +55,7 @@ constexpr int64_t kGroupBytes = kLanes * kBlock / 2;  // one block of one group:
 
 float HalfToFloat(uint16_t h) { return Ort::Float16_t::FromBits(h).ToFloat(); }
 
-// The rows of A, quantized per block of 32: int8 codes in k order, each block's scale and float sum.
+// The rows of A, quantized per block of 32: int8 codes in k order, each block's scale and the sum of its rounded activations (scale * sum of codes).
 struct QuantRows {
   int64_t m = 0, k = 0;
   std::vector<int8_t> codes;  // [m, k]
@@ -71,18 +72,23 @@ void Quantize(const float* x, int64_t m, int64_t k, QuantRows& out) {
   for (int64_t r = 0; r < m; ++r) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* xb = x + r * k + b * kBlock;
-      float amax = 0.f, sum = 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        amax = std::max(amax, std::fabs(xb[i]));
-        sum += xb[i];
-      }
-      out.sum[r * nb + b] = sum;
+      float amax = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xb[i]));
       if (amax == 0.f) continue;
       const float inv = 127.f / amax;
-      out.scale[r * nb + b] = amax / 127.f;
+      const float scale = amax / 127.f;
+      out.scale[r * nb + b] = scale;
       int8_t* c = out.codes.data() + r * k + b * kBlock;
-      for (int64_t i = 0; i < kBlock; ++i)
+      int32_t codes = 0;
+      for (int64_t i = 0; i < kBlock; ++i) {
         c[i] = static_cast<int8_t>(std::clamp(static_cast<int>(std::nearbyint(xb[i] * inv)), -127, 127));
+        codes += c[i];
+      }
+      // the sum of the *rounded* activations: the block then multiplies exactly the weights
+      // (scale * q + min) by the rounded activations, and the rounding's error scales with the weights
+      // themselves, not with their distance from the block's minimum (up to twice as far for centred
+      // weights). With the float sum of x here SmolLM2 read +2.34% perplexity; with this, +1.70%.
+      out.sum[r * nb + b] = scale * static_cast<float>(codes);
     }
   }
 }
