@@ -47,7 +47,10 @@ def test_clip_search_never_raises_a_blocks_squared_error(bits, block, symmetric,
         e = np.square(w - b.dequantize()).T  # [N, K]
         return nbits._pad(e, block).reshape(n, -1, block).sum(-1)
 
-    assert np.all(block_sq(clipped) <= block_sq(plain) * (1 + 1e-4) + 1e-12)  # float32 rounding of the sums
+    # float32 rounding of the sums: relative, plus a floor at the layer's scale for blocks whose error is
+    # already ~1e-7 (hypothesis found one 1.2e-4 over, by 3e-11, at 8 bits)
+    before = block_sq(plain)
+    assert np.all(block_sq(clipped) <= before * (1 + 1e-4) + 1e-6 * before.max() + 1e-12)
     assert clipped.q.max() <= 2**bits - 1
 
 
