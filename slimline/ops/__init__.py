@@ -1,7 +1,7 @@
 """slimline's own ONNX Runtime custom ops (domain ``ai.slimline``): C++/CUDA kernels built from source.
 
 ONNX Runtime's contrib kernels cover most of what slimline fuses into; this library holds the ops
-where they fall short. Two ops:
+where they fall short:
 
 - ``SkipRMSNorm(input, skip, gamma) -> (output, input_skip_sum?)``: com.microsoft's
   SkipSimplifiedLayerNormalization without bias, with the mean square accumulated in fp32 whatever
@@ -16,6 +16,8 @@ where they fall short. Two ops:
   (``reference.pack_q4``); a CPU kernel for decode and prompts (AVX-512 VNNI, AVX2, portable C++).
   MatMulNBits can't hold a float minimum on its fast path, and once packed it reads 24 bytes per 32
   weights to this op's 20. ``quantize.weight_only`` writes it with ``kernel: slimline``.
+- ``GatherQ4(B, scales, mins, indices) -> Y``: rows of a MatMulQ4 table, so that a tied LM head's
+  weights serve as the token embedding.
 
 Every op has a CPU kernel, a CUDA kernel where nvcc was found at build time (SkipRMSNorm), and a
 numpy reference (``reference``) that the tests hold them to. ``slimline ops build`` compiles the
@@ -31,7 +33,7 @@ from pathlib import Path
 from slimline.errors import SlimlineError
 
 DOMAIN = "ai.slimline"
-OPS = ("SkipRMSNorm", "MatMulQ4")
+OPS = ("SkipRMSNorm", "MatMulQ4", "GatherQ4")
 LIBRARY_ENV = "SLIMLINE_OPS_LIB"  # an explicit library path (a build carried to another machine)
 
 
