@@ -173,7 +173,7 @@ def test_a_required_gpu_target_fails_on_nodes_placed_on_the_cpu():
 def q4_model(k: int, n: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray):
     from onnx import TensorProto, helper, numpy_helper
 
-    from slimline.ops.reference import pack_q4
+    from slimline.ops.q4 import pack_q4
 
     packed = pack_q4(q, scales, mins)
     node = helper.make_node("MatMulQ4", ["x", "b", "s", "m"], ["y"], domain=ops.DOMAIN, K=k, N=n, block_size=32)
@@ -199,7 +199,7 @@ def q4_weights(k: int, n: int, seed: int = 0):
 
 
 def test_q4_packing_round_trips_and_places_each_code_where_the_kernel_reads_it():
-    from slimline.ops.reference import LANES, pack_q4, unpack_q4
+    from slimline.ops.q4 import LANES, pack_q4, unpack_q4
 
     q, s, m = q4_weights(96, 37)  # N not a multiple of 16: the last group is padded
     b, ps, pm = pack_q4(q, s, m)
@@ -307,7 +307,8 @@ def test_the_slimline_kernel_refuses_symmetric_weights_and_needs_the_library(tmp
 def test_gather_q4_reads_rows_of_a_matmul_q4_table(library, tmp_path, index_type):
     from onnx import TensorProto, helper, numpy_helper
 
-    from slimline.ops.reference import gather_q4, pack_q4
+    from slimline.ops.q4 import pack_q4
+    from slimline.ops.reference import gather_q4
     from slimline.runtime import ort_session
 
     q, s, m = q4_weights(96, 37)

@@ -13,7 +13,7 @@ where they fall short:
 
 - ``MatMulQ4(A, B, scales, mins) -> Y``: float activations times 4-bit weights with a float16 scale
   and a float16 minimum per block of 32 (GGUF's Q4_1), in a column-interleaved layout
-  (``reference.pack_q4``); a CPU kernel for decode and prompts (AVX-512 VNNI, AVX2, portable C++).
+  (``q4.pack_q4``); a CPU kernel for decode and prompts (AVX-512 VNNI, AVX2, portable C++).
   MatMulNBits can't hold a float minimum on its fast path, and once packed it reads 24 bytes per 32
   weights to this op's 20. ``quantize.weight_only`` writes it with ``kernel: slimline``.
 - ``GatherQ4(B, scales, mins, indices) -> Y``: rows of a MatMulQ4 table, so that a tied LM head's

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimline.ops.q4 import unpack_q4
+
 
 def skip_rms_norm(x: np.ndarray, skip: np.ndarray, gamma: np.ndarray, epsilon: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
     """``SkipRMSNorm``: (output, input + skip). The sum is rounded to the input type (as an unfused Add
@@ -13,9 +15,6 @@ def skip_rms_norm(x: np.ndarray, skip: np.ndarray, gamma: np.ndarray, epsilon: f
     v = s.astype(np.float32)
     inv = 1.0 / np.sqrt((v * v).mean(-1, keepdims=True, dtype=np.float32) + np.float32(epsilon))
     return (v * inv * gamma.astype(np.float32)).astype(dtype), s
-
-
-LANES = 16  # MatMulQ4's columns per group
 
 
 def quantize_rows_int8(x: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -28,37 +27,6 @@ def quantize_rows_int8(x: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.n
     inv = np.where(amax == 0, np.float32(0), np.float32(127) / safe).astype(np.float32)
     codes = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int8)
     return codes.reshape(rows, k), (amax / np.float32(127)).astype(np.float32)
-
-
-def pack_q4(q: np.ndarray, scales: np.ndarray, mins: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``MatMulQ4``'s operands from 4-bit codes ``q [N, K]`` (0..15) and float16 ``scales, mins [N, K/32]``
-    (W = scale * q + min): columns in groups of 16 (N padded with zero columns). B ``[G, K/32, 256]``:
-    byte ``c*64 + l*4 + t`` of group g, block b holds q[16g+l, 32b+8c+t] (low nibble) and
-    q[16g+l, 32b+8c+4+t] (high nibble); scales and mins ``[G, K/32, 16]``."""
-    n, k = q.shape
-    nb, groups = k // 32, -(-n // LANES)
-    padded = np.zeros((groups * LANES, k), np.uint8)
-    padded[:n] = q
-    # [g, l, b, c, half, t] -> [g, b, c, l, t, half]
-    blocks = padded.reshape(groups, LANES, nb, 4, 2, 4).transpose(0, 2, 3, 1, 5, 4)
-    b = (blocks[..., 0] | (blocks[..., 1] << 4)).astype(np.uint8).reshape(groups, nb, 256)
-
-    def lanes(v: np.ndarray) -> np.ndarray:
-        out = np.zeros((groups * LANES, nb), np.float16)
-        out[:n] = v
-        return np.ascontiguousarray(out.reshape(groups, LANES, nb).transpose(0, 2, 1))
-
-    return b, lanes(scales), lanes(mins)
-
-
-def unpack_q4(b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``pack_q4``'s inverse: (q [N, K], scales [N, K/32], mins [N, K/32])."""
-    groups, nb, _ = b.shape
-    v = b.reshape(groups, nb, 4, LANES, 4)
-    halves = np.stack([v & 15, v >> 4], -1)  # [g, b, c, l, t, half]
-    q = halves.transpose(0, 3, 1, 2, 5, 4).reshape(groups * LANES, nb * 32)[:n]
-    flat = lambda a: a.transpose(0, 2, 1).reshape(groups * LANES, nb)[:n]  # noqa: E731
-    return q, flat(scales), flat(mins)
 
 
 def dequantize_q4(b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int) -> np.ndarray:

@@ -256,14 +256,14 @@ def gptq(
 def pack_q4(b: Blocked) -> dict[str, np.ndarray]:
     """The ``B``, ``scales`` and ``mins`` initializers of slimline's MatMulQ4 (4 bits, blocks of 32, a K that
     is a multiple of 32): the minimum of each block is -zero * scale, both in float16."""
-    from slimline.ops.reference import pack_q4 as packed
+    from slimline.ops import q4
 
-    if b.bits != 4 or b.block_size != 32 or b.k % 32:
+    if not q4.fits(b.bits, b.block_size, b.k):
         raise ValueError(
             f"MatMulQ4 holds 4-bit weights in blocks of 32 along a K divisible by 32, not {b.bits}-bit/{b.block_size}/K={b.k}"
         )
     mins = (-b.zero * b.scale).astype(np.float16)
-    data, scales, low = packed(b.q, b.scale.astype(np.float16), mins)
+    data, scales, low = q4.pack_q4(b.q, b.scale.astype(np.float16), mins)
     return {"B": data, "scales": scales, "mins": low}
 
 

@@ -21,6 +21,7 @@ from slimline.artifact import OnnxModel
 from slimline.errors import StageError
 from slimline.measure.inputs import calibration_feeds, check_texts
 from slimline.measure.metrics import relative_error
+from slimline.ops import DOMAIN, q4
 from slimline.quantize import calib, nbits
 from slimline.quantize.common import (
     OnnxQuantizer,
@@ -40,8 +41,6 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
     """Swap each named MatMul for MatMulNBits with its packed weights, or, with ``kernel`` "slimline",
     for slimline's MatMulQ4 where the weights fit it (``q4_kernel``); drop float weights no one reads."""
     from onnx import helper, numpy_helper
-
-    from slimline.ops import DOMAIN
 
     graph = model.graph
     nodes = []
@@ -89,7 +88,7 @@ def q4_kernel(b: nbits.Blocked) -> bool:
     """Whether ``kernel: slimline`` puts these weights in MatMulQ4: 4 bits, asymmetric, blocks of 32 along
     a K divisible by 32 (``quantize_weight`` fits those with float minimums). Decided by the format, not
     by the values: a Q4_0 source gives whole-number zero points, and still goes to MatMulQ4."""
-    return b.bits == 4 and b.block_size == 32 and b.k % 32 == 0 and not b.symmetric
+    return q4.fits(b.bits, b.block_size, b.k) and not b.symmetric
 
 
 def _int4(values: np.ndarray) -> bytes:
@@ -203,8 +202,6 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             continue
         head = (tied or {}).get(node.input[0])
         if head is not None and head.op_type == "MatMulQ4":  # rows of the head's own packed weights, no copy
-            from slimline.ops import DOMAIN
-
             vocab, hidden = table.dims
             nodes.append(
                 helper.make_node(
@@ -336,7 +333,7 @@ class WeightOnly(OnnxQuantizer):
         bits = bits or self.bits
         block = block or self.block_for(bits)
         # slimline's MatMulQ4 keeps each block's minimum as a float16: the codes are fitted to that grid
-        float_min = self.kernel == "slimline" and bits == 4 and block == 32 and w.shape[0] % 32 == 0
+        float_min = self.kernel == "slimline" and q4.fits(bits, block, w.shape[0])
         if self.algorithm == "gptq":
             return nbits.gptq(
                 w, gram, bits, block, self.symmetric, self.damp, self.act_order, clip=self.clip_search, float_min=float_min
