@@ -786,7 +786,7 @@ def ops_info() -> None:
     console.print(f"domain {ops.DOMAIN}: {', '.join(ops.OPS)}")
     console.print(f"CPU kernels: {ops.library() or 'not built: ' + ops.why_unavailable()}")
     if ops.library():
-        console.print(f"MatMulQ4 CPU kernel on this machine: {ops.matmul_q4_kernel()}")
+        console.print(f"MatMulQ4/Q8 CPU kernel on this machine: {ops.matmul_q4_kernel()}")
     cuda = ops.library(cuda=True)
     console.print(f"CUDA kernels: {cuda if cuda and cuda.name.endswith('_cuda.so') else 'not built'}")
 

@@ -496,7 +496,7 @@ def keeps_last_logits(session: Any) -> bool:
 
 def _int8_activation_matmuls(path: Path) -> bool:
     """Whether the graph quantizes activations to int8 on the CPU: MatMulNBits at accuracy_level 4, or
-    slimline's MatMulQ4 (always). MatMulQ4 quantizes each row on its own, so its rows don't depend on
+    slimline's MatMulQ4 / MatMulQ8 (always). MatMulQ4 quantizes each row on its own, so its rows don't depend on
     the run's length, but the float ops around it (attention over one query or several) differ in the
     last bits, and an int8 rounding that flips amplifies that: on SmolLM2 a decode step's logits and
     the same position's in a multi-token run differ by ~1 (of ~30)."""
@@ -507,7 +507,7 @@ def _int8_activation_matmuls(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - ORT loaded it; unreadable here means unknown: assume not exact
         return True
     return any(
-        n.op_type == "MatMulQ4"
+        n.op_type in ("MatMulQ4", "MatMulQ8")
         or (n.op_type == "MatMulNBits" and any(a.name == "accuracy_level" and a.i == 4 for a in n.attribute))
         for n in graph.node
     )

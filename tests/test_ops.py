@@ -170,13 +170,13 @@ def test_a_required_gpu_target_fails_on_nodes_placed_on_the_cpu():
 # -- MatMulQ4: 4-bit weights with a float16 minimum per block (GGUF's Q4_1), slimline's CPU kernel ------
 
 
-def q4_model(k: int, n: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray):
+def q4_model(k: int, n: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int = 4):
     from onnx import TensorProto, helper, numpy_helper
 
-    from slimline.ops.q4 import pack_q4
+    from slimline.ops.q4 import pack
 
-    packed = pack_q4(q, scales, mins)
-    node = helper.make_node("MatMulQ4", ["x", "b", "s", "m"], ["y"], domain=ops.DOMAIN, K=k, N=n, block_size=32)
+    packed = pack(q, scales, mins, bits)
+    node = helper.make_node(f"MatMulQ{bits}", ["x", "b", "s", "m"], ["y"], domain=ops.DOMAIN, K=k, N=n, block_size=32)
     graph = helper.make_graph(
         [node],
         "g",
@@ -190,39 +190,47 @@ def q4_model(k: int, n: int, q: np.ndarray, scales: np.ndarray, mins: np.ndarray
     return model, packed
 
 
-def q4_weights(k: int, n: int, seed: int = 0):
+def q4_weights(k: int, n: int, seed: int = 0, bits: int = 4):
     rng = np.random.default_rng(seed)
-    q = rng.integers(0, 16, (n, k)).astype(np.uint8)
+    q = rng.integers(0, 2**bits, (n, k)).astype(np.uint8)
     scales = (rng.random((n, k // 32)) * 0.02 + 1e-3).astype(np.float16)
     mins = (-rng.random((n, k // 32)) * 0.15).astype(np.float16)
     return q, scales, mins
 
 
 def test_q4_packing_round_trips_and_places_each_code_where_the_kernel_reads_it():
-    from slimline.ops.q4 import LANES, pack_q4, unpack_q4
+    from slimline.ops.q4 import LANES, pack, unpack
 
     q, s, m = q4_weights(96, 37)  # N not a multiple of 16: the last group is padded
-    b, ps, pm = pack_q4(q, s, m)
+    b, ps, pm = pack(q, s, m)
     assert b.shape == (3, 3, 256) and ps.shape == pm.shape == (3, 3, LANES)
-    back = unpack_q4(b, ps, pm, 37)
+    back = unpack(b, ps, pm, 37)
     assert all((x == y).all() for x, y in zip(back, (q, s, m), strict=True))
     g, blk, c, lane, t = 1, 2, 3, 5, 2  # byte c*64 + lane*4 + t: k = 32*blk + 8c + t (low), + 4 (high)
     byte = b[g, blk, c * 64 + lane * 4 + t]
     assert byte & 15 == q[16 * g + lane, 32 * blk + 8 * c + t] and byte >> 4 == q[16 * g + lane, 32 * blk + 8 * c + 4 + t]
     assert (b[2, :, :].reshape(3, 4, LANES, 4)[:, :, 5:] == 0).all()  # columns 37..47 are zero padding
+    q, s, m = q4_weights(96, 37, bits=8)  # MatMulQ8: byte c*64 + lane*4 + t holds k = 32*blk + 4c + t
+    b, ps, pm = pack(q, s, m, 8)
+    assert b.shape == (3, 3, 512)
+    assert all((x == y).all() for x, y in zip(unpack(b, ps, pm, 37), (q, s, m), strict=True))
+    c = 6
+    assert b[g, blk, c * 64 + lane * 4 + t] == q[16 * g + lane, 32 * blk + 4 * c + t]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kernel", ["", "avx2", "portable"])
 @pytest.mark.parametrize(("k", "n", "rows"), [(64, 16, 1), (608, 203, 6), (1536, 40, 4)])
-def test_q4_kernels_match_the_reference(library, tmp_path, monkeypatch, kernel, k, n, rows):
-    """Every kernel (the best the CPU has, AVX2, portable C++) gives the reference's numbers, for one row
-    and for rows taken four at a time, N not a multiple of 16, an odd block count, an all-zero block."""
+def test_q4_kernels_match_the_reference(library, tmp_path, monkeypatch, kernel, k, n, rows, bits):
+    """Every kernel (the best the CPU has, AVX2, portable C++) of MatMulQ4 and MatMulQ8 gives the
+    reference's numbers, for one row and for rows taken four at a time, N not a multiple of 16, an odd
+    block count, an all-zero block."""
     from slimline.ops.reference import dequantize_q4, matmul_q4
     from slimline.runtime import ort_session
 
     monkeypatch.setenv("SLIMLINE_Q4_KERNEL", kernel)  # read when ORT creates the kernel
-    q, s, m = q4_weights(k, n)
-    model, packed = q4_model(k, n, q, s, m)
+    q, s, m = q4_weights(k, n, bits=bits)
+    model, packed = q4_model(k, n, q, s, m, bits)
     path = tmp_path / "q4.onnx"
     path.write_bytes(model.SerializeToString())
     x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
@@ -262,9 +270,64 @@ def test_float_minimums_give_q4_1_weights_back_exactly():
     x = np.random.default_rng(4).standard_normal((256, 128)).astype(np.float32)
     for b in (nbits.rtn(w, 4, 32, float_min=True), nbits.gptq(w, x.T @ x, 4, 32, float_min=True)):
         assert (b.q == q).all() and np.abs(b.dequantize() - w).max() < 1e-6
-        assert (nbits.pack_q4(b)["scales"].reshape(-1) != 0).any()
+        assert (nbits.pack_q(b)["scales"].reshape(-1) != 0).any()
     integer = nbits.rtn(w, 4, 32)
     assert np.abs(integer.dequantize() - w).max() > 1e-3
+
+
+def test_float_minimums_at_8_bits_give_q8_0_weights_back_exactly_and_fit_others_better():
+    """GGUF's Q8_0 blocks (int8 codes, float16 scale max|w| / 127) come back bit for bit at 8 bits with
+    float minimums (the symmetric grid among the candidates); plain float weights get the min/max grid
+    where it rounds better, so no block's error exceeds the symmetric grid's."""
+    from slimline.quantize import nbits
+
+    rng = np.random.default_rng(7)
+    codes = rng.integers(-127, 128, (48, 128)).astype(np.float32)
+    codes[:, ::32] = 127  # Q8_0 puts each block's largest magnitude at +-127
+    d = np.repeat((rng.random((48, 4)) * 0.01 + 1e-4).astype(np.float16).astype(np.float32), 32, axis=1)
+    w = np.ascontiguousarray((codes * d).T, dtype=np.float32)  # [K, N]
+    x = rng.standard_normal((256, 128)).astype(np.float32)
+    for b in (nbits.rtn(w, 8, 32, float_min=True), nbits.gptq(w, x.T @ x, 8, 32, float_min=True)):
+        assert np.abs(b.dequantize() - w).max() == 0 and (b.zero == 128).all()
+        assert (nbits.pack_q(b)["B"].shape[-1]) == 512
+    skewed = np.ascontiguousarray(rng.random((128, 48)).astype(np.float32))  # all positive: min/max wins
+    groups = skewed.T.reshape(48, 4, 32)
+    both = nbits.rtn(skewed, 8, 32, float_min=True)
+    sym_scale, sym_zero = nbits._symmetric_float_min(groups, 8, 1.0)
+    sym = (np.clip(np.round(groups / sym_scale[..., None] + 128), 0, 255) - 128) * sym_scale[..., None]
+    err = lambda deq: np.square(groups - deq).sum(-1)  # noqa: E731
+    assert (err(both.dequantize().T.reshape(48, 4, 32)) <= err(sym) + 1e-12).all()
+    assert (both.zero != 128).any()
+
+
+def test_an_8_bit_head_in_blocks_of_32_goes_to_matmul_q8_with_a_tied_gather_q8(library, fused, tmp_path):  # noqa: F811
+    import onnx
+    from onnx import numpy_helper
+
+    from slimline.compile.export_llm import onnx_stepper
+    from slimline.ops.reference import dequantize_q4
+    from slimline.quantize.weight_only import WeightOnly
+
+    base = dict(bits=4, block_size=32, max_weight_mb=None, kernel="slimline", min_cosine=0.5)
+    r = WeightOnly(**base, head_bits=8, block_size_8bit=32, embedding_bits=8).run(fused.artifact, context(tmp_path / "q8"))
+    assert r.report["quantized.MatMulQ8"] == 1 and r.report["quantized.GatherQ8"] == 1
+    m = onnx.load(str(r.artifact.path))
+    head = next(n for n in m.graph.node if "logits" in n.output)
+    gather = next(n for n in m.graph.node if n.op_type == "GatherQ8")
+    assert head.op_type == "MatMulQ8" and list(gather.input[:3]) == list(head.input[1:4])
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    n = next(a.i for a in head.attribute if a.name == "N")
+    table = dequantize_q4(*(init[i] for i in head.input[1:4]), n)
+    tables = onnx.load(str(fused.artifact.path)).graph.initializer
+    embedding = next(numpy_helper.to_array(t) for t in tables if list(t.dims) == [n, table.shape[1]])
+    assert np.linalg.norm(table - embedding) / np.linalg.norm(embedding) < 0.01  # 8 bits: well under 4 bits' error
+    four = WeightOnly(**base, head_bits=4, embedding_bits=4).run(fused.artifact, context(tmp_path / "q4"))
+    ids = np.array([[5, 17, 42, 8]])
+    ref = onnx_stepper(fused.artifact.path)(ids, reset=True)
+    err8, err4 = (
+        np.linalg.norm(onnx_stepper(x.artifact.path)(ids, reset=True) - ref) / np.linalg.norm(ref) for x in (r, four)
+    )
+    assert err8 < err4, (err8, err4)
 
 
 def test_weight_only_with_the_slimline_kernel_builds_matmulq4_that_decodes_like_matmulnbits(library, fused, tmp_path):  # noqa: F811
@@ -303,17 +366,18 @@ def test_the_slimline_kernel_refuses_symmetric_weights_and_needs_the_library(tmp
         WeightOnly(kernel="slimline").run(None, context(tmp_path / "x"))  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("index_type", [np.int64, np.int32])
-def test_gather_q4_reads_rows_of_a_matmul_q4_table(library, tmp_path, index_type):
+def test_gather_q4_reads_rows_of_a_matmul_q4_table(library, tmp_path, index_type, bits):
     from onnx import TensorProto, helper, numpy_helper
 
-    from slimline.ops.q4 import pack_q4
+    from slimline.ops.q4 import pack
     from slimline.ops.reference import gather_q4
     from slimline.runtime import ort_session
 
-    q, s, m = q4_weights(96, 37)
-    packed = pack_q4(q, s, m)
-    node = helper.make_node("GatherQ4", ["b", "s", "m", "ids"], ["y"], domain=ops.DOMAIN, K=96, N=37, block_size=32)
+    q, s, m = q4_weights(96, 37, bits=bits)
+    packed = pack(q, s, m, bits)
+    node = helper.make_node(f"GatherQ{bits}", ["b", "s", "m", "ids"], ["y"], domain=ops.DOMAIN, K=96, N=37, block_size=32)
     itype = TensorProto.INT64 if index_type == np.int64 else TensorProto.INT32
     graph = helper.make_graph(
         [node],
@@ -365,25 +429,29 @@ def test_a_tied_embedding_reads_the_matmul_q4_heads_table(library, fused, tmp_pa
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 0.3  # a misread table gives ~1
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kernel", ["", "avx2", "portable"])
-def test_q4_kernels_hold_the_largest_sums_without_saturating(library, tmp_path, monkeypatch, kernel):
-    """Every code 15 against activations all at +-127: the AVX2 kernel's 16-bit partial sums reach
-    30480 per block and must not saturate."""
+def test_q4_kernels_hold_the_largest_sums_without_saturating(library, tmp_path, monkeypatch, kernel, bits):
+    """Every code at its largest (15; 255 for MatMulQ8) against activations all at +-127: the AVX2
+    kernel's 16-bit partial sums reach 30480 per block at 4 bits, and 8-bit pairs would reach 64770 as
+    they are, and must not saturate. Codes 0 (-128 as signed int8) too."""
     from slimline.ops.reference import matmul_q4
     from slimline.runtime import ort_session
 
     monkeypatch.setenv("SLIMLINE_Q4_KERNEL", kernel)
-    k, n = 128, 32
-    q = np.full((n, k), 15, np.uint8)
+    k, n, top = 128, 32, 2**bits - 1
+    q = np.full((n, k), top, np.uint8)
+    q[16:] = 0
     s = np.full((n, k // 32), 0.01, np.float16)
     m = np.full((n, k // 32), -0.05, np.float16)
-    model, packed = q4_model(k, n, q, s, m)
+    model, packed = q4_model(k, n, q, s, m, bits)
     path = tmp_path / "q4.onnx"
     path.write_bytes(model.SerializeToString())
     x = np.stack([np.full(k, 3.0), np.full(k, -3.0), np.tile([3.0, -3.0], k // 2)]).astype(np.float32)
     y = ort_session(path, 1).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, matmul_q4(x, *packed, n), rtol=1e-6)
-    np.testing.assert_allclose(y[0], 128 * 3.0 * (15 * 0.01 - 0.05), rtol=1e-3)
+    np.testing.assert_allclose(y, matmul_q4(x, *packed, n), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y[0, :16], 128 * 3.0 * (top * 0.01 - 0.05), rtol=1e-3)
+    np.testing.assert_allclose(y[0, 16:], 128 * 3.0 * -0.05, rtol=1e-3)
 
 
 def test_q4_0_weights_with_whole_number_zero_points_still_go_to_matmul_q4(library, tmp_path):

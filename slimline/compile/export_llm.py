@@ -164,7 +164,7 @@ def add_logits_to_keep(model: Any) -> bool:
     head = next((n for n in graph.node if "logits" in n.output), None)
     if (
         head is None
-        or head.op_type not in ("MatMul", "MatMulNBits", "MatMulQ4")
+        or head.op_type not in ("MatMul", "MatMulNBits", "MatMulQ4", "MatMulQ8")
         or any(i.name == LOGITS_TO_KEEP for i in graph.input)
     ):
         return False

@@ -13,11 +13,14 @@ where they fall short:
 
 - ``MatMulQ4(A, B, scales, mins) -> Y``: float activations times 4-bit weights with a float16 scale
   and a float16 minimum per block of 32 (GGUF's Q4_1), in a column-interleaved layout
-  (``q4.pack_q4``); a CPU kernel for decode and prompts (AVX-512 VNNI, AVX2, portable C++).
+  (``q4.pack``); a CPU kernel for decode and prompts (AVX-512 VNNI, AVX2, portable C++).
   MatMulNBits can't hold a float minimum on its fast path, and once packed it reads 24 bytes per 32
   weights to this op's 20. ``quantize.weight_only`` writes it with ``kernel: slimline``.
-- ``GatherQ4(B, scales, mins, indices) -> Y``: rows of a MatMulQ4 table, so that a tied LM head's
-  weights serve as the token embedding.
+- ``MatMulQ8(A, B, scales, mins) -> Y``: the same kernel and layout with 8-bit codes, so that a
+  GGUF's Q8_0 tensors (int8 codes and a float16 scale per 32: codes + 128, minimum -128 * scale)
+  come back exactly; ``kernel: slimline`` writes it for 8-bit layers in blocks of 32.
+- ``GatherQ4`` / ``GatherQ8(B, scales, mins, indices) -> Y``: rows of a MatMulQ4 / MatMulQ8 table, so
+  that a tied LM head's weights serve as the token embedding.
 
 Every op has a CPU kernel, a CUDA kernel where nvcc was found at build time (SkipRMSNorm), and a
 numpy reference (``reference``) that the tests hold them to. ``slimline ops build`` compiles the
@@ -33,7 +36,7 @@ from pathlib import Path
 from slimline.errors import SlimlineError
 
 DOMAIN = "ai.slimline"
-OPS = ("SkipRMSNorm", "MatMulQ4", "GatherQ4")
+OPS = ("SkipRMSNorm", "MatMulQ4", "MatMulQ8", "GatherQ4", "GatherQ8")
 LIBRARY_ENV = "SLIMLINE_OPS_LIB"  # an explicit library path (a build carried to another machine)
 
 
@@ -63,7 +66,7 @@ def library(cuda: bool = False) -> Path | None:
 
 
 def matmul_q4_kernel() -> str | None:
-    """The CPU kernel MatMulQ4 runs on this machine (avx512vnni, avx2 or portable), from the built library."""
+    """The CPU kernel MatMulQ4 and MatMulQ8 run on this machine (avx512vnni, avx2 or portable), from the built library."""
     import ctypes
 
     path = library()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimline.ops.q4 import unpack_q4
+from slimline.ops.q4 import unpack
 
 
 def skip_rms_norm(x: np.ndarray, skip: np.ndarray, gamma: np.ndarray, epsilon: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
@@ -30,19 +30,19 @@ def quantize_rows_int8(x: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.n
 
 
 def dequantize_q4(b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int) -> np.ndarray:
-    """The float weights ``[N, K]`` that ``MatMulQ4``'s packed operands hold."""
-    q, s, m = unpack_q4(b, scales, mins, n)
+    """The float weights ``[N, K]`` that ``MatMulQ4``'s (``MatMulQ8``'s) packed operands hold."""
+    q, s, m = unpack(b, scales, mins, n)
     nb = s.shape[1]
     w = q.reshape(n, nb, 32).astype(np.float32) * s.astype(np.float32)[..., None] + m.astype(np.float32)[..., None]
     return w.reshape(n, nb * 32)
 
 
 def matmul_q4(a: np.ndarray, b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int) -> np.ndarray:
-    """``MatMulQ4``: ``a [..., K]`` times the packed 4-bit weights (``pack_q4``) of N columns. The rows of
+    """``MatMulQ4`` / ``MatMulQ8``: ``a [..., K]`` times the packed 4- or 8-bit weights (``q4.pack``) of N columns. The rows of
     ``a`` go to int8 per block of 32 first (``quantize_rows_int8``); a block contributes
     scale * xscale * sum(q * xcode) + min * xscale * sum(xcode): the dequantized weights times the
     rounded activations."""
-    q, s, m = unpack_q4(b, scales, mins, n)
+    q, s, m = unpack(b, scales, mins, n)
     nb = s.shape[1]
     k = nb * 32
     x = a.reshape(-1, k).astype(np.float32)
@@ -54,5 +54,5 @@ def matmul_q4(a: np.ndarray, b: np.ndarray, scales: np.ndarray, mins: np.ndarray
 
 
 def gather_q4(b: np.ndarray, scales: np.ndarray, mins: np.ndarray, n: int, indices: np.ndarray) -> np.ndarray:
-    """``GatherQ4``: rows ``indices`` of the ``[N, K]`` table held in MatMulQ4's packed layout."""
+    """``GatherQ4`` / ``GatherQ8``: rows ``indices`` of the ``[N, K]`` table held in MatMulQ4's (Q8's) packed layout."""
     return dequantize_q4(b, scales, mins, n)[np.asarray(indices)]

@@ -29,7 +29,9 @@ QUANTIZED_OPS = {
     "QLinearMatMul",
     "MatMulNBits",
     "MatMulQ4",  # slimline's own (ai.slimline)
+    "MatMulQ8",
     "GatherQ4",
+    "GatherQ8",
     "DequantizeLinear",
     "QuantizeLinear",
     "GatherBlockQuantized",

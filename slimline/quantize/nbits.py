@@ -72,7 +72,9 @@ def block_params(
     slimline's MatMulQ4), instead of being rounded onto the code grid as an integer zero point; the
     scale and the minimum are rounded to float16 first, as MatMulQ4 stores them, so the codes are
     chosen against the values the kernel reads. The zero point returned is then -minimum / scale.
-    Weights that were Q4_1 blocks of this size come back exactly.
+    Weights that were Q4_1 blocks of this size come back exactly. At 8 bits (MatMulQ8) each block
+    also tries the symmetric grid (zero point 128, scale max|w| / 127: GGUF's Q8_0, whose blocks then
+    come back exactly) and keeps whichever rounds with less squared error.
 
     Symmetric uses codes ``1 .. 2**bits - 1`` around ``2**(bits-1)`` so that no weight is clipped and
     every rounding error stays within half a scale. With ``clip``, each block's range is also shrunk by
@@ -80,20 +82,32 @@ def block_params(
     rare outlier can buy a finer step for the rest. The factor 1.0 is among them, so a block never
     ends up with more error than without the search.
     """
-    if clip:
-        best_err = best = None
-        for f in CLIP_GRID:
-            scale, zero = _range_params(groups, bits, symmetric, f, float_min)
-            deq = (_codes(groups, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
-            err = np.square(groups - deq).sum(axis=-1)
-            if best is None:
-                best_err, best = err, (scale, zero)
-            else:
-                better = err < best_err
-                best_err = np.where(better, err, best_err)
-                best = (np.where(better, scale, best[0]), np.where(better, zero, best[1]))
-        return best
-    return _range_params(groups, bits, symmetric, 1.0, float_min)
+    shrinks = CLIP_GRID if clip else (1.0,)
+    candidates = [_range_params(groups, bits, symmetric, f, float_min) for f in shrinks]
+    if float_min and bits == 8 and not symmetric:
+        candidates += [_symmetric_float_min(groups, bits, f) for f in shrinks]
+    if len(candidates) == 1:
+        return candidates[0]
+    best_err = best = None
+    for scale, zero in candidates:
+        deq = (_codes(groups, scale[..., None], zero[..., None], bits) - zero[..., None]) * scale[..., None]
+        err = np.square(groups - deq).sum(axis=-1)
+        if best is None:
+            best_err, best = err, (scale, zero)
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best = (np.where(better, scale, best[0]), np.where(better, zero, best[1]))
+    return best
+
+
+def _symmetric_float_min(groups: np.ndarray, bits: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:
+    """The symmetric grid in float-minimum form: a float16 scale, zero point 2**(bits-1) (minimum -128 *
+    scale at 8 bits, exact in float16)."""
+    half = 2 ** (bits - 1)
+    scale = np.asarray(shrink * np.abs(groups).max(axis=-1) / (half - 1), np.float16).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))
+    return scale.astype(np.float32), np.full(scale.shape, float(half), np.float32)
 
 
 def _range_params(
@@ -250,20 +264,20 @@ def gptq(
     return Blocked(q.numpy(), scale, zero, bits, block_size, k, symmetric)
 
 
-# -- packing into MatMulNBits and MatMulQ4 ---------------------------------------------------------
+# -- packing into MatMulNBits and MatMulQ4/Q8 ------------------------------------------------------
 
 
-def pack_q4(b: Blocked) -> dict[str, np.ndarray]:
-    """The ``B``, ``scales`` and ``mins`` initializers of slimline's MatMulQ4 (4 bits, blocks of 32, a K that
-    is a multiple of 32): the minimum of each block is -zero * scale, both in float16."""
+def pack_q(b: Blocked) -> dict[str, np.ndarray]:
+    """The ``B``, ``scales`` and ``mins`` initializers of slimline's MatMulQ4 / MatMulQ8 (4 or 8 bits, blocks
+    of 32, a K that is a multiple of 32): the minimum of each block is -zero * scale, both in float16."""
     from slimline.ops import q4
 
     if not q4.fits(b.bits, b.block_size, b.k):
         raise ValueError(
-            f"MatMulQ4 holds 4-bit weights in blocks of 32 along a K divisible by 32, not {b.bits}-bit/{b.block_size}/K={b.k}"
+            f"MatMulQ4/Q8 hold 4- or 8-bit weights in blocks of 32 along a K divisible by 32, not {b.bits}-bit/{b.block_size}/K={b.k}"
         )
     mins = (-b.zero * b.scale).astype(np.float16)
-    data, scales, low = q4.pack_q4(b.q, b.scale.astype(np.float16), mins)
+    data, scales, low = q4.pack(b.q, b.scale.astype(np.float16), mins, b.bits)
     return {"B": data, "scales": scales, "mins": low}
 
 

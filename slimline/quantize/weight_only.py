@@ -39,7 +39,8 @@ from slimline.stage import Context, StageResult
 
 def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level: int, kernel: str = "ort") -> Any:
     """Swap each named MatMul for MatMulNBits with its packed weights, or, with ``kernel`` "slimline",
-    for slimline's MatMulQ4 where the weights fit it (``q4_kernel``); drop float weights no one reads."""
+    for slimline's MatMulQ4 / MatMulQ8 where the weights fit them (``q4_kernel``); drop float weights no
+    one reads."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -51,13 +52,12 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
             continue
         k, n = b.k, b.scale.shape[0]
         if kernel == "slimline" and q4_kernel(b):
-            packed = nbits.pack_q4(b)
-            names = [f"{node.name or node.input[1]}_q4m_{key}" for key in packed]
+            packed = nbits.pack_q(b)
+            names = [f"{node.name or node.input[1]}_q{b.bits}m_{key}" for key in packed]
             graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
+            op = q4.op_names(b.bits)[0]
             nodes.append(
-                helper.make_node(
-                    "MatMulQ4", [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN, K=k, N=n, block_size=32
-                )
+                helper.make_node(op, [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN, K=k, N=n, block_size=32)
             )
             if not any(o.domain == DOMAIN for o in model.opset_import):
                 model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
@@ -85,9 +85,10 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
 
 
 def q4_kernel(b: nbits.Blocked) -> bool:
-    """Whether ``kernel: slimline`` puts these weights in MatMulQ4: 4 bits, asymmetric, blocks of 32 along
-    a K divisible by 32 (``quantize_weight`` fits those with float minimums). Decided by the format, not
-    by the values: a Q4_0 source gives whole-number zero points, and still goes to MatMulQ4."""
+    """Whether ``kernel: slimline`` puts these weights in MatMulQ4 (4 bits) or MatMulQ8 (8 bits): asymmetric,
+    blocks of 32 along a K divisible by 32 (``quantize_weight`` fits those with float minimums). Decided
+    by the format, not by the values: a Q4_0 source gives whole-number zero points, and still goes to
+    MatMulQ4."""
     return q4.fits(b.bits, b.block_size, b.k) and not b.symmetric
 
 
@@ -178,9 +179,9 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
     """Token-embedding Gathers (a constant ``[vocab, hidden]`` table, axis 0) -> GatherBlockQuantized.
 
     Blocks run along the hidden dimension, asymmetric, with integer zero points. Returns each
-    table's relative reconstruction error. ``tied`` maps a table to the MatMulNBits or MatMulQ4 node of
+    table's relative reconstruction error. ``tied`` maps a table to the MatMulNBits or MatMulQ4/Q8 node of
     an LM head that reads the same table (tied embeddings) and was quantized with the same bits. A
-    MatMulQ4 head's packed weights serve the Gather as they are (slimline's GatherQ4 reads that layout;
+    MatMulQ4/Q8 head's packed weights serve the Gather as they are (slimline's GatherQ4/Q8 read that layout;
     no prepacking, so one mapped copy serves both). A MatMulNBits head's: the
     Gather then gets the head's packed weights, scales and zero points as its own initializers,
     marked as views of the same bytes, so the saved artifact stores the table once
@@ -201,11 +202,11 @@ def quantize_embeddings(model: Any, bits: int, block_size: int, tied: dict[str, 
             nodes.append(node)
             continue
         head = (tied or {}).get(node.input[0])
-        if head is not None and head.op_type == "MatMulQ4":  # rows of the head's own packed weights, no copy
+        if head is not None and head.op_type in ("MatMulQ4", "MatMulQ8"):  # rows of the head's own packed weights, no copy
             vocab, hidden = table.dims
             nodes.append(
                 helper.make_node(
-                    "GatherQ4",
+                    head.op_type.replace("MatMul", "Gather"),
                     [*head.input[1:4], node.input[1]],
                     list(node.output),
                     name=node.name,
@@ -310,7 +311,8 @@ class WeightOnly(OnnxQuantizer):
         description="ort: ONNX Runtime's MatMulNBits; slimline: 4-bit layers in blocks of 32 go to slimline's own CPU "
         "kernel MatMulQ4 (ai.slimline; `slimline ops build`), whose blocks keep a float16 minimum (GGUF's Q4_1) instead "
         "of an integer zero point: 20 bytes per 32 weights against MatMulNBits' 24 once packed, and Q4_1 source "
-        "weights come back exactly. Other layers stay MatMulNBits",
+        "weights come back exactly; 8-bit layers in blocks of 32 (block_size_8bit: 32) go to MatMulQ8, where Q8_0 "
+        "source weights come back exactly. Other layers stay MatMulNBits",
     )
     layers: dict[str, LayerFormat] = Field(
         default_factory=dict,
@@ -332,7 +334,7 @@ class WeightOnly(OnnxQuantizer):
     ) -> nbits.Blocked:
         bits = bits or self.bits
         block = block or self.block_for(bits)
-        # slimline's MatMulQ4 keeps each block's minimum as a float16: the codes are fitted to that grid
+        # slimline's MatMulQ4 / MatMulQ8 keep each block's minimum as a float16: the codes are fitted to that grid
         float_min = self.kernel == "slimline" and q4.fits(bits, block, w.shape[0])
         if self.algorithm == "gptq":
             return nbits.gptq(
@@ -473,7 +475,7 @@ class WeightOnly(OnnxQuantizer):
             tied = {}
             if head_bits == self.embedding_bits:  # a tied LM head: the Gather reads the head's packed weights
                 sources = {n.name: n.input[1] for n in model_heads}
-                heads_by_name = {n.name: n for n in quantized.graph.node if n.op_type in ("MatMulNBits", "MatMulQ4")}
+                heads_by_name = {n.name: n for n in quantized.graph.node if n.op_type in ("MatMulNBits", "MatMulQ4", "MatMulQ8")}
                 tied = {sources[name]: heads_by_name[name] for name in sources if name in heads_by_name}
             embedding_block = self.block_for(self.embedding_bits)
             for name, err in quantize_embeddings(quantized, self.embedding_bits, embedding_block, tied).items():
@@ -488,9 +490,7 @@ class WeightOnly(OnnxQuantizer):
 
         counts = Counter(n.op_type for n in quantized.graph.node)
         report["quantized.MatMulNBits"] = counts["MatMulNBits"]
-        if counts.get("MatMulQ4"):
-            report["quantized.MatMulQ4"] = counts["MatMulQ4"]
-        for op in ("GatherBlockQuantized", "GatherQ4"):
+        for op in ("MatMulQ4", "MatMulQ8", "GatherBlockQuantized", "GatherQ4", "GatherQ8"):
             if counts.get(op):
                 report[f"quantized.{op}"] = counts[op]
         report.update({f"float.{op}": counts[op] for op in ("MatMul", "Attention", "EmbedLayerNormalization") if counts.get(op)})

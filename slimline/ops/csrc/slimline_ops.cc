@@ -174,8 +174,7 @@ SLIMLINE_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
   for (auto& op : Ops()) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, &op)) return st;
   }
-  if (OrtStatus* st = api->CustomOpDomain_Add(domain, slimline_matmul_q4_op())) return st;
-  for (OrtCustomOp* op : slimline_gather_q4_ops()) {
+  for (OrtCustomOp* op : slimline_q4_ops()) {
     if (OrtStatus* st = api->CustomOpDomain_Add(domain, op)) return st;
   }
   // the domain must outlive every session that uses it; one per registration, released at exit

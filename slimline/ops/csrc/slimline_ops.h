@@ -1,12 +1,11 @@
 // What slimline_ops.cc registers from the other sources: the CUDA half of SkipRMSNorm (skip_rms_norm.cu)
-// and the CPU ops MatMulQ4 and GatherQ4 (matmul_q4.cc).
+// and the CPU ops MatMulQ4, MatMulQ8, GatherQ4 and GatherQ8 (matmul_q4.cc).
 #pragma once
 #include <cstdint>
 #include <vector>
 
 struct OrtCustomOp;
-OrtCustomOp* slimline_matmul_q4_op();
-std::vector<OrtCustomOp*> slimline_gather_q4_ops();  // GatherQ4 for int64 and int32 indices
+std::vector<OrtCustomOp*> slimline_q4_ops();  // MatMulQ4, MatMulQ8, GatherQ4/Q8 for int64 and int32 indices
 const char* slimline_matmul_q4_kernel();  // the CPU kernel this machine runs: avx512vnni, avx2 or portable
 
 extern "C" {
