@@ -1,6 +1,6 @@
-"""slimline's MatMulQ4 against ONNX Runtime's MatMulNBits, op by op, on SmolLM2's weight shapes.
+"""slimline's MatMulQ4 (MatMulQ8) against ONNX Runtime's MatMulNBits, op by op, on SmolLM2's weight shapes.
 
-    .venv/bin/python benchmarks/matmul_q4.py [--rounds 3] [--threads 2]
+    .venv/bin/python benchmarks/matmul_q4.py [--rounds 3] [--threads 2] [--bits 8]
 
 Each case is a graph of many independent matrix products of one shape reading one activation, so
 that the weights (~80 MB for the decode cases) come from memory as a decode step's do, not from the
@@ -10,6 +10,10 @@ cache. The kernels: MatMulQ4 (4-bit codes, float16 scale and minimum per block o
 grid). Every (case, kernel) runs in a fresh process with ORT's threads spinning, as a server runs
 one session; kernels alternate within each round and the order reverses every round (ABBA). Medians
 of the per-run times; the load of the machine is printed before and after.
+
+``--bits 8``: MatMulQ8 (8-bit codes, float16 scale and minimum per 32: 36 bytes per 32 weights, what
+an exact copy of a GGUF's Q8_0 LM head takes) against MatMulNBits 8-bit in blocks of 32, with
+MatMulQ4 beside them, on the decode cases.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ CASES = [
     ("gate/up 576x3072, 32-token prompt", 576, 3072, 32, 8),
     ("gate/up 576x3072, 512-token prompt", 576, 3072, 512, 2),
 ]
-KERNELS = ["MatMulQ4", "MatMulNBits b32", "MatMulNBits b128"]
+KERNELS = {4: ["MatMulQ4", "MatMulNBits b32", "MatMulNBits b128"], 8: ["MatMulQ8", "MatMulNBits8 b32", "MatMulQ4"]}
 
 
 def graph(kernel: str, k: int, n: int, rows: int, copies: int) -> bytes:
@@ -44,27 +48,28 @@ def graph(kernel: str, k: int, n: int, rows: int, copies: int) -> bytes:
     rng = np.random.default_rng(0)
     nodes, inits, outs = [], [], []
     for r in range(copies):
-        if kernel == "MatMulQ4":
-            groups, blocks = -(-n // 16), k // 32
+        if kernel.startswith("MatMulQ"):
+            groups, blocks, bits = -(-n // 16), k // 32, int(kernel[-1])
             parts = [
-                rng.integers(0, 256, (groups, blocks, 256), dtype=np.uint8),
+                rng.integers(0, 256, (groups, blocks, 64 * bits), dtype=np.uint8),
                 (rng.random((groups, blocks, 16)) * 0.02).astype(np.float16),
                 (-rng.random((groups, blocks, 16)) * 0.1).astype(np.float16),
             ]
             attrs, domain = {"K": k, "N": n, "block_size": 32}, DOMAIN
         else:
             block = int(kernel.rsplit("b", 1)[1])
+            bits = 8 if kernel.startswith("MatMulNBits8") else 4
             blocks = -(-k // block)
             parts = [
-                rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8),
+                rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8),
                 (rng.random(n * blocks) * 0.02).astype(np.float32),
-                rng.integers(0, 256, n * -(-blocks // 2), dtype=np.uint8),
+                rng.integers(0, 256, n * (blocks if bits == 8 else -(-blocks // 2)), dtype=np.uint8),
             ]
-            attrs = {"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": 4}
+            attrs = {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 4}
             domain = "com.microsoft"
         names = [f"w{r}_{i}" for i in range(3)]
         inits += [numpy_helper.from_array(p, nm) for p, nm in zip(parts, names, strict=True)]
-        op = "MatMulQ4" if kernel == "MatMulQ4" else "MatMulNBits"
+        op = kernel if kernel.startswith("MatMulQ") else "MatMulNBits"
         nodes.append(helper.make_node(op, ["x", *names], [f"y{r}"], domain=domain, **attrs))
         outs.append(helper.make_tensor_value_info(f"y{r}", TensorProto.FLOAT, [rows, n]))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])], outs, inits)
@@ -97,6 +102,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="8: MatMulQ8 against 8-bit MatMulNBits, decode cases")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--case", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -109,18 +115,23 @@ def main() -> None:
     ops.require()
     print(f"MatMulQ4 kernel on this CPU: {ops.matmul_q4_kernel()}; {a.threads} threads")
     print(f"other processes keep {cpu_busy():.0%} of the CPUs busy before timing", flush=True)
-    print("| case | MatMulQ4 us | MatMulNBits b32 us | MatMulNBits b128 us | MatMulQ4 vs b32 | vs b128 |")
-    print("|---|---|---|---|---|---|")
-    for case, (name, *_rest) in enumerate(CASES):
-        times: dict[str, list[float]] = {kern: [] for kern in KERNELS}
+    kernels = KERNELS[a.bits]
+    ours, *others = kernels
+    print(f"| case | {' us | '.join(kernels)} us | {' | '.join(f'{ours} vs {o}' for o in others)} |")
+    print("|---|" + "---|" * (2 * len(kernels) - 1))
+    for case, (name, *_rest, rows, _copies) in enumerate(CASES):
+        if a.bits == 8 and rows > 1:
+            continue
+        times: dict[str, list[float]] = {kern: [] for kern in kernels}
         for r in range(a.rounds):
-            for kern in KERNELS if r % 2 == 0 else reversed(KERNELS):
+            for kern in kernels if r % 2 == 0 else reversed(kernels):
                 cmd = [sys.executable, __file__, "--worker", kern, "--case", str(case), "--threads", str(a.threads)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 times[kern] += json.loads(out.strip().splitlines()[-1])
         med = {kern: statistics.median(v) * 1e6 for kern, v in times.items()}
-        q4, b32, b128 = (med[kern] for kern in KERNELS)
-        print(f"| {name} | {q4:.1f} | {b32:.1f} | {b128:.1f} | {b32 / q4:.2f}x | {b128 / q4:.2f}x |", flush=True)
+        cells = " | ".join(f"{med[kern]:.1f}" for kern in kernels)
+        ratios = " | ".join(f"{med[o] / med[ours]:.2f}x" for o in others)
+        print(f"| {name} | {cells} | {ratios} |", flush=True)
     print(f"\nother processes kept {cpu_busy():.0%} of the CPUs busy after timing")
 
 

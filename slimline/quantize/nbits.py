@@ -72,9 +72,11 @@ def block_params(
     slimline's MatMulQ4), instead of being rounded onto the code grid as an integer zero point; the
     scale and the minimum are rounded to float16 first, as MatMulQ4 stores them, so the codes are
     chosen against the values the kernel reads. The zero point returned is then -minimum / scale.
-    Weights that were Q4_1 blocks of this size come back exactly. At 8 bits (MatMulQ8) each block
-    also tries the symmetric grid (zero point 128, scale max|w| / 127: GGUF's Q8_0, whose blocks then
-    come back exactly) and keeps whichever rounds with less squared error.
+    Weights that were Q4_1 blocks of this size come back exactly. Each block also tries the grid its
+    values already lie on, if any (``_lattice``: GGUF's K-quants fit each block's scale and minimum by
+    least squares, so their codes needn't span 0..15 and min/max misses the grid), and at 8 bits
+    (MatMulQ8) the symmetric grid (zero point 128, scale max|w| / 127: GGUF's Q8_0, whose blocks then
+    come back exactly); whichever rounds with the least squared error is kept.
 
     Symmetric uses codes ``1 .. 2**bits - 1`` around ``2**(bits-1)`` so that no weight is clipped and
     every rounding error stays within half a scale. With ``clip``, each block's range is also shrunk by
@@ -84,8 +86,10 @@ def block_params(
     """
     shrinks = CLIP_GRID if clip else (1.0,)
     candidates = [_range_params(groups, bits, symmetric, f, float_min) for f in shrinks]
-    if float_min and bits == 8 and not symmetric:
-        candidates += [_symmetric_float_min(groups, bits, f) for f in shrinks]
+    if float_min and not symmetric:
+        candidates.append(_lattice(groups, bits))
+        if bits == 8:
+            candidates += [_symmetric_float_min(groups, bits, f) for f in shrinks]
     if len(candidates) == 1:
         return candidates[0]
     best_err = best = None
@@ -99,6 +103,22 @@ def block_params(
             best_err = np.where(better, err, best_err)
             best = (np.where(better, scale, best[0]), np.where(better, zero, best[1]))
     return best
+
+
+def _lattice(groups: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid a block's values already lie on, when they came from a quantized checkpoint: the smallest
+    gap between distinct values as the scale, the smallest value as the minimum (float16, as stored).
+    Values that lie on no such grid of 2**bits codes get a grid that rounds badly, and ``block_params``
+    keeps another."""
+    v = np.sort(groups, axis=-1)
+    gaps = np.diff(v, axis=-1)
+    spread = v[..., -1] - v[..., 0]
+    gaps = np.where(gaps > 1e-5 * spread[..., None], gaps, np.inf)
+    step = gaps.min(axis=-1)
+    scale = np.asarray(np.where(np.isfinite(step), step, 1.0), np.float16).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))
+    zero = -np.asarray(v[..., 0], np.float16).astype(np.float32) / scale
+    return scale.astype(np.float32), zero.astype(np.float32)
 
 
 def _symmetric_float_min(groups: np.ndarray, bits: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:

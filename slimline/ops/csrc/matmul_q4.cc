@@ -9,7 +9,7 @@
 // costs 20 bytes per 32 weights, against MatMulNBits' 24 once ONNX Runtime has packed it (16 of codes,
 // a float scale, and a float block sum). Decode at batch 1 reads every weight once per token.
 //
-// Layout (slimline.ops.q4.pack_q4 writes it): columns in groups of 16 (N padded up with zero
+// Layout (slimline.ops.q4.pack writes it): columns in groups of 16 (N padded up with zero
 // columns), G = ceil(N / 16), nb = K / 32.
 //   B       uint8   [G, nb, 256]: for group g, block b, byte c * 64 + l * 4 + t (c = 0..3, lane l = 0..15,
 //                   t = 0..3) holds q[16 g + l, 32 b + 8 c + t] in its low nibble and
