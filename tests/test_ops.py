@@ -298,9 +298,10 @@ def test_float_minimums_find_the_grid_of_k_quant_blocks_whose_codes_dont_span_th
 
 
 def test_float_minimums_at_8_bits_give_q8_0_weights_back_exactly_and_fit_others_better():
-    """GGUF's Q8_0 blocks (int8 codes, float16 scale max|w| / 127) come back bit for bit at 8 bits with
-    float minimums (the symmetric grid among the candidates); plain float weights get the min/max grid
-    where it rounds better, so no block's error exceeds the symmetric grid's."""
+    """GGUF's Q8_0 blocks (int8 codes, float16 scale max|w| / 127) and Q5_0 blocks (d * -16..15) come back
+    bit for bit at 8 bits with float minimums (the symmetric grid, the zero-centred lattice among the
+    candidates); plain float weights get the min/max grid where it rounds better, so no block's error
+    exceeds the symmetric grid's."""
     from slimline.quantize import nbits
 
     rng = np.random.default_rng(7)
@@ -312,6 +313,9 @@ def test_float_minimums_at_8_bits_give_q8_0_weights_back_exactly_and_fit_others_
     for b in (nbits.rtn(w, 8, 32, float_min=True), nbits.gptq(w, x.T @ x, 8, 32, float_min=True)):
         assert np.abs(b.dequantize() - w).max() == 0
         assert (nbits.pack_q(b)["B"].shape[-1]) == 512
+    d5 = np.repeat((rng.random((48, 4)) * 0.01 + 1e-4).astype(np.float16).astype(np.float32), 32, axis=1)
+    q5 = np.ascontiguousarray((rng.integers(-16, 16, (48, 128)) * d5).T, dtype=np.float32)  # GGUF's Q5_0
+    assert np.abs(nbits.rtn(q5, 8, 32, float_min=True).dequantize() - q5).max() == 0
     skewed = np.ascontiguousarray(rng.random((128, 48)).astype(np.float32))  # all positive: min/max wins
     groups = skewed.T.reshape(48, 4, 32)
     both = nbits.rtn(skewed, 8, 32, float_min=True)

@@ -76,7 +76,8 @@ def block_params(
     values already lie on, if any (``_lattice``: GGUF's K-quants fit each block's scale and minimum by
     least squares, so their codes needn't span 0..15 and min/max misses the grid), and at 8 bits
     (MatMulQ8) the symmetric grid (zero point 128, scale max|w| / 127: GGUF's Q8_0, whose blocks then
-    come back exactly); whichever rounds with the least squared error is kept.
+    come back exactly) and that lattice centred on zero (GGUF's Q5_0 and Q4_0 blocks, w = d * integer,
+    come back exactly in 8 bits); whichever rounds with the least squared error is kept.
 
     Symmetric uses codes ``1 .. 2**bits - 1`` around ``2**(bits-1)`` so that no weight is clipped and
     every rounding error stays within half a scale. With ``clip``, each block's range is also shrunk by
@@ -87,9 +88,13 @@ def block_params(
     shrinks = CLIP_GRID if clip else (1.0,)
     candidates = [_range_params(groups, bits, symmetric, f, float_min) for f in shrinks]
     if float_min and not symmetric:
-        candidates.append(_lattice(groups, bits))
+        step, zero = _lattice(groups, bits)
+        candidates.append((step, zero))
         if bits == 8:
             candidates += [_symmetric_float_min(groups, bits, f) for f in shrinks]
+            # the lattice centred on zero: a symmetric source (Q4_0, Q5_0, Q8_0: w = d * integer) fits
+            # 8-bit codes around 128 exactly, its minimum -128 * d exact in float16 too
+            candidates.append((step, np.full(step.shape, 128.0, np.float32)))
     if len(candidates) == 1:
         return candidates[0]
     best_err = best = None
