@@ -156,6 +156,26 @@ def test_strided_perplexity_scores_every_token_exactly_once(n, context, stride):
     assert scored == list(range(1, n))
 
 
+def test_score_against_gives_the_reference_and_each_models_perplexity_kl_and_agreement():
+    """One pass: a model identical to the reference has KL 0 and agreement 1; a perturbed one positive KL
+    equal to the directly computed mean, and the reference's perplexity is score()'s."""
+    from slimline.evaluate.llm import log_softmax, score, score_against
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 50)).astype(np.float32)
+    noise = rng.standard_normal((50, 50)).astype(np.float32)
+    ref = lambda x: table[x]  # noqa: E731 - a bigram "model": logits from the current token
+    other = lambda x: table[x] + 0.5 * noise[x]  # noqa: E731
+    ids = rng.integers(0, 50, 300)
+    base, preds, got = score_against(ref, {"same": ref, "other": other}, ids, 64, 32)
+    assert np.isclose(base, score(ref, ids, 64, 32)[0]) and len(preds) == len(ids) - 1
+    assert got["same"]["kl_divergence"] == 0 and got["same"]["next_token_agreement"] == 1
+    assert np.isclose(got["same"]["perplexity"], base)
+    p, q = log_softmax(table[ids[:-1]]), log_softmax(other(ids[:-1]))
+    assert np.isclose(got["other"]["kl_divergence"], (np.exp(p) * (p - q)).sum(-1).mean())
+    assert got["other"]["next_token_agreement"] < 1
+
+
 def test_gguf_that_transformers_cannot_read_is_a_clear_error(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
@@ -487,7 +507,7 @@ def test_text_generation_run_reports_perplexity_speed_and_budgets(llama, tmp_pat
                     "new_tokens": 4,
                     "decode_prompt": 8,
                 },
-                "budgets": {"max_accuracy_drop": {"perplexity": "50%"}, "min_speedup": 0.01},
+                "budgets": {"max_accuracy_drop": {"perplexity": "50%", "kl_divergence": 5.0}, "min_speedup": 0.01},
             },
         }
     )
@@ -497,8 +517,11 @@ def test_text_generation_run_reports_perplexity_speed_and_budgets(llama, tmp_pat
     assert {("compressed", "decode", 2), ("baseline", "prefill", 1)} <= modes
     s = report["summary"]["ort-cpu"]
     assert s["accuracy"]["perplexity"] > 1 and 0 <= s["accuracy"]["next_token_agreement"] <= 1
+    assert 0 < s["accuracy"]["kl_divergence"] < 5 and s["baseline_accuracy"]["kl_divergence"] == 0
     assert set(s["decode_tokens_per_s"]) == {"1", "2"} and s["speedup"] is not None
-    assert {b["name"] for b in report["budgets"]} == {"max_accuracy_drop.perplexity", "min_speedup"}
+    budgets = {b["name"]: b for b in report["budgets"]}
+    assert set(budgets) == {"max_accuracy_drop.perplexity", "max_accuracy_drop.kl_divergence", "min_speedup"}
+    assert budgets["max_accuracy_drop.kl_divergence"]["passed"]
     assert (tmp_path / "run" / "report.md").read_text().count("decode") >= 4
     from slimline.evaluate.targets import available
 

@@ -350,9 +350,7 @@ def test_an_8_bit_head_in_blocks_of_32_goes_to_matmul_q8_with_a_tied_gather_q8(l
     four = WeightOnly(**base, head_bits=4, embedding_bits=4).run(fused.artifact, context(tmp_path / "q4"))
     ids = np.array([[5, 17, 42, 8]])
     ref = onnx_stepper(fused.artifact.path)(ids, reset=True)
-    err8, err4 = (
-        np.linalg.norm(onnx_stepper(x.artifact.path)(ids, reset=True) - ref) / np.linalg.norm(ref) for x in (r, four)
-    )
+    err8, err4 = (np.linalg.norm(onnx_stepper(x.artifact.path)(ids, reset=True) - ref) / np.linalg.norm(ref) for x in (r, four))
     assert err8 < err4, (err8, err4)
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from slimline.evaluate.spec import Budgets, Limits, parse_accuracy_limit
 
 # metrics where a larger value is worse, so a "drop" is an increase
-LOWER_IS_BETTER = {"perplexity", "max_abs_error"}
+LOWER_IS_BETTER = {"perplexity", "max_abs_error", "kl_divergence"}
 
 # simple budgets: field -> (summary key, direction); "max": value <= limit passes
 SIMPLE = {

@@ -57,7 +57,9 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
             graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
             op = q4.op_names(b.bits)[0]
             nodes.append(
-                helper.make_node(op, [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN, K=k, N=n, block_size=32)
+                helper.make_node(
+                    op, [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN, K=k, N=n, block_size=32
+                )
             )
             if not any(o.domain == DOMAIN for o in model.opset_import):
                 model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
