@@ -305,6 +305,13 @@ def _print_fusions(info: dict) -> None:
 )
 @click.option("--calibration-length", default=128, show_default=True, type=click.IntRange(16), help="gptq: tokens per window")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True)
+@click.option(
+    "--kernel",
+    type=click.Choice(["ort", "slimline"]),
+    default="ort",
+    show_default=True,
+    help="slimline: 4-bit weights in blocks of 32 go to slimline's CPU kernel MatMulQ4 (float minimums; `slimline ops build`)",
+)
 @click.option("--shard-mb", type=click.IntRange(64), help="split the external weights into files of at most this many MB")
 @click.option(
     "--verify",
@@ -331,6 +338,7 @@ def stream(
     clip_search: bool,
     max_layer_error: float | None,
     block_size: str,
+    kernel: str,
     shard_mb: int | None,
     check: bool,
     threads: int,
@@ -360,6 +368,7 @@ def stream(
         bits=None if bits == "float" else int(bits),
         algorithm=algorithm,
         block_size=int(block_size),
+        kernel=kernel,
         shard_mb=shard_mb,
         calibration_windows=calibration_windows,
         calibration_length=calibration_length,

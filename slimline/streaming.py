@@ -18,8 +18,10 @@ float model in torch, then the float ONNX graph, then its quantized copy: severa
    ``compile.fuse``.
 4. **Quantize lazily**: every MatMul with a 2-D weight becomes MatMulNBits whose ``B``, ``scales`` and
    ``zero_points`` are lazy tensors computed from the checkpoint rows when they are written, in chunks
-   of output channels (RTN or HQQ); the token embedding becomes an 8-bit GatherBlockQuantized the
-   same way. GPTQ needs calibration activations layer by layer and is not in this path yet.
+   of output channels (RTN or HQQ; GPTQ's parts come from its layer-by-layer calibration), or, with
+   ``kernel="slimline"``, slimline's MatMulQ4 / MatMulQ8 (float minimums, blocks of 32, chunks of 16
+   output channels: its column groups); the token embedding becomes an 8-bit GatherBlockQuantized the
+   same way.
 5. **Write** with onnx_ir's external-data writer, which asks each tensor for its bytes one at a time:
    the peak is one weight's float rows plus its codes. The graph-only passes (unused outputs, lengths
    from the mask, ``logits_to_keep``) run on the saved graph without loading its weights.
@@ -262,6 +264,19 @@ def fold_transposes(model: Any) -> int:
     return done
 
 
+def slimline_kernel(kernel: str, bits: int, block: int, k: int, ns: list[int]) -> bool:
+    """Whether a weight goes to slimline's MatMulQ4/Q8: asked for, a format they hold, and every source's
+    output channels a whole number of the ops' column groups (merged weights are packed source by
+    source, chunk by chunk, and the groups must not straddle them)."""
+    from slimline.ops import q4
+
+    return kernel == "slimline" and q4.fits(bits, block, k) and all(n % q4.LANES == 0 for n in ns)
+
+
+def pack_for(b: nbits.Blocked, slimline: bool) -> dict[str, np.ndarray]:
+    return nbits.pack_q(b) if slimline else nbits.pack(b)
+
+
 def _drop_unread(graph: Any) -> None:
     for value in list(graph.initializers.values()):
         if not value.uses() and not value.is_graph_output():
@@ -310,10 +325,20 @@ class Quantized(_LazyParts):
     """A MatMul weight's MatMulNBits parts (``B``, ``scales``, ``zero_points``)."""
 
     def __init__(
-        self, sources: list[CheckpointTensor], n: int, k: int, bits: int, block: int, algorithm: str, errors: dict, key: str
+        self,
+        sources: list[CheckpointTensor],
+        n: int,
+        k: int,
+        bits: int,
+        block: int,
+        algorithm: str,
+        errors: dict,
+        key: str,
+        slimline: bool = False,
     ) -> None:
         super().__init__(errors, key)
         self.sources, self.n, self.k, self.bits, self.block, self.algorithm = sources, n, k, bits, block, algorithm
+        self.slimline = slimline  # MatMulQ4/Q8's parts (slimline_kernel), else MatMulNBits'
         self.store: Calibrated | None = None
 
     def compute(self) -> None:
@@ -334,6 +359,8 @@ class Quantized(_LazyParts):
         ``[out, in]``: its row ranges are contiguous bytes in the file. A Conv1D's (GPT-2) is ``[in, out]``:
         read whole and transposed."""
         step = max(1, CHUNK_BYTES // (4 * self.k))
+        if self.slimline:  # whole column groups per chunk
+            step = max(16, step // 16 * 16)
         for src in self.sources:  # a merged weight: each source's output channels in turn
             if not src.transposed:
                 yield np.ascontiguousarray(src.ckpt.read(src.name).T)
@@ -343,6 +370,9 @@ class Quantized(_LazyParts):
                 yield src.ckpt.read(src.name, rows=(start, min(rows, start + step)))
 
     def _encode(self, rows: np.ndarray) -> tuple[dict[str, np.ndarray], nbits.Blocked]:
+        if self.slimline:
+            b = nbits.rtn(rows.T, self.bits, self.block, float_min=True)
+            return nbits.pack_q(b), b
         b = nbits.hqq(rows.T, self.bits, self.block) if self.algorithm == "hqq" else nbits.rtn(rows.T, self.bits, self.block)
         packed = nbits.pack(b)
         if self.algorithm == "hqq" and packed.get("zero_points", b.zero).dtype != np.float32:
@@ -353,6 +383,13 @@ class Quantized(_LazyParts):
         import onnx_ir as ir
 
         blocks = -(-self.k // self.block)
+        if self.slimline:
+            groups = -(-self.n // 16)
+            return {
+                "B": ((groups, blocks, 64 * self.bits), ir.DataType.UINT8),
+                "scales": ((groups, blocks, 16), ir.DataType.FLOAT16),
+                "mins": ((groups, blocks, 16), ir.DataType.FLOAT16),
+            }
         out = {
             "B": ((self.n, blocks, self.block * self.bits // 8), ir.DataType.UINT8),
             "scales": ((self.n, blocks), ir.DataType.FLOAT),
@@ -381,9 +418,13 @@ def quantize_matmuls(
     accuracy_level: int,
     errors: dict,
     store: Calibrated | None = None,
+    kernel: str = "ort",
 ) -> dict[str, int]:
-    """Every MatMul with a lazy 2-D weight -> MatMulNBits with lazy parts."""
+    """Every MatMul with a lazy 2-D weight -> MatMulNBits (or, ``kernel`` "slimline", MatMulQ4/Q8 where
+    ``slimline_kernel`` says they hold it) with lazy parts."""
     import onnx_ir as ir
+
+    from slimline.ops import DOMAIN, q4
 
     graph = model.graph
     counts = {"MatMulNBits": 0, "float_weights": 0}
@@ -406,7 +447,11 @@ def quantize_matmuls(
             widths = {store.bits[s.name] for s in src}
             if len(widths) == 1:  # GPTQ covered every source at one width (a fallback moves a whole group)
                 (nb, nblock), calibrated = widths.pop(), store
-        q = Quantized(src, int(n), int(k), nb, nblock, "rtn" if algorithm == "gptq" else algorithm, errors, label)
+        ours = slimline_kernel(kernel, nb, nblock, int(k), [s.ckpt.entries[s.name].shape[0 if s.transposed else 1] for s in src])
+        if calibrated is not None and ours != all(calibrated.slimline.get(s.name, False) for s in src):
+            calibrated = None  # GPTQ packed these sources for the other kernel (sources of mixed widths): RTN here
+            counts["gptq_replaced_by_rtn"] = counts.get("gptq_replaced_by_rtn", 0) + 1
+        q = Quantized(src, int(n), int(k), nb, nblock, "rtn" if algorithm == "gptq" else algorithm, errors, label, ours)
         q.store = calibrated
         counts["bits8"] = counts.get("bits8", 0) + int(nb == 8)
         inputs = [node.inputs[0]]
@@ -415,17 +460,24 @@ def quantize_matmuls(
             v.const_value = _lazy_part(q, key, shape, dtype)
             graph.register_initializer(v)
             inputs.append(v)
-        attrs = {"K": int(k), "N": int(n), "bits": nb, "block_size": nblock}
-        if accuracy_level:
-            attrs["accuracy_level"] = accuracy_level
-        new = ir.node("MatMulNBits", inputs, attributes=attrs, domain="com.microsoft", name=node.name, num_outputs=1)
+        if ours:
+            op = q4.op_names(nb)[0]
+            attrs = {"K": int(k), "N": int(n), "block_size": nblock}
+            new = ir.node(op, inputs, attributes=attrs, domain=DOMAIN, name=node.name, num_outputs=1)
+            model.opset_imports.setdefault(DOMAIN, 1)
+        else:
+            op = "MatMulNBits"
+            attrs = {"K": int(k), "N": int(n), "bits": nb, "block_size": nblock}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            new = ir.node(op, inputs, attributes=attrs, domain="com.microsoft", name=node.name, num_outputs=1)
         graph.insert_before(node, new)
         name = node.outputs[0].name
         node.outputs[0].name = f"{name}_float"
         ir.convenience.replace_all_uses_with(node.outputs[0], new.outputs[0], replace_graph_outputs=True)
         new.outputs[0].name = name
         graph.remove(node, safe=True)
-        counts["MatMulNBits"] += 1
+        counts[op] = counts.get(op, 0) + 1
     model.opset_imports.setdefault("com.microsoft", 1)
     _drop_unread(graph)
     return counts
@@ -546,6 +598,7 @@ class Calibrated:
         self.paths: dict[str, Path] = {}
         self.bits: dict[str, tuple[int, int]] = {}
         self.errors: dict[str, float] = {}
+        self.slimline: dict[str, bool] = {}  # packed for MatMulQ4/Q8 (slimline_kernel), else MatMulNBits
         self.fallbacks = 0
 
 
@@ -616,6 +669,7 @@ def calibrate_gptq(
     fallback_bits: int = 8,
     fallback_block: int = 64,
     head_bits: int | None = None,
+    kernel: str = "ort",
     log: Log = print,
 ) -> Calibrated:
     """GPTQ every Linear of every decoder layer, one layer in memory at a time.
@@ -683,22 +737,20 @@ def calibrate_gptq(
             hessian = hessians.of(key)
             weights = {n: ckpt.read(sequential.names_of(linears[n])["weight"]) for n in names}  # [out, in]
             nb, nblock = bits, block
-            results = {
-                n: nbits.gptq(w.T, hessian, nb, nblock, damp=damp, act_order=act_order, clip=clip) for n, w in weights.items()
-            }
+            gptq = dict(damp=damp, act_order=act_order, clip=clip, kernel=kernel)
+            results, ours = _gptq_group(weights, hessian, nb, nblock, **gptq)
             errors = {n: output_error(weights[n], results[n], hessian) for n in names}
             if max_layer_error is not None and max(errors.values()) > max_layer_error:
                 # the whole group in fallback_bits: it becomes one MatMulNBits, with one bit width
                 nb, nblock = fallback_bits, fallback_block
-                results = {
-                    n: nbits.gptq(w.T, hessian, nb, nblock, damp=damp, act_order=act_order, clip=clip) for n, w in weights.items()
-                }
+                results, ours = _gptq_group(weights, hessian, nb, nblock, **gptq)
                 errors = {n: output_error(weights[n], results[n], hessian) for n in names}
                 store.fallbacks += len(names)
             for n in names:
                 stored = sequential.names_of(linears[n])["weight"]
                 path = scratch / f"{stored}.npz"
-                np.savez(path, **nbits.pack(results[n]))
+                np.savez(path, **pack_for(results[n], ours[n]))
+                store.slimline[stored] = ours[n]
                 store.paths[stored], store.bits[stored] = path, (nb, nblock)
                 store.errors[stored] = errors[n]
                 rounded[f"{prefix}.{n}.weight"] = results[n]
@@ -717,8 +769,29 @@ def calibrate_gptq(
         log(
             f"gptq: layer {i + 1}/{len(layers)} ({len(linears)} weights) in {time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_mb():,.0f} MB"
         )
-    _gptq_head(sequential, ckpt, hidden, store, head_bits or bits, block, damp, act_order, clip, log)
+    _gptq_head(sequential, ckpt, hidden, store, head_bits or bits, block, damp, act_order, clip, log, kernel)
     return store
+
+
+def _gptq_group(
+    weights: dict[str, np.ndarray],
+    hessian: np.ndarray,
+    bits: int,
+    block: int,
+    *,
+    damp: float,
+    act_order: bool,
+    clip: bool,
+    kernel: str,
+) -> tuple[dict[str, nbits.Blocked], dict[str, bool]]:
+    """GPTQ of the ``[out, in]`` weights that read one input (one Hessian), each fitted with float minimums
+    where it goes to slimline's kernel (``slimline_kernel``): (results, which went there)."""
+    ours = {n: slimline_kernel(kernel, bits, block, w.shape[1], [w.shape[0]]) for n, w in weights.items()}
+    results = {
+        n: nbits.gptq(w.T, hessian, bits, block, damp=damp, act_order=act_order, clip=clip, float_min=ours[n])
+        for n, w in weights.items()
+    }
+    return results, ours
 
 
 def embed_rows(sequential: Any, ckpt: Checkpoint, ids: np.ndarray) -> np.ndarray:
@@ -753,6 +826,7 @@ def _gptq_head(
     act_order: bool,
     clip: bool,
     log: Log,
+    kernel: str = "ort",
 ) -> None:
     """GPTQ of the LM head on the final norm of the carried hidden states. The head is where a 4-bit
     rounding reaches the logits directly: on SmolLM2 an RTN int4 head cost +10 points of perplexity
@@ -774,20 +848,24 @@ def _gptq_head(
             total = part if total is None else total + part
     hessian = total.numpy()
     stored = sequential.names_of(head)["weight"]
-    rows = ckpt.entries[stored].shape[0]
-    step = max(1, CHUNK_BYTES // (4 * ckpt.entries[stored].shape[1]))
+    rows, k = ckpt.entries[stored].shape
+    step = max(1, CHUNK_BYTES // (4 * k))
+    ours = slimline_kernel(kernel, bits, block, k, [rows])
+    if ours:  # whole column groups per chunk
+        step = max(16, step // 16 * 16)
     parts: dict[str, list[np.ndarray]] = {}
     num = den = 0.0
     for start in range(0, rows, step):
         w = ckpt.read(stored, rows=(start, min(rows, start + step)))
-        b = nbits.gptq(w.T, hessian, bits, block, damp=damp, act_order=act_order, clip=clip)
-        for key, v in nbits.pack(b).items():
+        b = nbits.gptq(w.T, hessian, bits, block, damp=damp, act_order=act_order, clip=clip, float_min=ours)
+        for key, v in pack_for(b, ours).items():
             parts.setdefault(key, []).append(v)
         chunk_num, chunk_den = error_terms(w, b, hessian)
         num, den = num + chunk_num, den + chunk_den
     path = store.folder / f"{stored}.head.npz"
     np.savez(path, **{k: np.concatenate(v, axis=0) for k, v in parts.items()})
     store.paths[stored], store.bits[stored] = path, (bits, block)
+    store.slimline[stored] = ours
     store.errors[stored] = math.sqrt(num / den) if den > 0 else 0.0
     release_memory()
     log(f"gptq: LM head ({rows} x {ckpt.entries[stored].shape[1]}) output error {store.errors[stored]:.4f}")
@@ -906,10 +984,13 @@ def build(
     calibration_length: int = 128,
     clip_search: bool = False,
     max_layer_error: float | None = None,
+    kernel: str = "ort",
     log: Log = print,
 ) -> dict[str, Any]:
     """Safetensors decoder folder -> fused int4 ONNX decoder in ``out`` (a new folder). Returns the report.
-    ``bits=None`` writes the fused float graph (the same graph and weights as compile.export + compile.fuse)."""
+    ``bits=None`` writes the fused float graph (the same graph and weights as compile.export + compile.fuse).
+    ``kernel="slimline"``: 4- and 8-bit weights in blocks of 32 go to slimline's MatMulQ4/Q8 (float
+    minimums; the op library must be built), the rest to MatMulNBits."""
     import onnx_ir as ir
     from transformers import AutoConfig
 
@@ -925,6 +1006,16 @@ def build(
         )
     if out.exists():
         raise StageError(f"stream: {out} exists; slimline does not overwrite it. Choose a new --out or remove it yourself.")
+    if kernel == "slimline":
+        if algorithm == "hqq":
+            raise StageError(
+                "stream: kernel slimline stores float minimums fitted by rtn or gptq; use one of those, or kernel ort for hqq."
+            )
+        from slimline import ops
+
+        ops.require()  # before any work: OpsUnavailable names the fix
+    elif kernel != "ort":
+        raise StageError(f"stream: kernel `{kernel}`: use ort (MatMulNBits) or slimline (MatMulQ4/Q8).")
     t_all = time.perf_counter()
     times: dict[str, float] = {}
     report: dict[str, Any] = {
@@ -937,6 +1028,7 @@ def build(
             "head_bits": head_bits,
             "embedding_bits": embedding_bits if bits else None,
             "accuracy_level": accuracy_level,
+            "kernel": kernel,
         }
     }
     ckpt = Checkpoint(folder)
@@ -1000,6 +1092,7 @@ def build(
                 clip=clip_search,
                 max_layer_error=max_layer_error,
                 head_bits=head_bits,
+                kernel=kernel,
                 log=log,
             )
         except BaseException:
@@ -1011,7 +1104,9 @@ def build(
         report["gptq.output_error.max"] = round(max(store.errors.values()), 5) if store.errors else None
     errors: dict[str, float] = {}
     counts = (
-        quantize_matmuls(model, bits, block_size, algorithm, head_bits or bits, accuracy_level, errors, store) if bits else {}
+        quantize_matmuls(model, bits, block_size, algorithm, head_bits or bits, accuracy_level, errors, store, kernel)
+        if bits
+        else {}
     )
     if bits and embedding_bits:
         counts["GatherBlockQuantized"] = quantize_embedding(model, max(block_size, 64), errors)
@@ -1098,7 +1193,9 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def round_trip(bits: int, block: int, algorithm: str, embedding_bits: int | None, head_bits: int | None = None) -> Callable:
+def round_trip(
+    bits: int, block: int, algorithm: str, embedding_bits: int | None, head_bits: int | None = None, kernel: str = "ort"
+) -> Callable:
     """The streaming build's quantization applied to one torch parameter and undone (``[out, in]``
     weights of Linear layers; the token embedding at ``embedding_bits`` in blocks of 64): torch then
     computes with exactly the weights the artifact holds."""
@@ -1120,7 +1217,9 @@ def round_trip(bits: int, block: int, algorithm: str, embedding_bits: int | None
         nb = (head_bits or bits) if name.endswith("lm_head.weight") else bits
         if algorithm == "hqq":
             return rows_through(value, lambda w: nbits.hqq(w, nb, block))
-        return rows_through(value, lambda w: nbits.rtn(w, nb, block))
+        # chunks of rows: a weight's float-minimum fit is per block, so chunking doesn't change it
+        ours = slimline_kernel(kernel, nb, block, value.shape[1], [value.shape[0]])
+        return rows_through(value, lambda w: nbits.rtn(w, nb, block, float_min=ours))
 
     return fn
 
@@ -1157,7 +1256,12 @@ def verify(
     if options.get("bits") and options.get("algorithm") in ("rtn", "hqq"):  # GPTQ's rounding depends on its calibration
         t = time.perf_counter()
         rounding = round_trip(
-            options["bits"], options["block_size"], options["algorithm"], options.get("embedding_bits"), options.get("head_bits")
+            options["bits"],
+            options["block_size"],
+            options["algorithm"],
+            options.get("embedding_bits"),
+            options.get("head_bits"),
+            options.get("kernel", "ort"),
         )
         expected["rounded"] = SequentialModel(folder, transform=rounding).logits(ids)
         log(f"verify: torch reference on the artifact's rounded weights ({time.perf_counter() - t:.0f}s)")

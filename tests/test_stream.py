@@ -89,6 +89,40 @@ def test_int4_build_and_verify(llama, tmp_path):
         stream.build(llama, out, log=quiet)
 
 
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_int4_build_in_slimlines_kernel(llama, tmp_path, algorithm):
+    """kernel slimline: each 4-bit weight whose output channels make whole column groups goes to MatMulQ4
+    with float minimums, packed chunk by chunk (GPTQ: from its calibration); a head whose vocabulary
+    doesn't divide into groups stays MatMulNBits; the graph computes what transformers computes with
+    the same rounded weights."""
+    from transformers import AutoConfig
+
+    from slimline import ops
+
+    if ops.library() is None:
+        pytest.skip(f"slimline's custom ops are not built here: {ops.why_unavailable()}")
+    out = tmp_path / algorithm
+    extra = dict(calibration_windows=4, calibration_length=32) if algorithm == "gptq" else {}
+    report = stream.build(llama, out, bits=4, algorithm=algorithm, kernel="slimline", log=quiet, **extra)
+    head_fits = AutoConfig.from_pretrained(llama).vocab_size % 16 == 0
+    assert report["quantized.MatMulQ4"] == 4 * 2 + int(head_fits)
+    assert report.get("quantized.MatMulNBits", 0) == int(not head_fits)
+    assert "quantized.gptq_replaced_by_rtn" not in report
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert any(o.domain == ops.DOMAIN for o in graph.opset_import)
+    checked = stream.verify(out, llama, prompts=2, prompt_len=12, decode_tokens=2, threads=1, log=quiet)
+    assert checked["verify.logit_cosine.min"] > 0.95
+    if algorithm == "rtn":  # the same float-minimum rounding replayed in torch: only int8 activations differ
+        assert checked["verify.logit_cosine.rounded_weights.min"] > 0.998
+
+
+def test_stream_kernel_slimline_refuses_hqq_and_unknown_kernels(llama, tmp_path):
+    with pytest.raises(StageError, match="rtn or gptq"):
+        stream.build(llama, tmp_path / "a", algorithm="hqq", kernel="slimline", log=quiet)
+    with pytest.raises(StageError, match="use ort"):
+        stream.build(llama, tmp_path / "b", kernel="tvm", log=quiet)
+
+
 def test_sequential_model_is_transformers(llama):
     np.testing.assert_allclose(SequentialModel(llama).logits(IDS), torch_logits(llama, IDS), atol=1e-5)
 
