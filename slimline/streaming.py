@@ -322,7 +322,8 @@ class _LazyParts:
 
 
 class Quantized(_LazyParts):
-    """A MatMul weight's MatMulNBits parts (``B``, ``scales``, ``zero_points``)."""
+    """A MatMul weight's MatMulNBits parts (``B``, ``scales``, ``zero_points``), or MatMulQ4/Q8's (``B``,
+    ``scales``, ``mins``)."""
 
     def __init__(
         self,
