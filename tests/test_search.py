@@ -426,6 +426,24 @@ def test_decoder_sensitivity_scores_the_recipes_own_quantizer_per_layer(tiny_lla
         sensitivity(recipe, tmp_path / "other", formats=("fp16",), log=lambda m: None)
 
 
+def test_decoder_sensitivity_counts_the_bytes_of_the_recipes_kernel(tiny_llama_dir, tmp_path):
+    """With kernel: slimline, an int4-32 layer is MatMulQ4's: 20 bytes per 32 weights, 16-column groups."""
+    from slimline import ops
+    from slimline.search.sensitivity import sensitivity
+
+    if ops.library() is None:
+        pytest.skip(f"slimline's custom ops are not built here: {ops.why_unavailable()}")
+    recipe = tiny_llm_recipe(tiny_llama_dir)
+    recipe["stages"][2]["quantize.weight_only"].update(kernel="slimline", block_size=32)
+    rows = sensitivity(recipe, tmp_path / "s", formats=("int4-32",), texts=16, log=lambda m: None)["rows"]
+    head = next(r for r in rows if r["role"] == "lm_head")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    k, n = config.hidden_size, config.vocab_size
+    assert head["weight_bytes"] == -(-n // 16) * (k // 32) * (256 + 2 * 16 * 2)
+
+
 def test_decoder_mixed_trades_bytes_between_layers_and_measures(tiny_llama_dir, tmp_path):
     """Decoder mixed precision: formats chosen within the recipe's own layer bytes, written as `layers`, built and
     measured; the run's report names each layer's chosen format."""

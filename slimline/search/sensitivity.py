@@ -19,7 +19,8 @@ Each point reports the output error (relative to the float graph's outputs) and 
 
 A decoder (text-generation) is measured on what its recipe's ``quantize.weight_only`` would build:
 formats ``int4-N`` and ``int8-N`` are that stage's own quantizer (its algorithm, GPTQ with its
-calibration Hessians, clip search, symmetric or not) at those bits and blocks. The float graph is
+calibration Hessians, clip search, symmetric or not, and its kernel: with ``kernel: slimline`` the
+float minimums of MatMulQ4 / MatMulQ8 and their bytes) at those bits and blocks. The float graph is
 run once with every candidate weight made an overridable initializer, so each point is one run with
 that layer's dequantized weight fed in, on windows of calibration text (never the held-out plays the
 run's perplexity is scored on). Each point reports the mean KL divergence of the next-token
@@ -136,6 +137,7 @@ def decoder_points(
     from slimline.measure.metrics import relative_error
     from slimline.quantize import nbits
     from slimline.quantize.common import module_path
+    from slimline.quantize.weight_only import q4_kernel
     from slimline.runtime import ort_session
 
     model = onnx.load(str(src))
@@ -178,6 +180,9 @@ def decoder_points(
         picked = [np.take_along_axis(lp, t[..., None], -1) for lp, t in zip(logp, targets, strict=True)]
         return float(-np.mean(np.concatenate([p.ravel() for p in picked])))
 
+    def packed(b: Any) -> dict[str, np.ndarray]:  # the bytes the stage would write: its kernel's layout
+        return nbits.pack_q(b) if stage.kernel == "slimline" and q4_kernel(b) else nbits.pack(b)
+
     ref = log_probs({})
     ref_p = [np.exp(lp) for lp in ref]
     base_nll = nll(ref)
@@ -210,7 +215,7 @@ def decoder_points(
                     "kl": round(max(kl, 0.0), 8),
                     "perplexity_change": round(float(np.exp(nll(lp) - base_nll) - 1.0), 6),
                     "output_error": round(relative_error(c.sample @ w, c.sample @ wq), 6) if c is not None else None,
-                    "weight_bytes": int(sum(v.nbytes for v in nbits.pack(b).values())),
+                    "weight_bytes": int(sum(v.nbytes for v in packed(b).values())),
                 }
             )
         log(f"sensitivity: layer {i + 1}/{len(layers)} {name} ({role or '-'}) in {time.perf_counter() - t0:.0f}s")
