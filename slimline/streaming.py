@@ -273,10 +273,6 @@ def slimline_kernel(kernel: str, bits: int, block: int, k: int, ns: list[int]) -
     return kernel == "slimline" and q4.fits(bits, block, k) and all(n % q4.LANES == 0 for n in ns)
 
 
-def pack_for(b: nbits.Blocked, slimline: bool) -> dict[str, np.ndarray]:
-    return nbits.pack_q(b) if slimline else nbits.pack(b)
-
-
 def _drop_unread(graph: Any) -> None:
     for value in list(graph.initializers.values()):
         if not value.uses() and not value.is_graph_output():
@@ -462,7 +458,7 @@ def quantize_matmuls(
             graph.register_initializer(v)
             inputs.append(v)
         if ours:
-            op = q4.op_names(nb)[0]
+            op = q4.matmul_op(nb)
             attrs = {"K": int(k), "N": int(n), "block_size": nblock}
             new = ir.node(op, inputs, attributes=attrs, domain=DOMAIN, name=node.name, num_outputs=1)
             model.opset_imports.setdefault(DOMAIN, 1)
@@ -750,7 +746,7 @@ def calibrate_gptq(
             for n in names:
                 stored = sequential.names_of(linears[n])["weight"]
                 path = scratch / f"{stored}.npz"
-                np.savez(path, **pack_for(results[n], ours[n]))
+                np.savez(path, **nbits.pack_for(results[n], ours[n]))
                 store.slimline[stored] = ours[n]
                 store.paths[stored], store.bits[stored] = path, (nb, nblock)
                 store.errors[stored] = errors[n]
@@ -859,7 +855,7 @@ def _gptq_head(
     for start in range(0, rows, step):
         w = ckpt.read(stored, rows=(start, min(rows, start + step)))
         b = nbits.gptq(w.T, hessian, bits, block, damp=damp, act_order=act_order, clip=clip, float_min=ours)
-        for key, v in pack_for(b, ours).items():
+        for key, v in nbits.pack_for(b, ours).items():
             parts.setdefault(key, []).append(v)
         chunk_num, chunk_den = error_terms(w, b, hessian)
         num, den = num + chunk_num, den + chunk_den

@@ -319,7 +319,7 @@ def test_float_minimums_at_8_bits_give_q8_0_weights_back_exactly_and_fit_others_
     skewed = np.ascontiguousarray(rng.random((128, 48)).astype(np.float32))  # all positive: min/max wins
     groups = skewed.T.reshape(48, 4, 32)
     both = nbits.rtn(skewed, 8, 32, float_min=True)
-    sym_scale, sym_zero = nbits._symmetric_float_min(groups, 8, 1.0)
+    sym_scale, sym_zero = nbits._range_params(groups, 8, True, 1.0, float_min=True)
     sym = (np.clip(np.round(groups / sym_scale[..., None] + 128), 0, 255) - 128) * sym_scale[..., None]
     err = lambda deq: np.square(groups - deq).sum(-1)  # noqa: E731
     assert (err(both.dequantize().T.reshape(48, 4, 32)) <= err(sym) + 1e-12).all()

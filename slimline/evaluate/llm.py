@@ -50,16 +50,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def score(logits_fn: Callable[[np.ndarray], np.ndarray], ids: np.ndarray, context: int, stride: int) -> tuple[float, np.ndarray]:
     """Perplexity of ``ids`` and the top-1 prediction at every scored position."""
-    nll, count, preds = 0.0, 0, []
-    for start, end, first in windows(len(ids), context, stride):
-        chunk = ids[start:end]
-        logits = logits_fn(chunk[None])[0]  # [len, vocab]
-        lp = log_softmax(logits[first - 1 : -1])
-        target = chunk[first:]
-        nll -= float(lp[np.arange(len(target)), target].sum())
-        count += len(target)
-        preds.append(logits[first - 1 : -1].argmax(-1))
-    return float(np.exp(nll / max(count, 1))), np.concatenate(preds) if preds else np.zeros(0, np.int64)
+    ppl, preds, _ = score_against(logits_fn, {}, ids, context, stride)
+    return ppl, preds
 
 
 def score_against(

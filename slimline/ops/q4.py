@@ -17,9 +17,9 @@ def fits(bits: int, block_size: int, k: int) -> bool:
     return bits in BITS and block_size == BLOCK and k % BLOCK == 0
 
 
-def op_names(bits: int) -> tuple[str, str]:
-    """(matmul, gather) op names for codes of ``bits``."""
-    return f"MatMulQ{bits}", f"GatherQ{bits}"
+def matmul_op(bits: int) -> str:
+    """The op for codes of ``bits``: MatMulQ4 or MatMulQ8 (their tables' Gathers: GatherQ4, GatherQ8)."""
+    return f"MatMulQ{bits}"
 
 
 def pack(q: np.ndarray, scales: np.ndarray, mins: np.ndarray, bits: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

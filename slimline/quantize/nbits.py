@@ -91,7 +91,7 @@ def block_params(
         step, zero = _lattice(groups, bits)
         candidates.append((step, zero))
         if bits == 8:
-            candidates += [_symmetric_float_min(groups, bits, f) for f in shrinks]
+            candidates += [_range_params(groups, bits, True, f, float_min) for f in shrinks]
             # the lattice centred on zero: a symmetric source (Q4_0, Q5_0, Q8_0: w = d * integer) fits
             # 8-bit codes around 128 exactly, its minimum -128 * d exact in float16 too
             candidates.append((step, np.full(step.shape, 128.0, np.float32)))
@@ -126,15 +126,6 @@ def _lattice(groups: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     return scale.astype(np.float32), zero.astype(np.float32)
 
 
-def _symmetric_float_min(groups: np.ndarray, bits: int, shrink: float) -> tuple[np.ndarray, np.ndarray]:
-    """The symmetric grid in float-minimum form: a float16 scale, zero point 2**(bits-1) (minimum -128 *
-    scale at 8 bits, exact in float16)."""
-    half = 2 ** (bits - 1)
-    scale = np.asarray(shrink * np.abs(groups).max(axis=-1) / (half - 1), np.float16).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
-    return scale.astype(np.float32), np.full(scale.shape, float(half), np.float32)
-
-
 def _range_params(
     groups: np.ndarray, bits: int, symmetric: bool, shrink: float, float_min: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -142,6 +133,8 @@ def _range_params(
     if symmetric:
         half = 2 ** (bits - 1)
         scale = shrink * np.abs(groups).max(axis=-1) / (half - 1)
+        if float_min:  # the scale as float16 stores it (the minimum -half * scale is then exact too)
+            scale = np.asarray(scale, np.float16).astype(np.float32)
         zero = np.full(scale.shape, float(half))
     else:
         lo, hi = shrink * groups.min(axis=-1), shrink * groups.max(axis=-1)
@@ -304,6 +297,11 @@ def pack_q(b: Blocked) -> dict[str, np.ndarray]:
     mins = (-b.zero * b.scale).astype(np.float16)
     data, scales, low = q4.pack(b.q, b.scale.astype(np.float16), mins, b.bits)
     return {"B": data, "scales": scales, "mins": low}
+
+
+def pack_for(b: Blocked, slimline: bool) -> dict[str, np.ndarray]:
+    """MatMulQ4/Q8's initializers (``slimline``) or MatMulNBits'."""
+    return pack_q(b) if slimline else pack(b)
 
 
 def pack(b: Blocked) -> dict[str, np.ndarray]:

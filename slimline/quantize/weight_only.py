@@ -55,7 +55,7 @@ def replace_matmuls(model: Any, blocks: dict[str, nbits.Blocked], accuracy_level
             packed = nbits.pack_q(b)
             names = [f"{node.name or node.input[1]}_q{b.bits}m_{key}" for key in packed]
             graph.initializer.extend(numpy_helper.from_array(v, nm) for v, nm in zip(packed.values(), names, strict=True))
-            op = q4.op_names(b.bits)[0]
+            op = q4.matmul_op(b.bits)
             nodes.append(
                 helper.make_node(
                     op, [node.input[0], *names], list(node.output), name=node.name, domain=DOMAIN, K=k, N=n, block_size=32

@@ -180,9 +180,6 @@ def decoder_points(
         picked = [np.take_along_axis(lp, t[..., None], -1) for lp, t in zip(logp, targets, strict=True)]
         return float(-np.mean(np.concatenate([p.ravel() for p in picked])))
 
-    def packed(b: Any) -> dict[str, np.ndarray]:  # the bytes the stage would write: its kernel's layout
-        return nbits.pack_q(b) if stage.kernel == "slimline" and q4_kernel(b) else nbits.pack(b)
-
     ref = log_probs({})
     ref_p = [np.exp(lp) for lp in ref]
     base_nll = nll(ref)
@@ -215,7 +212,10 @@ def decoder_points(
                     "kl": round(max(kl, 0.0), 8),
                     "perplexity_change": round(float(np.exp(nll(lp) - base_nll) - 1.0), 6),
                     "output_error": round(relative_error(c.sample @ w, c.sample @ wq), 6) if c is not None else None,
-                    "weight_bytes": int(sum(v.nbytes for v in packed(b).values())),
+                    # the bytes the stage would write, in its kernel's layout
+                    "weight_bytes": int(
+                        sum(v.nbytes for v in nbits.pack_for(b, stage.kernel == "slimline" and q4_kernel(b)).values())
+                    ),
                 }
             )
         log(f"sensitivity: layer {i + 1}/{len(layers)} {name} ({role or '-'}) in {time.perf_counter() - t0:.0f}s")
